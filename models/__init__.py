@@ -1,0 +1,1 @@
+"""StrokeGate's learned models: networks, training on synthetic cohorts, export to ONNX."""

@@ -1,0 +1,72 @@
+"""The ``strokegate`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help="StrokeGate: acute-stroke imaging service (research use only, not for diagnosis).", no_args_is_help=True)
+console = Console()
+
+
+@app.callback()
+def main() -> None:
+    """StrokeGate command line."""
+
+
+@app.command()
+def phantom(
+    out: Annotated[Path, typer.Option(help="Output folder (created if missing).")],
+    kind: Annotated[str, typer.Option(help="ctp | mri | maps | all")] = "all",
+    seed: Annotated[int, typer.Option(help="Seed of the (first) patient.")] = 0,
+    count: Annotated[int, typer.Option(help="Number of patients (cohort mode: seeds seed..seed+count-1).")] = 1,
+    isles: Annotated[bool, typer.Option(help="Also write ISLES-style NIfTI folders under OUT/isles.")] = False,
+    noise_hu: Annotated[float | None, typer.Option(help="CT quantum noise sigma in HU (default: drawn 5-20).")] = None,
+    motion_mm: Annotated[float, typer.Option(help="Rigid head motion between CT frames, up to this many mm.")] = 0.0,
+    truncated_bolus: Annotated[bool, typer.Option(help="Late bolus and short CT scan: curves never return to baseline.")] = False,
+    residue: Annotated[str, typer.Option(help="Residue function: exponential | boxcar.")] = "exponential",
+    ct_matrix: Annotated[int, typer.Option(help="CT matrix size (256 or 512 typical).")] = 256,
+    ct_slices: Annotated[int, typer.Option(help="CT perfusion slices (5 mm).")] = 16,
+    ct_frames: Annotated[int, typer.Option(help="CT perfusion time points.")] = 40,
+) -> None:
+    """Write synthetic stroke patients (DICOM + ground truth) with known truth."""
+    from service.phantom.generate import KINDS, write_cohort
+    from service.phantom.haemodynamics import RESIDUES
+    from service.phantom.patient import PhantomOptions
+
+    if kind not in KINDS:
+        raise typer.BadParameter(f"must be one of {', '.join(KINDS)}", param_hint="--kind")
+    if residue not in RESIDUES:
+        raise typer.BadParameter(f"must be one of {', '.join(RESIDUES)}", param_hint="--residue")
+    if count < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--count")
+    for name, value, low in (("--ct-matrix", ct_matrix, 32), ("--ct-slices", ct_slices, 1), ("--ct-frames", ct_frames, 2)):
+        if value < low:
+            raise typer.BadParameter(f"must be at least {low}", param_hint=name)
+    if noise_hu is not None and noise_hu < 0:
+        raise typer.BadParameter("must not be negative", param_hint="--noise-hu")
+    options = PhantomOptions(
+        ct_matrix=ct_matrix, ct_slices=ct_slices, ct_frames=ct_frames, noise_hu=noise_hu,
+        motion_mm=motion_mm, truncated_bolus=truncated_bolus, residue=residue,
+    )
+    table = Table("patient", "seconds", "core mL", "hypoperfused mL", "NIHSS", "mRS", title=f"synthetic patients in {out}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("generating patients", total=count)
+
+        def done(summary: dict) -> None:
+            c = summary["clinical"]
+            table.add_row(summary["patient_id"], f"{summary['seconds']:.1f}", f"{c['core_ml']:.1f}", f"{c['hypoperfused_ml']:.1f}", str(c["nihss"]), str(c["mrs_90d"]))
+            progress.advance(task)
+
+        record = write_cohort(seed, count, kind, out, options, out / "isles" if isles else None, on_patient=done)
+    console.print(table)
+    auc = record["best_auc_mrs_3_6"]
+    if auc == auc:  # not NaN: both outcome classes present
+        console.print(f"best achievable AUC for mRS 3-6 (true outcome model) on this cohort: {auc:.3f}")
+    else:
+        console.print("best achievable AUC for mRS 3-6: undefined (only one outcome class in this cohort)")

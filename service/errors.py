@@ -1,0 +1,13 @@
+"""The service's error hierarchy: every failure the service reports is one of these."""
+
+
+class StrokeGateError(Exception):
+    """Base class of all errors raised on purpose by StrokeGate."""
+
+
+class InputError(StrokeGateError):
+    """A study, series or parameter that cannot be analysed; the reason is the message."""
+
+
+class DeliveryError(StrokeGateError):
+    """A result could not be delivered to a destination; the send is retried."""

@@ -1,0 +1,1 @@
+"""DICOM series to arrays with geometry, and what each series is."""
