@@ -2,12 +2,13 @@
 time point), CT Image and MR Image Storage, Explicit VR Little Endian.
 
 The phantom stands in for the scanner, so this is one of the DICOM edges of the service.
-UIDs are derived from the patient seed (``generate_uid`` with fixed entropy sources), so a
+UIDs are name-based UUIDs of the patient seed and the object, so a
 seed always gives the same UIDs and a resend of the same study is a duplicate, not a new study.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,7 +21,6 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     MRImageStorage,
     PYDICOM_IMPLEMENTATION_UID,
-    generate_uid,
 )
 
 import service
@@ -30,9 +30,12 @@ MANUFACTURER = "StrokeGate synthetic phantom"
 STUDY_START = datetime(2026, 1, 1, 8, 0, 0)
 
 
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:strokegate:phantom")
+
+
 def uid(*parts: object) -> str:
-    """A deterministic UID for the given parts (2.25 form, from a hash of them)."""
-    return generate_uid(prefix=None, entropy_srcs=["strokegate-phantom", *map(str, parts)])
+    """A deterministic UID for the given parts: 2.25 + a name-based (version 5) UUID of them."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '/'.join(map(str, parts))).int}"
 
 
 @dataclass(frozen=True)

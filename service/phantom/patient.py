@@ -183,7 +183,13 @@ def truth_on_grid(patient: Patient, geometry: Geometry) -> Truth:
     knots = np.maximum.accumulate(knots + np.arange(4) * 1e-4)  # strictly increasing
     r_cbf = np.interp(severity, knots, [1.0, 0.62, 0.30, 0.12])
     r_cbv = np.interp(severity, knots, [1.0, 1.12, 0.75, 0.35])
-    delay = np.interp(severity, knots, [h.delay_normal, 6.0, 9.0, 12.0])
+    # Tmax crosses 6 s exactly at the hypoperfusion border; a 0.02 s step there keeps
+    # "Tmax > 6 s" identical to the zone after rounding to float32.
+    delay = np.where(
+        severity > t["hypoperfused"],
+        np.interp(severity, knots[1:], [6.01, 9.0, 12.0]),
+        np.interp(severity, knots[:2], [h.delay_normal, 5.99]),
+    )
 
     perfused = (gm + wm) > 1e-3
     cbf = np.where(perfused, cbf_healthy * r_cbf, 0.0).astype(np.float32)
