@@ -33,9 +33,11 @@ def phantom(
     ct_matrix: Annotated[int, typer.Option(help="CT matrix size (256 or 512 typical).")] = 256,
     ct_slices: Annotated[int, typer.Option(help="CT perfusion slices (5 mm).")] = 16,
     ct_frames: Annotated[int, typer.Option(help="CT perfusion time points.")] = 40,
+    montage: Annotated[bool, typer.Option(help="Also draw OUT/<patient>/montage.png of the truth.")] = False,
 ) -> None:
     """Write synthetic stroke patients (DICOM + ground truth) with known truth."""
     from service.phantom.generate import KINDS, write_cohort
+    from service.phantom.montage import render_montage
     from service.phantom.haemodynamics import RESIDUES
     from service.phantom.patient import PhantomOptions
 
@@ -61,6 +63,9 @@ def phantom(
         def done(summary: dict) -> None:
             c = summary["clinical"]
             table.add_row(summary["patient_id"], f"{summary['seconds']:.1f}", f"{c['core_ml']:.1f}", f"{c['hypoperfused_ml']:.1f}", str(c["nihss"]), str(c["mrs_90d"]))
+            if montage:
+                folder = out / summary["patient_id"]
+                render_montage(folder, folder / "montage.png", "mr" if kind == "mri" else "ct")
             progress.advance(task)
 
         record = write_cohort(seed, count, kind, out, options, out / "isles" if isles else None, on_patient=done)
