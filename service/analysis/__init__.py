@@ -1,0 +1,1 @@
+"""The per-study pipeline: series in, one Findings object out."""

@@ -1,0 +1,133 @@
+"""The one Settings object: defaults, then a YAML file, then STROKEGATE_* environment, then CLI.
+
+This is the only module that reads the environment; everything else receives its settings as
+arguments.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+
+def check_ae_title(value: str) -> str:
+    """An AE title: 1-16 printable characters, no backslash, not all spaces."""
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"not a valid AE title (1-16 printable characters, no backslash): {value!r}")
+    return value.strip()
+
+
+class Destination(BaseModel):
+    """A DICOM node results are sent to by C-STORE."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return check_ae_title(value)
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """``AE@host:port``, e.g. ``PACS@10.0.0.5:104``."""
+        match = re.fullmatch(r"(?P<ae>[^@]+)@(?P<host>[^:@]+):(?P<port>\d+)", text.strip())
+        if not match:
+            raise ValueError(f"destination must look like AE@host:port, got {text!r}")
+        return cls(ae_title=match["ae"], host=match["host"], port=int(match["port"]))
+
+    @property
+    def name(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Settings(BaseSettings):
+    """Every setting of the service, with its default. See README, "Configuration"."""
+
+    model_config = SettingsConfigDict(env_prefix="STROKEGATE_", env_nested_delimiter="__", extra="forbid")
+
+    # DICOM receiver
+    ae_title: str = "STROKEGATE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    max_pdu: int = Field(4 * 1024 * 1024, ge=0, description="largest PDU we accept, bytes; 0 = unlimited")
+    max_associations: int = Field(16, ge=1)
+    allowed_calling_aets: list[str] = Field(default_factory=list, description="empty: any calling AE")
+    allowed_hosts: list[str] = Field(default_factory=list, description="empty: any peer address")
+    network_timeout_s: float = Field(60.0, gt=0)
+
+    # Storage
+    database_url: str = "sqlite:///strokegate.db"
+    spool_dir: Path = Path("spool")
+    results_dir: Path = Path("results")
+    min_free_bytes: int = Field(2 * 1024**3, ge=0, description="refuse new instances below this free space")
+    retention_hours: float = Field(24.0, ge=0, description="delete spooled images of finished studies after this")
+
+    # Study completion and jobs
+    series_idle_s: float = Field(15.0, gt=0, description="a series is complete this long after its last instance")
+    workers: int = Field(1, ge=1)
+    job_lease_s: float = Field(300.0, gt=0, description="a job whose worker is silent this long is retried")
+    job_max_attempts: int = Field(3, ge=1)
+
+    # Analysis
+    adc_core_threshold: float = Field(620.0, gt=0, description="core: ADC below this, 1e-6 mm2/s")
+    min_lesion_ml: float = Field(0.3, ge=0, description="connected core components smaller than this are removed")
+
+    # Delivery
+    destinations: list[Destination] = Field(default_factory=list)
+    delivery_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles up to the maximum")
+    delivery_backoff_max_s: float = Field(300.0, gt=0)
+
+    # Operations
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8080, ge=0, le=65535)
+    log_level: str = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return check_ae_title(value)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aes(cls, values: list[str]) -> list[str]:
+        return [check_ae_title(v) for v in values]
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destinations(cls, values: Any) -> Any:
+        if isinstance(values, str):
+            values = [v for v in values.split(",") if v.strip()]
+        return [Destination.parse(v) if isinstance(v, str) else v for v in values]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        if settings_cls.model_config.get("yaml_file"):
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from ``config_file`` (YAML), the environment and ``overrides`` (highest first:
+    overrides, environment, file, defaults). ``None`` overrides are ignored."""
+    cls = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"configuration file not found: {config_file}")
+        cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": config_file}})
+    return cls(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,1 @@
+"""DICOM out: the persistent outbox and its C-STORE sender."""

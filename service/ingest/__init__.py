@@ -1,0 +1,1 @@
+"""DICOM in: the C-STORE receiver, the spool, and study-completion tracking."""

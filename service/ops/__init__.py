@@ -1,0 +1,1 @@
+"""Operations: metrics, HTTP endpoints, logging."""

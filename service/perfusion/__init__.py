@@ -1,0 +1,1 @@
+"""Arrays to maps: pure numerical functions over numpy arrays."""

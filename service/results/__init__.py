@@ -1,0 +1,1 @@
+"""Findings to DICOM objects radiologists and machines read: SEG, SR."""
