@@ -107,6 +107,7 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column()
+    last_instance_at: Mapped[datetime] = mapped_column(doc="latest instance of this version")
     instances_at_start: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
@@ -161,3 +162,5 @@ class AuditEvent(Base):
     kind: Mapped[str] = mapped_column(String(32))
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"))
     detail: Mapped[dict | None] = mapped_column(JSON)
+
+    study: Mapped[Study | None] = relationship()

@@ -1,0 +1,137 @@
+"""Workers: take jobs from the database under a lease, analyse, write results, fill the outbox."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import select
+
+from service.analysis.pipeline import AnalysisParameters, analyse_study, write_results
+from service.delivery.outbox import enqueue
+from service.errors import InputError
+from service.ops import metrics
+from service.store import jobs
+from service.store.database import Database
+from service.store.models import Instance, Job, JobState, Series, Study
+
+log = logging.getLogger(__name__)
+
+
+class Workers:
+    """``count`` threads, each running one job at a time."""
+
+    def __init__(
+        self,
+        db: Database,
+        spool_dir: Path,
+        results_dir: Path,
+        parameters: AnalysisParameters,
+        destinations: list[str],
+        lease_s: float,
+        max_attempts: int,
+        count: int = 1,
+        on_results: Callable[[], None] | None = None,
+        poll_s: float = 0.5,
+    ) -> None:
+        self.db = db
+        self.spool_dir = spool_dir
+        self.results_dir = results_dir
+        self.parameters = parameters
+        self.destinations = destinations
+        self.lease_s = lease_s
+        self.max_attempts = max_attempts
+        self.on_results = on_results
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True) for i in range(count)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+    def _loop(self) -> None:
+        owner = jobs.new_owner()
+        while not self._stop.is_set():
+            try:
+                job = jobs.claim(self.db, owner, self.lease_s, self.max_attempts)
+            except Exception as error:  # noqa: BLE001 - database hiccup; try again
+                log.error("claiming a job failed: %s", error)
+                job = None
+            if job is None:
+                self._stop.wait(self.poll_s)
+                continue
+            self.run(job.id, owner)
+
+    def run(self, job_id: int, owner: str) -> None:
+        """Analyse one claimed job and record its outcome."""
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            study = session.get(Study, job.study_id)
+            study_uid, version, attempt = study.study_uid, job.version, job.attempts
+            paths = [self.spool_dir / p for p in session.scalars(
+                select(Instance.path).join(Series).where(Series.study_id == study.id).order_by(Instance.id)
+            )]
+            job.instances_at_start = len(paths)
+        log.info("job %d: study %d version %d, %d instances, attempt %d", job_id, job.study_id, version, len(paths), attempt)
+        heartbeat = _Heartbeat(self.db, job_id, owner, self.lease_s)
+        started = time.perf_counter()
+        try:
+            outcome = analyse_study(paths, version, self.parameters, study_uid=study_uid)
+            files = write_results(outcome, self.results_dir)
+        except InputError as error:
+            heartbeat.stop()
+            jobs.finish(self.db, job_id, owner, JobState.FAILED, error=str(error))
+            metrics.JOBS_FAILED.labels(error="input").inc()
+            log.warning("job %d failed: %s", job_id, error)
+            return
+        except Exception as error:  # noqa: BLE001 - an unexpected failure is retried, then reported
+            heartbeat.stop()
+            reason = f"{type(error).__name__}: {error}"
+            log.exception("job %d attempt %d crashed", job_id, attempt)
+            if attempt >= self.max_attempts:
+                jobs.finish(self.db, job_id, owner, JobState.FAILED, error=f"internal error after {attempt} attempts: {reason}")
+                metrics.JOBS_FAILED.labels(error="internal").inc()
+            else:
+                jobs.record_error(self.db, job_id, owner, reason)
+            return
+        heartbeat.stop()
+        metrics.STAGE_SECONDS.labels(stage="job").observe(time.perf_counter() - started)
+        summary = outcome.findings.summary()
+        done = jobs.finish(
+            self.db, job_id, owner, JobState.DONE, findings=summary,
+            also=lambda session, job: enqueue(session, job, files, self.destinations),
+        )
+        if done:
+            log.info("job %d done: %s", job_id, summary["measurements"])
+            if self.on_results is not None:
+                self.on_results()
+        else:
+            log.warning("job %d: lease lost before finishing; another worker runs it", job_id)
+
+
+class _Heartbeat:
+    """Renews a job's lease every third of its length while the job runs."""
+
+    def __init__(self, db: Database, job_id: int, owner: str, lease_s: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(db, job_id, owner, lease_s), daemon=True)
+        self._thread.start()
+
+    def _run(self, db: Database, job_id: int, owner: str, lease_s: float) -> None:
+        while not self._stop.wait(lease_s / 3):
+            try:
+                jobs.extend(db, job_id, owner, lease_s)
+            except Exception as error:  # noqa: BLE001 - the next beat tries again
+                log.error("renewing the lease of job %d failed: %s", job_id, error)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,134 @@
+"""The outbox: result objects wait in the database until each destination has answered Success.
+
+Rows are written in the same transaction that marks the job done, so a result is never lost
+between analysis and delivery; the sender retries failures with exponential backoff; restarts
+resume from the rows. Result UIDs are deterministic per (study, version), so a resend after a
+crash is a duplicate of the same object at the PACS, never a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from service.config import Destination
+from service.delivery.scu import send_files
+from service.ops import metrics
+from service.store.database import Database
+from service.store.models import Delivery, DeliveryState, Job, ResultObject, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    kind: str  # "SEG", "SR"
+    sop_uid: str
+    sop_class_uid: str
+    path: str  # relative to the results folder
+
+
+def enqueue(session: Session, job: Job, results: list[ResultFile], destinations: list[str]) -> None:
+    """Add a job's result objects and one pending delivery per destination (idempotent)."""
+    for result in results:
+        row = session.scalar(select(ResultObject).where(ResultObject.sop_uid == result.sop_uid))
+        if row is None:
+            row = ResultObject(job=job, kind=result.kind, sop_uid=result.sop_uid, sop_class_uid=result.sop_class_uid, path=result.path)
+            session.add(row)
+            session.flush()
+        have = set(session.scalars(select(Delivery.destination).where(Delivery.result_id == row.id)))
+        for destination in destinations:
+            if destination not in have:
+                session.add(Delivery(result_id=row.id, destination=destination))
+
+
+def backoff(attempts: int, first_s: float, max_s: float) -> timedelta:
+    """Delay before the next try after ``attempts`` failures: first_s, 2 first_s, 4 first_s ... max_s."""
+    return timedelta(seconds=min(first_s * 2 ** max(attempts - 1, 0), max_s))
+
+
+class Sender:
+    """Sends due deliveries, one association per destination per round, on a background thread."""
+
+    def __init__(self, db: Database, results_dir: Path, calling_ae: str, backoff_s: float, backoff_max_s: float, interval_s: float = 0.5) -> None:
+        self.db = db
+        self.results_dir = results_dir
+        self.calling_ae = calling_ae
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Look for due deliveries now (a job just finished)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.send_due(utcnow())
+            except Exception as error:  # noqa: BLE001 - rows stay pending; the next round retries
+                log.error("delivery round failed: %s", error)
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+    def send_due(self, now: datetime) -> int:
+        """One round: every due delivery, grouped by destination. Returns the number delivered."""
+        with self.db.session() as session:
+            due = session.scalars(
+                select(Delivery).where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+                .options(selectinload(Delivery.result)).order_by(Delivery.id).limit(200)
+            ).all()
+            batches: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+            for d in due:
+                batches[d.destination].append((d.id, self.results_dir / d.result.path))
+        delivered = 0
+        for destination, items in batches.items():
+            outcomes = send_files(Destination.parse(destination), [p for _, p in items], self.calling_ae)
+            delivered += self._record(items, outcomes, destination)
+        return delivered
+
+    def _record(self, items: list[tuple[int, Path]], outcomes: list, destination: str) -> int:
+        delivered = 0
+        finished_jobs: set[int] = set()
+        with self.db.session() as session:
+            now = utcnow()
+            for (delivery_id, _), outcome in zip(items, outcomes, strict=True):
+                row = session.get(Delivery, delivery_id)
+                row.attempts += 1
+                if outcome.delivered:
+                    row.state, row.sent_at, row.last_error = DeliveryState.SENT, now, None
+                    metrics.DELIVERY_ATTEMPTS.labels(result="success").inc()
+                    finished_jobs.add(row.result.job_id)
+                    delivered += 1
+                else:
+                    row.last_error = outcome.error
+                    row.next_attempt_at = now + backoff(row.attempts, self.backoff_s, self.backoff_max_s)
+                    metrics.DELIVERY_ATTEMPTS.labels(result="failure").inc()
+                    metrics.DELIVERY_FAILURES.inc()
+                    log.warning("delivery %d to %s failed (attempt %d): %s; next try at %s",
+                                row.id, destination, row.attempts, outcome.error, row.next_attempt_at.isoformat(timespec="seconds"))
+            session.flush()
+            for job_id in finished_jobs:
+                job = session.get(Job, job_id)
+                states = [d.state for r in job.results for d in r.deliveries]
+                if states and all(s == DeliveryState.SENT for s in states):
+                    metrics.LAST_INSTANCE_TO_ACK.observe((now - job.last_instance_at).total_seconds())
+        return delivered
