@@ -1,0 +1,61 @@
+"""Who made a result object, and its deterministic UIDs.
+
+Every SEG and SR StrokeGate emits carries the same equipment attributes and names the same
+observer device. UIDs are name-based: a result of (study, version, kind) always gets the same
+UID, so resending one result version is a duplicate at the PACS, never a second object.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+import service
+
+MANUFACTURER = "StrokeGate"
+MANUFACTURER_MODEL_NAME = "StrokeGate acute stroke analysis"
+SOFTWARE_VERSIONS = service.__version__
+DEVICE_SERIAL_NUMBER = "SG-0001"
+INSTITUTION_NAME = "StrokeGate"
+
+RESEARCH_USE_ONLY = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
+
+SEG_SERIES_NUMBER = 901
+SR_SERIES_NUMBER = 902
+
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:strokegate:results")
+
+
+def result_uid(study_uid: str, version: int, kind: str) -> str:
+    """A deterministic UID, ``2.25.<int of uuid5(study_uid/version/kind)>`` (at most 44 chars).
+
+    ``kind`` names the object, e.g. "seg", "seg-series", "sr", "sr-series", "tracking-core".
+    """
+    if not study_uid:
+        raise ValueError("study_uid must be a non-empty UID")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"version must be a non-negative int, got {version!r}")
+    if not kind:
+        raise ValueError("kind must be a non-empty string")
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, f'{study_uid}/{version}/{kind}').int}"
+
+
+DEVICE_OBSERVER_UID = f"2.25.{uuid.uuid5(_UID_NAMESPACE, 'device-observer').int}"
+"""The one UID of StrokeGate as an SR observer device (TID 1004), the same in every report."""
+
+_LEARNED_TOKENS = frozenset({"learned", "model", "net", "ai", "cnn"})
+
+
+def algorithm_family(analysis: str) -> Code:
+    """CID 7162 algorithm family of an analysis named like ``"mri-diffusion-core"``.
+
+    Analyses that run a learned model (a token "learned", "model", "net", "ai" or "cnn" in the
+    dash-separated name) are Artificial Intelligence (DCM 123110); threshold analyses on image
+    values (ADC, Tmax, rCBF) are Histogram Analysis (DCM 123105), the nearest CID 7162 term.
+    """
+    tokens = set(analysis.lower().replace("_", "-").split("-"))
+    if tokens & _LEARNED_TOKENS:
+        return codes.DCM.ArtificialIntelligence
+    return codes.DCM.HistogramAnalysis

@@ -1,0 +1,215 @@
+"""Findings -> TID 1500 Measurement Report in a Comprehensive 3D SR.
+
+The report holds one volumetric measurement group (TID 1411) per SEG segment, with the segment's
+volume in ml and a reference to the segment, and one study-level group (TID 1501) for every other
+measurement and the QC flags. Measurements and flags that DICOM has no code for use the local
+coding scheme ``99SGATE``, declared in the Coding Scheme Identification Sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import SegmentationStorage
+
+from service.analysis.findings import MEASUREMENT_UNITS, Findings
+from service.results import identity
+from service.results.seg import SEGMENT_TYPES, tracking_uid
+
+LOCAL_SCHEME = "99SGATE"
+QC_FLAG = Code("QCFLAG", LOCAL_SCHEME, "Quality control flag")
+
+MILLILITER = Code("ml", "UCUM", "milliliter")
+UCUM_UNITS: dict[str, Code] = {
+    "ml": MILLILITER,
+    "mm": codes.UCUM.Millimeter,
+    "s": codes.UCUM.Second,
+    "%": Code("%", "UCUM", "percent"),
+    "1": codes.UCUM.NoUnits,
+    "ratio": codes.UCUM.Ratio,
+    "mL/100 g/min": codes.UCUM.MilliliterPer100GramPerMinute,
+    "mL/100 g": Code("ml/[100]g", "UCUM", "milliliter per 100 gram"),
+}
+"""UCUM code of each unit string used in ``MEASUREMENT_UNITS``."""
+
+PROCEDURES: dict[str, Code] = {
+    # CID 100 holds LN 39142-5; StrokeGate's CT analyses all read CT perfusion of the head.
+    "CT": codes.LN.CTPerfusionHeadWithContrastIV,
+    # CID 100 is extensible and has no brain MRI entry; LN 24590-2 "MR Brain" names the exam.
+    "MR": codes.LN.BrainMRI,
+}
+"""Procedure reported (TID 1500 row 3), chosen by the Modality of the source images."""
+
+
+def _volume_measurement_names(findings: Findings) -> dict[str, float]:
+    """Measurement names that repeat a segment's volume, mapped to that volume (ml)."""
+    return {f"{s.key}_volume_ml": float(s.volume_ml) for s in findings.segments}
+
+
+def _check(findings: Findings, seg: Dataset) -> None:
+    if seg.get("SOPClassUID") != SegmentationStorage:
+        raise ValueError(f"seg must be a Segmentation Storage instance, got SOP class {seg.get('SOPClassUID')}")
+    if seg.StudyInstanceUID != findings.study_uid:
+        raise ValueError(f"seg is in study {seg.StudyInstanceUID}, not the findings' study {findings.study_uid}")
+    labels = [item.SegmentLabel for item in seg.SegmentSequence]
+    expected = [s.label for s in findings.segments]
+    if labels != expected:
+        raise ValueError(f"seg segments {labels} do not match the findings' segments {expected}")
+    if findings.source_images and findings.source_images[0].get("Modality") not in PROCEDURES:
+        raise ValueError(
+            f"no procedure code for source modality {findings.source_images[0].get('Modality')!r}; "
+            f"known: {sorted(PROCEDURES)}"
+        )
+    for flag in findings.qc_flags:
+        if not flag.strip() or "\\" in flag:
+            raise ValueError(f"QC flag {flag!r} must be a non-empty name without backslashes")
+    volumes = _volume_measurement_names(findings)
+    for segment in findings.segments:
+        if not math.isfinite(segment.volume_ml) or segment.volume_ml < 0:
+            raise ValueError(f"segment {segment.key!r} volume must be a finite, non-negative ml value")
+    for name, value in findings.measurements.items():
+        if not math.isfinite(value):
+            raise ValueError(f"measurement {name!r} is {value}: only finite values can be reported")
+        if name in volumes:
+            if not math.isclose(value, volumes[name], rel_tol=1e-6, abs_tol=1e-3):
+                raise ValueError(f"measurement {name!r} = {value} differs from the segment volume {volumes[name]} ml")
+            continue
+        unit = MEASUREMENT_UNITS.get(name)
+        if unit is None:
+            raise ValueError(f"measurement {name!r} has no unit in findings.MEASUREMENT_UNITS")
+        if unit not in UCUM_UNITS:
+            raise ValueError(f"measurement {name!r} unit {unit!r} has no UCUM code; known: {sorted(UCUM_UNITS)}")
+
+
+def _algorithm(findings: Findings) -> hd.sr.AlgorithmIdentification:
+    parameters = [f"{name}={value:g}" for name, value in findings.parameters.items()]
+    return hd.sr.AlgorithmIdentification(
+        name=findings.algorithm.name,
+        version=findings.algorithm.version,
+        parameters=parameters or None,
+        family=identity.algorithm_family(findings.analysis),
+        manufacturer=identity.MANUFACTURER,
+    )
+
+
+def _local_code(name: str) -> Code:
+    """A 99SGATE code for a measurement or flag name, e.g. "mismatch_ratio" -> "Mismatch ratio"."""
+    return Code(name, LOCAL_SCHEME, name.replace("_", " ").capitalize()[:64])
+
+
+def _segment_groups(findings: Findings, seg: Dataset) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    algorithm = _algorithm(findings)
+    # ReferencedSegment.from_segmentation (highdicom 0.28) misses the Segment Identification
+    # Sequence when it sits in the shared functional groups, as it does for one segment.
+    source_series = hd.sr.SourceSeriesForSegmentation(findings.source_images[0].SeriesInstanceUID)
+    groups = []
+    for number, segment in enumerate(findings.segments, start=1):
+        kind = SEGMENT_TYPES[segment.key]
+        volume = hd.sr.Measurement(
+            name=codes.SCT.Volume,
+            value=float(segment.volume_ml),
+            unit=MILLILITER,
+        )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=tracking_uid(findings, segment.key), identifier=segment.label
+                ),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=seg.SOPClassUID,
+                    sop_instance_uid=seg.SOPInstanceUID,
+                    segment_number=number,
+                    source_series=source_series,
+                ),
+                finding_type=kind.property_type,
+                finding_category=kind.category,
+                algorithm_id=algorithm,
+                finding_sites=[hd.sr.FindingSite(codes.SCT.Brain)],
+                measurements=[volume],
+            )
+        )
+    return groups
+
+
+def _study_group(findings: Findings) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+    volumes = _volume_measurement_names(findings)
+    measurements = [
+        hd.sr.Measurement(name=_local_code(name), value=float(value), unit=UCUM_UNITS[MEASUREMENT_UNITS[name]])
+        for name, value in findings.measurements.items()
+        if name not in volumes
+    ]
+    flags = [hd.sr.QualitativeEvaluation(QC_FLAG, _local_code(flag)) for flag in findings.qc_flags]
+    if not measurements and not flags:
+        return None
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(findings, "study"), identifier=f"{findings.analysis} study measurements"
+        ),
+        algorithm_id=_algorithm(findings),
+        measurements=measurements or None,
+        qualitative_evaluations=flags or None,
+    )
+
+
+def build_sr(findings: Findings, seg: Dataset) -> Dataset:
+    """Encode ``findings`` as a TID 1500 Measurement Report referencing the segments of ``seg``.
+
+    ``seg`` is the Segmentation ``build_seg(findings)`` made. Segment volumes are reported once,
+    in ml, in their segment's group (a ``<key>_volume_ml`` measurement equal to a segment volume
+    is not repeated); other measurements use the units of ``MEASUREMENT_UNITS``. Series number
+    902, UIDs from ``result_uid(study, version, "sr" | "sr-series")``; patient and study
+    attributes come from the source images.
+    """
+    if not findings.source_images:
+        raise ValueError("findings.source_images is empty: the report needs the images it measures")
+    _check(findings, seg)
+    groups: list = _segment_groups(findings, seg)
+    study_group = _study_group(findings)
+    local_schemes = None  # declared only when used: dciodvfy warns about any 99-prefixed scheme
+    if study_group is not None:
+        groups.append(study_group)
+        local_schemes = [
+            CodingSchemeIdentificationItem(
+                designator=LOCAL_SCHEME, name="StrokeGate local codes", responsible_organization=identity.MANUFACTURER
+            )
+        ]
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=identity.DEVICE_OBSERVER_UID,
+        name=identity.MANUFACTURER_MODEL_NAME,
+        manufacturer_name=identity.MANUFACTURER,
+        model_name=identity.MANUFACTURER_MODEL_NAME,
+        serial_number=identity.DEVICE_SERIAL_NUMBER,
+    )
+    observation_context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=PROCEDURES[findings.source_images[0].Modality],
+        imaging_measurements=groups,
+    )
+    return hd.sr.Comprehensive3DSR(
+        evidence=[*findings.source_images, seg],
+        content=report[0],
+        series_instance_uid=identity.result_uid(findings.study_uid, findings.version, "sr-series"),
+        series_number=identity.SR_SERIES_NUMBER,
+        sop_instance_uid=identity.result_uid(findings.study_uid, findings.version, "sr"),
+        instance_number=1,
+        manufacturer=identity.MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=identity.INSTITUTION_NAME,
+        series_description=f"StrokeGate report v{findings.version} - research use only",
+        manufacturer_model_name=identity.MANUFACTURER_MODEL_NAME,
+        software_versions=identity.SOFTWARE_VERSIONS,
+        device_serial_number=identity.DEVICE_SERIAL_NUMBER,
+        coding_schemes=local_schemes,
+    )

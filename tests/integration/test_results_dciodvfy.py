@@ -1,0 +1,99 @@
+"""The SEG and SR StrokeGate emits pass dicom3tools' dciodvfy, and dcmtk's dsrdump reads the SR."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_tools import dciodvfy_errors, dciodvfy_warnings, requires_dciodvfy
+
+from service.analysis.findings import MEASUREMENT_UNITS, Findings, Segment
+from service.imaging.geometry import Geometry
+from service.phantom.generate import write_patient
+from service.phantom.patient import PhantomOptions
+from service.phantom.truth_files import read_nifti
+from service.results.seg import build_seg
+from service.results.sr import build_sr
+
+pytestmark = [pytest.mark.integration, requires_dciodvfy]
+
+
+@pytest.fixture(scope="module")
+def findings(tmp_path_factory: pytest.TempPathFactory) -> Findings:
+    """Core truth of phantom MRI patient 2 on its b=1000 DWI headers (64 x 64 x 8)."""
+    out = tmp_path_factory.mktemp("results")
+    write_patient(2, "mri", out, PhantomOptions(mr_matrix=64, mr_slices=8, mr_frames=6))
+    root = out / "SGPH00000002"
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((root / "dicom/MR/dwi").glob("*.dcm"))]
+    b1000 = [h for h in headers if float(h.DiffusionBValue) == 1000.0]
+    iop = np.asarray(b1000[0].ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    b1000.sort(key=lambda h: float(np.asarray(h.ImagePositionPatient, dtype=float) @ normal))
+    positions = np.array([h.ImagePositionPatient for h in b1000], dtype=float)
+    first = b1000[0]
+    geometry = Geometry(
+        shape=(len(b1000), int(first.Rows), int(first.Columns)),
+        spacing=(float(np.diff(positions @ normal).mean()), *map(float, first.PixelSpacing)),
+        origin=tuple(positions[0]),
+        row_direction=tuple(iop[:3]),
+        column_direction=tuple(iop[3:]),
+        slice_thickness=float(first.SliceThickness),
+    )
+    mask = read_nifti(root / "truth/mr/core.nii.gz")[0].astype(bool)
+    volume = float(mask.sum()) * geometry.voxel_volume_ml
+    return Findings(
+        study_uid=first.StudyInstanceUID,
+        version=1,
+        analysis="mri-diffusion-core",
+        geometry=geometry,
+        source_images=b1000,
+        segments=[Segment("core", "Ischemic core", mask, volume)],
+        measurements={"core_volume_ml": volume},
+        parameters={"adc_threshold": 620.0},
+    )
+
+
+@pytest.fixture(scope="module")
+def files(findings: Findings, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("objects")
+    seg = build_seg(findings)
+    sr = build_sr(findings, seg)
+    paths = {"seg": folder / "seg.dcm", "sr": folder / "sr.dcm"}
+    seg.save_as(paths["seg"], enforce_file_format=True)
+    sr.save_as(paths["sr"], enforce_file_format=True)
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["seg", "sr"])
+def test_dciodvfy_finds_no_errors(files: dict[str, Path], kind: str) -> None:
+    assert dciodvfy_errors(files[kind]) == []
+    # Without local-code measurements or QC flags the objects are warning-free as well.
+    assert dciodvfy_warnings(files[kind]) == []
+
+
+@pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dcmtk dsrdump not installed (apt-get install dcmtk)")
+def test_dsrdump_reads_the_volume(files: dict[str, Path], findings: Findings) -> None:
+    proc = subprocess.run(["dsrdump", str(files["sr"])], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    values = re.findall(r'NUM:\(,,"Volume"\)="([^"]+)" \(ml,UCUM,"milliliter"\)', proc.stdout)
+    assert len(values) == 1, proc.stdout
+    assert float(values[0]) == pytest.approx(findings.segments[0].volume_ml, rel=1e-9)
+    assert "Ischemic core" in proc.stdout
+
+
+def test_local_codes_only_warn(findings: Findings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A measurement without a DICOM code and a QC flag use the 99SGATE scheme: valid, one warning kind."""
+    monkeypatch.setitem(MEASUREMENT_UNITS, "mismatch_ratio", "ratio")
+    extended = dataclasses.replace(
+        findings, measurements={**findings.measurements, "mismatch_ratio": 2.5}, qc_flags=["low_snr"]
+    )
+    path = tmp_path / "sr.dcm"
+    build_sr(extended, build_seg(extended)).save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    assert all("<99SGATE>" in line for line in dciodvfy_warnings(path))
