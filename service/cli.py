@@ -14,9 +14,109 @@ app = typer.Typer(help="StrokeGate: acute-stroke imaging service (research use o
 console = Console()
 
 
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML configuration file.", exists=True, dir_okay=False)]
+
+
 @app.callback()
 def main() -> None:
     """StrokeGate command line."""
+
+
+def _settings(config: Path | None, **overrides: object):  # noqa: ANN202
+    from pydantic import ValidationError
+
+    from service.config import load_settings
+
+    try:
+        return load_settings(config, **overrides)
+    except (ValidationError, ValueError) as error:
+        console.print(f"[red]invalid configuration:[/red] {error}")
+        raise typer.Exit(2) from error
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    port: Annotated[int | None, typer.Option(help="DICOM port.")] = None,
+    ae_title: Annotated[str | None, typer.Option(help="Our AE title.")] = None,
+    destination: Annotated[list[str] | None, typer.Option(help="Result destination AE@host:port (repeatable).")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL, e.g. sqlite:///strokegate.db or postgresql://...")] = None,
+    spool_dir: Annotated[Path | None, typer.Option(help="Folder for received instances.")] = None,
+    results_dir: Annotated[Path | None, typer.Option(help="Folder for result objects.")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port for /metrics, /healthz and the API.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address the DICOM and HTTP servers bind.")] = None,
+) -> None:
+    """Run the service until SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from service.ops.logging import configure
+    from service.server import StrokeGate
+
+    settings = _settings(
+        config, port=port, ae_title=ae_title, destinations=destination or None, database_url=database_url,
+        spool_dir=spool_dir, results_dir=results_dir, http_port=http_port, host=host,
+        http_host=host,
+    )
+    configure(settings.log_level)
+    gate = StrokeGate(settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    gate.start()
+    console.print(f"StrokeGate listening: DICOM {settings.ae_title}@{settings.host}:{gate.dicom_port}, HTTP port {settings.http_port}")
+    stop.wait()
+    gate.stop()
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    config: ConfigOption = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL.")] = None,
+) -> None:
+    """Create or migrate the database schema to the latest version."""
+    from service.store.database import Database
+
+    settings = _settings(config, database_url=database_url)
+    db = Database(settings.database_url)
+    db.upgrade()
+    db.dispose()
+    console.print("database schema is up to date")
+
+
+@app.command()
+def process(
+    input_dir: Annotated[Path, typer.Argument(help="Folder of DICOM files (any depth).", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for result objects and findings.json.")],
+    config: ConfigOption = None,
+) -> None:
+    """Analyse a folder offline and write every result object as .dcm plus findings.json."""
+    from service.analysis.offline import process_folder
+    from service.errors import InputError
+
+    settings = _settings(config)
+    try:
+        written = process_folder(input_dir, out, settings)
+    except InputError as error:
+        console.print(f"[red]cannot analyse {input_dir}:[/red] {error}")
+        raise typer.Exit(1) from error
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+@app.command()
+def demo(
+    seed: Annotated[int, typer.Option(help="Synthetic patient seed.")] = 2,
+    keep: Annotated[Path | None, typer.Option(help="Keep the demo's files in this folder instead of a temporary one.")] = None,
+) -> None:
+    """End to end on this machine: a synthetic MRI stroke patient sent over DICOM to StrokeGate,
+    analysed, and the SEG and SR received by a stand-in PACS."""
+    from service.demo import run_demo
+
+    raise typer.Exit(run_demo(seed, keep, console))
 
 
 @app.command()

@@ -1,0 +1,174 @@
+"""``strokegate demo``: the whole path on one machine, with a stand-in PACS.
+
+A synthetic MRI stroke patient is generated, sent over C-STORE to a StrokeGate running on embedded
+defaults (SQLite, temporary spool, CPU), analysed, and the SEG and SR are received by a real
+storage SCP standing in for the PACS. Prints the core volume against the ground truth and the time
+of every stage.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy import select
+
+from service.config import Destination, Settings
+from service.phantom.generate import write_patient
+from service.phantom.truth_files import read_nifti
+from service.server import StrokeGate
+from service.store.models import Job, JobState
+
+TIMEOUT_S = 300
+
+
+class StandInPacs:
+    """A storage SCP that keeps what it receives in a folder, like a PACS would."""
+
+    def __init__(self, folder: Path, ae_title: str = "DEMOPACS") -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.received: list[Path] = []
+        self._ae = AE(ae_title=ae_title)
+        self._ae.supported_contexts = AllStoragePresentationContexts
+        self._ae.add_supported_context(Verification)
+        self._server = None
+
+    def start(self) -> int:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._server = self._ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        return self._server.server_address[1]
+
+    def _store(self, event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        path = self.folder / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        self.received.append(path)
+        return 0x0000
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+
+
+def _send(paths: list[Path], port: int, called_ae: str, progress: Progress) -> None:
+    ae = AE(ae_title="DEMOSCANNER")
+    ae.maximum_pdu_size = 0
+    headers = [dcmread(p, stop_before_pixels=True) for p in paths]
+    for sop_class in sorted({str(h.SOPClassUID) for h in headers}):
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise RuntimeError("StrokeGate did not accept the association")
+    task = progress.add_task("sending the study over C-STORE", total=len(paths))
+    try:
+        for path in paths:
+            status = assoc.send_c_store(path)
+            if status.Status != 0:
+                raise RuntimeError(f"StrokeGate answered 0x{status.Status:04X}")
+            progress.advance(task)
+    finally:
+        assoc.release()
+
+
+def run_demo(seed: int, keep: Path | None, console: Console) -> int:
+    """Run the demo; returns the exit code (0 when the SEG and SR arrived)."""
+    with tempfile.TemporaryDirectory(prefix="strokegate-demo-") as scratch:
+        root = keep or Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        return _run(seed, root, console)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(seed: int, root: Path, console: Console) -> int:
+    console.print("[bold]StrokeGate demo[/bold] - synthetic patient, research use only, not for diagnosis")
+    times: dict[str, float] = {}
+    pacs = StandInPacs(root / "pacs")
+    pacs_port = pacs.start()
+    settings = Settings(
+        host="127.0.0.1", port=0, http_host="127.0.0.1", http_port=_free_port(),
+        database_url=f"sqlite:///{root / 'strokegate.db'}", spool_dir=root / "spool", results_dir=root / "results",
+        destinations=[Destination(ae_title=pacs.ae_title, host="127.0.0.1", port=pacs_port)],
+        series_idle_s=2.0, min_free_bytes=0,
+    )
+    gate = StrokeGate(settings)
+    gate.start()
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(f"generating synthetic MRI patient (seed {seed})", total=1)
+            started = time.perf_counter()
+            write_patient(seed, "mri", root / "phantom")
+            times["generate patient"] = time.perf_counter() - started
+            progress.advance(task)
+            patient = root / "phantom" / f"SGPH{seed:08d}"
+            paths = sorted((patient / "dicom" / "MR").rglob("*.dcm"))
+            started = time.perf_counter()
+            _send(paths, gate.dicom_port, settings.ae_title, progress)
+            times["send study (C-STORE)"] = time.perf_counter() - started
+            sent_at = time.perf_counter()
+            task = progress.add_task("waiting for SEG and SR at the stand-in PACS", total=2)
+            deadline = time.monotonic() + TIMEOUT_S
+            while len(pacs.received) < 2 and time.monotonic() < deadline:
+                progress.update(task, completed=len(pacs.received))
+                failed = _failed_job(gate)
+                if failed:
+                    console.print(f"[red]analysis failed:[/red] {failed}")
+                    return 1
+                time.sleep(0.2)
+            progress.update(task, completed=len(pacs.received))
+            times["last instance to results at PACS"] = time.perf_counter() - sent_at
+        if len(pacs.received) < 2:
+            console.print(f"[red]results did not arrive within {TIMEOUT_S} s[/red]")
+            return 1
+        with gate.db.session() as session:
+            job = session.scalars(select(Job).where(Job.state == JobState.DONE).order_by(Job.id.desc())).first()
+            findings = dict(job.findings)
+        _report(console, findings, patient, pacs, times, settings)
+        return 0
+    finally:
+        gate.stop()
+        pacs.stop()
+
+
+def _failed_job(gate: StrokeGate) -> str | None:
+    with gate.db.session() as session:
+        job = session.scalars(select(Job).where(Job.state == JobState.FAILED)).first()
+        return job.error if job else None
+
+
+def _report(console: Console, findings: dict, patient: Path, pacs: StandInPacs, times: dict[str, float], settings: Settings) -> None:
+    core, affine = read_nifti(patient / "truth" / "mr" / "core.nii.gz")
+    truth_ml = float(core.sum()) * abs(np.linalg.det(affine[:3, :3])) / 1000
+    measured = findings["measurements"]["core_volume_ml"]
+    table = Table("", "value", title="Result")
+    table.add_row("ischaemic core (ADC < %g e-6 mm2/s)" % settings.adc_core_threshold, f"{measured:.1f} mL")
+    table.add_row("ground truth core", f"{truth_ml:.1f} mL")
+    error = measured - truth_ml
+    table.add_row("difference", f"{error:+.1f} mL ({100 * error / truth_ml:+.1f} %)" if truth_ml else f"{error:+.1f} mL")
+    for path in pacs.received:
+        ds = dcmread(path, stop_before_pixels=True)
+        table.add_row(f"received by PACS: {ds.Modality}", f"{ds.SeriesDescription} -> {path}")
+    console.print(table)
+    stages = Table("stage", "seconds", title="Timing")
+    for name, seconds in times.items():
+        stages.add_row(name, f"{seconds:.2f}")
+    for name, seconds in findings.get("timings_s", {}).items():
+        stages.add_row(f"  analysis: {name}", f"{seconds:.2f}")
+    console.print(stages)

@@ -1,0 +1,189 @@
+"""Running the real service in tests: `strokegate serve` as a process, dcmtk storescp as the PACS.
+
+Every server binds 127.0.0.1 on a free port chosen at run time and is always stopped; every wait
+is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from dicom_tools import free_port
+
+STROKEGATE = Path(sys.executable).parent / "strokegate"
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class StoreSCP:
+    """dcmtk storescp standing in for the PACS; one file per received instance."""
+
+    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS") -> None:
+        self.folder = folder
+        self.port = port or free_port()
+        self.ae_title = ae_title
+        self.process: subprocess.Popen | None = None
+        self.log = folder.parent / f"storescp-{self.port}.log"
+
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    def start(self) -> StoreSCP:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                ["storescp", "-aet", self.ae_title, "-od", str(self.folder), "+B", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"},
+            )
+        wait_for(lambda: _port_open(self.port), 10, "storescp to listen")
+        return self
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Service:
+    """`strokegate serve` in its own process, with its folders under ``root``."""
+
+    def __init__(self, root: Path, database_url: str, destinations: list[str], env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.database_url = database_url
+        self.destinations = destinations
+        self.port = free_port()
+        self.http_port = free_port()
+        self.env = {
+            "STROKEGATE_SERIES_IDLE_S": "1.5",
+            "STROKEGATE_MIN_FREE_BYTES": "0",
+            "STROKEGATE_DELIVERY_BACKOFF_S": "0.5",
+            "STROKEGATE_DELIVERY_BACKOFF_MAX_S": "2",
+            **(env or {}),
+        }
+        self.process: subprocess.Popen | None = None
+        self.log = root / "service.log"
+        self.starts = 0
+
+    def start(self) -> Service:
+        self.root.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(STROKEGATE), "serve", "--host", "127.0.0.1", "--port", str(self.port), "--ae-title", "STROKEGATE",
+            "--database-url", self.database_url, "--spool-dir", str(self.root / "spool"),
+            "--results-dir", str(self.root / "results"), "--http-port", str(self.http_port),
+        ]
+        for destination in self.destinations:
+            command += ["--destination", destination]
+        with open(self.log, "ab") as log:
+            log.write(f"--- start {self.starts}\n".encode())
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+        self.starts += 1
+        wait_for(self._ready, 60, f"the service to be ready (log: {self.log})")
+        return self
+
+    def _ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"service exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            return self.get("/readyz")["status"] == "ready"
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+            body = response.read()
+        return json.loads(body) if path != "/metrics" else body.decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples whose labels include ``labels``."""
+        total = 0.0
+        for line in self.get("/metrics").splitlines():
+            if not line.startswith(name) or line.startswith("#"):
+                continue
+            sample, value = line.rsplit(" ", 1)
+            sample_name = sample.split("{", 1)[0]
+            if sample_name != name:
+                continue
+            if all(f'{k}="{v}"' in sample for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, like a power cut of the process."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def postgres_available() -> bool:
+    try:
+        with psycopg.connect(f"{POSTGRES}/postgres", connect_timeout=3):
+            return True
+    except psycopg.Error:
+        return False
+
+
+class TemporaryPostgres:
+    """A fresh PostgreSQL database, dropped afterwards."""
+
+    def __init__(self) -> None:
+        self.name = f"strokegate_test_{uuid.uuid4().hex[:10]}"
+
+    def __enter__(self) -> str:
+        if not postgres_available():
+            pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+        with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{self.name}"')
+        return f"{POSTGRES}/{self.name}"
+
+    def __exit__(self, *exc: object) -> None:
+        with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')

@@ -1,0 +1,100 @@
+"""The whole path with real tools: storescu -> strokegate serve -> storescp, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_tools import dciodvfy_errors, requires_dciodvfy, requires_storescu, storescu
+from service.phantom.generate import write_patient
+from service.phantom.truth_files import read_nifti
+from service_harness import Service, StoreSCP, TemporaryPostgres, wait_for
+
+pytestmark = [pytest.mark.integration, requires_storescu, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def mri_patient(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic MRI stroke patient 2 (default 128x128x20 grid)."""
+    out = tmp_path_factory.mktemp("mri")
+    write_patient(2, "mri", out)
+    return out / "SGPH00000002"
+
+
+def truth_core_ml(patient: Path) -> float:
+    core, affine = read_nifti(patient / "truth" / "mr" / "core.nii.gz")
+    return float(core.sum()) * abs(np.linalg.det(affine[:3, :3])) / 1000
+
+
+def seg_volume_ml(path: Path, source_dir: Path) -> float:
+    """Voxels set in the SEG times the voxel volume of its source series (slice spacing from positions)."""
+    frames = pydicom.dcmread(path).pixel_array.astype(bool)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in source_dir.glob("*.dcm")]
+    z = sorted({float(h.ImagePositionPatient[2]) for h in headers})
+    row, column = (float(v) for v in headers[0].PixelSpacing)
+    return float(frames.sum()) * row * column * (z[1] - z[0]) / 1000
+
+
+def run_dwi_study(tmp_path: Path, database_url: str, mri_patient: Path) -> None:
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    service = Service(tmp_path / "gate", database_url, [pacs.address])
+    try:
+        service.start()
+        storescu(mri_patient / "dicom" / "MR" / "dwi", service.port, "STROKEGATE")
+        files = wait_for(lambda: len(pacs.files()) >= 2 and pacs.files(), 120, "SEG and SR at the PACS")
+        by_modality = {pydicom.dcmread(f, stop_before_pixels=True).Modality: f for f in files}
+        assert set(by_modality) == {"SEG", "SR"}
+        source = pydicom.dcmread(next((mri_patient / "dicom" / "MR" / "dwi").glob("*.dcm")), stop_before_pixels=True)
+        for path in files:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            assert ds.StudyInstanceUID == source.StudyInstanceUID
+            assert ds.PatientID == source.PatientID
+            assert dciodvfy_errors(path) == [], path
+        truth = truth_core_ml(mri_patient)
+        measured = seg_volume_ml(by_modality["SEG"], mri_patient / "dicom" / "MR" / "dwi")
+        assert abs(measured - truth) <= 0.10 * truth, f"SEG core {measured:.1f} mL vs truth {truth:.1f} mL"
+        study = service.get(f"/api/studies/{source.StudyInstanceUID}")
+        assert study["state"] == "done" and study["instances"] == 40
+        assert study["jobs"][0]["findings"]["segments"]["core"] == pytest.approx(measured, rel=0.01)
+        deliveries = service.get("/api/deliveries")
+        assert len(deliveries) == 2 and all(d["state"] == "sent" for d in deliveries)
+        assert service.metric("strokegate_instances_received_total", modality="MR") == 40
+        assert service.metric("strokegate_delivery_attempts_total", result="success") == 2
+        assert service.metric("strokegate_last_instance_to_pacs_ack_seconds_count") == 1
+        assert source.StudyInstanceUID not in service.get("/metrics")
+        assert source.PatientID not in service.get("/metrics")
+    finally:
+        service.stop()
+        pacs.stop()
+
+
+@requires_dciodvfy
+def test_dwi_study_comes_back_as_valid_seg_and_sr_sqlite(tmp_path: Path, mri_patient: Path) -> None:
+    run_dwi_study(tmp_path, f"sqlite:///{tmp_path / 'strokegate.db'}", mri_patient)
+
+
+@requires_dciodvfy
+def test_dwi_study_comes_back_as_valid_seg_and_sr_postgresql(tmp_path: Path, mri_patient: Path) -> None:
+    with TemporaryPostgres() as url:
+        run_dwi_study(tmp_path, url, mri_patient)
+
+
+def test_results_arrive_when_the_destination_comes_back(tmp_path: Path, mri_patient: Path) -> None:
+    pacs = StoreSCP(tmp_path / "pacs")  # not started: the PACS is down
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [pacs.address]).start()
+    try:
+        storescu(mri_patient / "dicom" / "MR" / "dwi", service.port, "STROKEGATE")
+        wait_for(lambda: service.metric("strokegate_delivery_failures_total") >= 4, 90, "failed delivery attempts")
+        pending = service.get("/api/deliveries")
+        assert pending and all(d["state"] == "pending" and d["attempts"] >= 1 and d["last_error"] for d in pending)
+        pacs.start()
+        wait_for(lambda: len(pacs.files()) >= 2, 60, "results after the PACS came back")
+        wait_for(lambda: all(d["state"] == "sent" for d in service.get("/api/deliveries")), 20, "deliveries marked sent")
+        assert len(pacs.files()) == 2
+        assert service.metric("strokegate_delivery_attempts_total", result="failure") >= 4
+    finally:
+        service.stop()
+        pacs.stop()
