@@ -24,6 +24,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from service.config import Destination, Settings
+from service.ingest.scp import no_delay_on_open
 from service.phantom.generate import write_patient
 from service.phantom.truth_files import read_nifti
 from service.server import StrokeGate
@@ -68,7 +69,7 @@ def _send(paths: list[Path], port: int, called_ae: str, progress: Progress) -> N
     headers = [dcmread(p, stop_before_pixels=True) for p in paths]
     for sop_class in sorted({str(h.SOPClassUID) for h in headers}):
         ae.add_requested_context(sop_class)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, no_delay_on_open)])
     if not assoc.is_established:
         raise RuntimeError("StrokeGate did not accept the association")
     task = progress.add_task("sending the study over C-STORE", total=len(paths))

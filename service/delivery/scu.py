@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from service.config import Destination
+from service.ingest.scp import no_delay_on_open
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ def send_files(destination: Destination, paths: list[Path], calling_ae: str, tim
     for sop_class, syntax in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}):
         ae.add_requested_context(sop_class, [syntax])
     ae.add_requested_context(Verification)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, no_delay_on_open)])
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "association not established (connection refused or timed out)"
         return [SendOutcome(p, None, reason) for p in paths]
