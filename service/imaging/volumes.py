@@ -106,7 +106,7 @@ def read_dataset(path: str | Path, *, headers_only: bool = False) -> Dataset:
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, struct.error) as error:
         raise InputError(f"{path}: cannot be read as DICOM ({type(error).__name__}: {error})") from error
     if len(ds) == 0:
-        raise InputError(f"{path}: not a DICOM file (no data elements)")
+        raise InputError(f"{path}: not a DICOM file, or truncated (no data elements)")
     last = ds.get_item(next(reversed(ds.keys())))
     if isinstance(last, RawDataElement) and last.length != _UNDEFINED_LENGTH and last.value is not None:
         if len(last.value) < last.length:
