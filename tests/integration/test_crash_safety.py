@@ -1,0 +1,135 @@
+"""SIGKILL during receive, analysis and delivery: nothing acknowledged is lost, results arrive once."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
+
+from dicom_tools import requires_storescu, storescu
+from service.phantom.generate import write_patient
+from service.phantom.patient import PhantomOptions
+from service.store.models import Instance
+from service_harness import Service, StoreSCP, wait_for
+
+pytestmark = [pytest.mark.integration, requires_storescu, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def patient(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MRI patient 2 with 1000 DSC-PWI instances (plenty to interrupt) and the DWI to analyse."""
+    out = tmp_path_factory.mktemp("crash")
+    write_patient(2, "mri", out, PhantomOptions(mr_matrix=96))
+    return out / "SGPH00000002" / "dicom" / "MR"
+
+
+def spooled(service: Service) -> list[Path]:
+    return list((service.root / "spool").glob("*/*/*.dcm"))
+
+
+def instances_in_database(url: str) -> set[str]:
+    engine = create_engine(url)
+    with Session(engine) as session:
+        uids = set(session.scalars(select(Instance.sop_uid)))
+    engine.dispose()
+    return uids
+
+
+def acknowledged_sop_uids(storescu_output: str) -> set[str]:
+    """SOP Instance UIDs of the files storescu saw answered with Success (storescu -v output)."""
+    acknowledged, current = set(), None
+    for line in storescu_output.splitlines():
+        sending = re.search(r"Sending file: (.+)$", line)
+        if sending:
+            current = sending.group(1).strip()
+        elif "Received Store Response (Success)" in line and current:
+            acknowledged.add(str(pydicom.dcmread(current, stop_before_pixels=True).SOPInstanceUID))
+            current = None
+    return acknowledged
+
+
+@pytest.mark.parametrize("kill_after", [50, 400, 850])
+def test_kill_during_receive_keeps_every_acknowledged_instance(tmp_path: Path, patient: Path, kill_after: int) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    service = Service(tmp_path / "gate", url, []).start()
+    try:
+        log = tmp_path / "storescu.log"
+        with open(log, "w") as output:
+            sender = subprocess.Popen(
+                ["storescu", "-v", "-aec", "STROKEGATE", "+sd", "+r", "127.0.0.1", str(service.port), str(patient / "pwi")],
+                stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"},
+            )
+            wait_for(lambda: len(spooled(service)) >= kill_after, 120, f"{kill_after} spooled instances", interval=0.01)
+            service.kill()
+            sender.wait(timeout=60)
+        acknowledged = acknowledged_sop_uids(log.read_text())
+        assert kill_after <= len(acknowledged) < 1000, "the kill must interrupt the transfer"
+        on_disk = {p.stem for p in spooled(service)}
+        assert acknowledged <= on_disk, "an acknowledged instance is missing from the spool"
+        for path in spooled(service):
+            pydicom.dcmread(path)  # every spooled file is whole
+        service.start()  # the restart records what the database missed
+        recorded = instances_in_database(url)
+        assert acknowledged <= recorded, f"{len(acknowledged - recorded)} acknowledged instances not in the database"
+        assert on_disk == recorded
+    finally:
+        service.stop()
+
+
+def _send_and_kill_when(service: Service, dicom: Path, condition, what: str) -> None:  # noqa: ANN001
+    storescu(dicom / "dwi", service.port, "STROKEGATE")
+    storescu(dicom / "pwi", service.port, "STROKEGATE")
+    wait_for(condition, 120, what, interval=0.02)
+    service.kill()
+
+
+def _exactly_once(pacs: StoreSCP, service: Service) -> None:
+    files = wait_for(lambda: len(pacs.files()) >= 2 and pacs.files(), 120, "SEG and SR at the PACS")
+    wait_for(lambda: all(d["state"] == "sent" for d in service.get("/api/deliveries")), 30, "deliveries marked sent")
+    time.sleep(2)  # a duplicate send would arrive now
+    assert sorted(pydicom.dcmread(f, stop_before_pixels=True).Modality for f in pacs.files()) == ["SEG", "SR"]
+    log = pacs.log.read_text()
+    assert "already exists" not in log, "an object reached the PACS twice"
+    assert len(files) == 2
+    assert len(service.get("/api/deliveries")) == 2
+    jobs = service.get("/api/jobs")
+    assert [j["version"] for j in jobs] == [1] and jobs[0]["state"] == "done"
+
+
+def test_kill_during_analysis_retries_the_job_and_delivers_once(tmp_path: Path, patient: Path) -> None:
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [pacs.address]).start()
+    try:
+        _send_and_kill_when(
+            service, patient, lambda: any(j["state"] == "running" for j in service.get("/api/jobs")), "a running job"
+        )
+        assert not pacs.files()
+        service.start()
+        _exactly_once(pacs, service)
+        assert service.get("/api/jobs")[0]["attempts"] == 2
+    finally:
+        service.stop()
+        pacs.stop()
+
+
+def test_kill_with_results_in_the_outbox_delivers_them_after_restart_once(tmp_path: Path, patient: Path) -> None:
+    pacs = StoreSCP(tmp_path / "pacs")  # down: results wait in the outbox, retrying
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [pacs.address]).start()
+    try:
+        _send_and_kill_when(
+            service, patient,
+            lambda: any(d["attempts"] >= 2 for d in service.get("/api/deliveries")), "delivery retries",
+        )
+        pacs.start()
+        service.start()
+        _exactly_once(pacs, service)
+    finally:
+        service.stop()
+        pacs.stop()
