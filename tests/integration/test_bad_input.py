@@ -1,0 +1,146 @@
+"""Bad input never crashes the service, never disturbs other studies, and is reported with a reason."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import UltrasoundImageStorage
+from pynetdicom import AE
+
+from dicom_tools import requires_storescu, storescu
+from service.phantom.dicom_writer import uid
+from service.phantom.generate import write_patient
+from service.phantom.patient import PhantomOptions
+from service_harness import Service, StoreSCP, wait_for
+
+pytestmark = [pytest.mark.integration, requires_storescu, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def dwi(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bad")
+    write_patient(2, "mri", out, PhantomOptions(mr_matrix=96, mr_frames=4))
+    return out / "SGPH00000002" / "dicom" / "MR" / "dwi"
+
+
+def variant(dwi: Path, folder: Path, name: str, change=None, keep=None) -> str:  # noqa: ANN001
+    """Copy the DWI series as a new study (new UIDs), applying ``change(ds, index)``; returns its UID."""
+    folder.mkdir(parents=True)
+    study = uid("test-variant", name)
+    for index, path in enumerate(sorted(dwi.glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        if keep is not None and not keep(ds):
+            continue
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = uid("test-variant", name, "series")
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid("test-variant", name, index)
+        if change is not None:
+            change(ds, index)
+        ds.save_as(folder / path.name, enforce_file_format=True)
+    return study
+
+
+def test_bad_studies_fail_with_reasons_and_good_ones_still_succeed(tmp_path: Path, dwi: Path) -> None:
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [pacs.address]).start()
+    try:
+        def no_pixels(ds, index):  # noqa: ANN001, ANN202
+            del ds.PixelData
+
+        def inconsistent(ds, index):  # noqa: ANN001, ANN202
+            if index % 2:
+                ds.PixelSpacing = [2.5, 2.5]
+
+        def truncated(ds, index):  # noqa: ANN001, ANN202
+            if index == 3:
+                ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+
+        studies = {
+            "no_pixels": (variant(dwi, tmp_path / "no_pixels", "no_pixels", no_pixels), "no pixel data"),
+            "geometry": (variant(dwi, tmp_path / "geometry", "geometry", inconsistent), "inconsistent"),
+            "one_b": (variant(dwi, tmp_path / "one_b", "one_b", keep=lambda ds: float(ds.DiffusionBValue) > 0), "b-value"),
+            "truncated": (variant(dwi, tmp_path / "truncated", "truncated", truncated), "pixel data"),
+        }
+        good = variant(dwi, tmp_path / "good", "good")
+        for name in studies:
+            storescu(tmp_path / name, service.port, "STROKEGATE")
+        storescu(tmp_path / "good", service.port, "STROKEGATE")
+
+        def settled() -> bool:
+            states = [service.get(f"/api/studies/{u}")["state"] for u, _ in studies.values()]
+            return all(s == "failed" for s in states) and service.get(f"/api/studies/{good}")["state"] == "done"
+
+        wait_for(settled, 120, "bad studies failed and the good one done")
+        for name, (study, reason) in studies.items():
+            error = service.get(f"/api/studies/{study}")["error"]
+            assert reason in error.lower(), f"{name}: {error}"
+        assert service.metric("strokegate_jobs_failed_total", error="input") == 4
+        wait_for(lambda: len(pacs.files()) == 2, 60, "the good study's SEG and SR")
+    finally:
+        service.stop()
+        pacs.stop()
+
+
+def test_undecodable_instance_is_refused_and_the_association_goes_on(tmp_path: Path, dwi: Path) -> None:
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", []).start()
+    try:
+        good = pydicom.dcmread(sorted(dwi.glob("*.dcm"))[0])
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(good.SOPClassUID, good.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", service.port, ae_title="STROKEGATE")
+        assert assoc.is_established
+        try:
+            garbage = tmp_path / "garbage.dcm"
+            broken = pydicom.Dataset()
+            broken.file_meta = good.file_meta
+            broken.SOPClassUID = good.SOPClassUID
+            broken.SOPInstanceUID = "1.2.3.4"
+            broken.StudyInstanceUID = "not a UID/../../etc"
+            broken.SeriesInstanceUID = "1.2.3"
+            broken.save_as(garbage, enforce_file_format=True)
+            status = assoc.send_c_store(garbage)
+            assert status.Status == 0xC210
+            assert assoc.send_c_store(good).Status == 0x0000
+        finally:
+            assoc.release()
+        assert service.metric("strokegate_instances_rejected_total", reason="invalid") == 1
+        assert not list((tmp_path / "gate" / "spool").glob("not*"))
+        assert service.get("/healthz")["status"] == "ok"
+    finally:
+        service.stop()
+
+
+def test_unsupported_sop_class_is_refused_at_negotiation(tmp_path: Path, dwi: Path) -> None:
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", []).start()
+    try:
+        ds = pydicom.dcmread(sorted(dwi.glob("*.dcm"))[0])
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UltrasoundImageStorage
+        ds.Modality = "US"
+        path = tmp_path / "us.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        result = subprocess.run(
+            ["storescu", "-aec", "STROKEGATE", "127.0.0.1", str(service.port), str(path)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode != 0
+        assert "presentation context" in (result.stdout + result.stderr).lower()
+        storescu(dwi, service.port, "STROKEGATE")  # the service carries on
+        assert service.metric("strokegate_instances_received_total", modality="MR") == len(list(dwi.glob("*.dcm")))
+    finally:
+        service.stop()
+
+
+def test_unknown_calling_ae_is_rejected_with_a_logged_reason(tmp_path: Path, dwi: Path) -> None:
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [],
+                      env={"STROKEGATE_ALLOWED_CALLING_AETS": '["TRUSTED"]'}).start()
+    try:
+        with pytest.raises(AssertionError, match="Association Rejected"):
+            storescu(dwi, service.port, "STROKEGATE", calling_aet="STRANGER")
+        storescu(dwi, service.port, "STROKEGATE", calling_aet="TRUSTED")
+        assert service.metric("strokegate_associations_total", result="rejected") == 1
+        assert "rejected association" in service.log.read_text()
+    finally:
+        service.stop()
