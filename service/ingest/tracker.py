@@ -15,7 +15,7 @@ import queue
 import threading
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, selectinload
 
 from service.ingest.scp import ReceivedInstance, parse_header, received_instance
@@ -37,6 +37,7 @@ def record_instances(session: Session, items: list[ReceivedInstance], now: datet
     series_uids = {i.series_uid for i in fresh}
     studies = {s.study_uid: s for s in session.scalars(select(Study).where(Study.study_uid.in_(study_uids)))}
     series = {s.series_uid: s for s in session.scalars(select(Series).where(Series.series_uid.in_(series_uids)))}
+    rows = []
     for item in fresh:
         study = studies.get(item.study_uid)
         if study is None:
@@ -60,11 +61,14 @@ def record_instances(session: Session, items: list[ReceivedInstance], now: datet
         one.last_received_at = now
         if item.expected_instances:
             one.expected_instances = item.expected_instances
-        session.add(Instance(
-            series=one, sop_uid=item.sop_uid, sop_class_uid=item.sop_class_uid,
-            transfer_syntax_uid=item.transfer_syntax_uid, path=item.path, size_bytes=item.size_bytes,
-            calling_ae=item.calling_ae, received_at=now,
-        ))
+        rows.append((one, item))
+    session.flush()  # series ids
+    session.execute(insert(Instance), [
+        {"series_id": one.id, "sop_uid": item.sop_uid, "sop_class_uid": item.sop_class_uid,
+         "transfer_syntax_uid": item.transfer_syntax_uid, "path": item.path, "size_bytes": item.size_bytes,
+         "calling_ae": item.calling_ae, "received_at": now}
+        for one, item in rows
+    ])
     return len(fresh)
 
 

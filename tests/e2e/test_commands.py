@@ -1,0 +1,52 @@
+"""The commands a user runs: `strokegate demo` and `strokegate process`, as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from service.phantom.generate import write_patient
+
+STROKEGATE = Path(sys.executable).parent / "strokegate"
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_demo_sends_a_patient_and_receives_seg_and_sr(tmp_path: Path) -> None:
+    result = subprocess.run([str(STROKEGATE), "demo", "--keep", str(tmp_path)], capture_output=True, text=True, timeout=500,
+                            env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "received by PACS: SEG" in out and "received by PACS: SR" in out
+    measured = float(re.search(r"ischaemic core \(ADC < 620 e-6 mm2/s\)\s*│\s*([\d.]+) mL", out).group(1))
+    truth = float(re.search(r"ground truth core\s*│\s*([\d.]+) mL", out).group(1))
+    assert abs(measured - truth) <= 0.1 * truth
+    assert len(list((tmp_path / "pacs").glob("*.dcm"))) == 2
+
+
+def test_process_analyses_a_folder_offline(tmp_path: Path) -> None:
+    write_patient(12, "mri", tmp_path / "in")  # DICOM plus NIfTI truth and JSON: non-DICOM files are skipped
+    result = subprocess.run([str(STROKEGATE), "process", str(tmp_path / "in"), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    findings = json.loads((tmp_path / "out" / "findings.json").read_text())
+    truth = json.loads((tmp_path / "in" / "SGPH00000012" / "truth" / "clinical.json").read_text())
+    assert findings["analysis"] == "mri-diffusion-core"
+    assert findings["segments"]["core"] > 0.5 * truth["core_ml"]
+    assert pydicom.dcmread(tmp_path / "out" / "SEG.dcm").Modality == "SEG"
+    assert pydicom.dcmread(tmp_path / "out" / "SR.dcm").Modality == "SR"
+
+
+def test_process_explains_a_folder_it_cannot_analyse(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    result = subprocess.run([str(STROKEGATE), "process", str(tmp_path / "in"), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "no DICOM files" in result.stdout

@@ -1,0 +1,161 @@
+"""Settings, spool, tracking, the job queue, the outbox and the HTTP API, on a SQLite file."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from service.config import Destination, load_settings
+from service.delivery.outbox import ResultFile, backoff, enqueue
+from service.errors import InputError
+from service.ingest.scp import ReceivedInstance
+from service.ingest.spool import Spool
+from service.ingest.tracker import Tracker, record_instances
+from service.ops.http import create_app
+from service.store import jobs
+from service.store.database import Database
+from service.store.models import Delivery, Job, JobState, Study, StudyState, utcnow
+
+
+def test_settings_precedence_file_then_environment_then_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "strokegate.yaml"
+    config.write_text("port: 4000\nae_title: FROMFILE\ndestinations: ['PACS@10.0.0.5:104']\nseries_idle_s: 7\n")
+    monkeypatch.setenv("STROKEGATE_PORT", "5000")
+    settings = load_settings(config, ae_title="FROMCLI")
+    assert (settings.port, settings.ae_title, settings.series_idle_s) == (5000, "FROMCLI", 7.0)
+    assert settings.destinations == [Destination(ae_title="PACS", host="10.0.0.5", port=104)]
+    assert load_settings().port == 5000 and load_settings().ae_title == "STROKEGATE"
+
+
+@pytest.mark.parametrize("bad", [{"ae_title": "WAY_TOO_LONG_AE_TITLE"}, {"ae_title": "A\\B"}, {"port": 70000},
+                                 {"destinations": ["PACS-no-port"]}, {"series_idle_s": 0}])
+def test_settings_reject_bad_values_clearly(bad: dict) -> None:
+    with pytest.raises((ValidationError, ValueError)):
+        load_settings(**bad)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="configuration file not found"):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_spool_writes_atomically_keeps_the_first_copy_and_refuses_unsafe_uids(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    entry = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", [b"abc", b"def"])
+    assert (spool.root / entry.path).read_bytes() == b"abcdef" and not entry.existed
+    again = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", [b"other"])
+    assert again.existed and (spool.root / entry.path).read_bytes() == b"abcdef"
+    assert not list(spool.root.rglob("*.part"))
+    for bad in ("../../etc", "1.2.3/4", "", "1" * 65):
+        with pytest.raises(InputError, match="not a valid UID"):
+            spool.store(bad, "1.2", "1.3", [b"x"])
+    (spool.root / "1.2.3" / "1.2.3.4" / ".9.9.part").write_bytes(b"partial")
+    assert spool.clean_partial() == 1
+    assert spool.files() == [Path("1.2.3/1.2.3.4/1.2.3.4.5.dcm")]
+    assert spool.remove_study("1.2.3") == 6 and spool.files() == []
+
+
+def instance(sop: str, study: str = "1.2.9", series: str = "1.2.9.1", expected: int | None = None) -> ReceivedInstance:
+    return ReceivedInstance(study, series, sop, "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1",
+                            f"{study}/{series}/{sop}.dcm", 100, "MR", "SGPH1", "ACC1", "DWI", expected, "SCANNER")
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Database:
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    database.upgrade()
+    yield database
+    database.dispose()
+
+
+def test_a_quiet_study_becomes_a_job_and_late_instances_start_a_new_version(db: Database, tmp_path: Path) -> None:
+    tracker = Tracker(db, Spool(tmp_path / "spool"), series_idle_s=10, retention_hours=24)
+    t0 = utcnow()
+    with db.session() as s:
+        assert record_instances(s, [instance("1.1"), instance("1.2"), instance("1.1")], t0) == 2
+    assert tracker.tick(t0 + timedelta(seconds=5)) == []  # not idle yet
+    assert len(tracker.tick(t0 + timedelta(seconds=11))) == 1
+    with db.session() as s:
+        assert record_instances(s, [instance("1.2")], t0) == 0  # a resend is not new data
+        assert s.query(Study).one().state == StudyState.QUEUED
+        assert record_instances(s, [instance("1.3")], t0 + timedelta(seconds=12)) == 1
+        assert s.query(Study).one().state == StudyState.RECEIVING
+    assert len(tracker.tick(t0 + timedelta(seconds=23))) == 1
+    with db.session() as s:
+        assert [j.version for j in s.query(Job).order_by(Job.id)] == [1, 2]
+
+
+def test_expected_count_completes_a_series_before_the_idle_time(db: Database, tmp_path: Path) -> None:
+    tracker = Tracker(db, Spool(tmp_path / "spool"), series_idle_s=600, retention_hours=24)
+    t0 = utcnow()
+    with db.session() as s:
+        record_instances(s, [instance("2.1", expected=2)], t0)
+    assert tracker.tick(t0) == []
+    with db.session() as s:
+        record_instances(s, [instance("2.2", expected=2)], t0)
+    assert len(tracker.tick(t0)) == 1
+
+
+def queued_job(db: Database) -> int:
+    with db.session() as s:
+        record_instances(s, [instance("3.1")], utcnow() - timedelta(hours=1))
+    return Tracker(db, Spool(Path(db.url.removeprefix("sqlite:///")).with_suffix(".spool")), 1, 24).tick(utcnow())[0]
+
+
+def test_a_job_is_claimed_by_one_worker_and_retried_when_its_lease_expires(db: Database) -> None:
+    job_id = queued_job(db)
+    first = jobs.claim(db, "host:1:a", lease_s=60, max_attempts=3)
+    assert first is not None and first.id == job_id
+    assert jobs.claim(db, "host:2:b", lease_s=60, max_attempts=3) is None  # never twice at once
+    later = utcnow() + timedelta(seconds=61)
+    second = jobs.claim(db, "host:2:b", lease_s=60, max_attempts=3, now=later)
+    assert second is not None and second.attempts == 2
+    assert not jobs.finish(db, job_id, "host:1:a", JobState.DONE)  # the first worker lost its lease
+    assert jobs.finish(db, job_id, "host:2:b", JobState.DONE, findings={"core": 1.0})
+    with db.session() as s:
+        assert s.get(Study, 1).state == StudyState.DONE
+
+
+def test_dead_local_owners_release_their_jobs_and_attempts_are_bounded(db: Database) -> None:
+    job_id = queued_job(db)
+    dead = f"{jobs.HOST}:999999:zz"
+    assert jobs.claim(db, dead, lease_s=3600, max_attempts=2)
+    assert jobs.release_dead_leases(db) == 1
+    assert jobs.claim(db, "x:1:a", lease_s=0.0, max_attempts=2)  # attempt 2, lease already expired
+    assert jobs.claim(db, "x:1:b", lease_s=60, max_attempts=2) is None  # attempt 3 > 2: failed
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.state == JobState.FAILED and "gave up after 2 attempts" in job.error
+
+
+def test_backoff_doubles_up_to_the_maximum() -> None:
+    assert [backoff(n, 2, 30).total_seconds() for n in range(1, 7)] == [2, 4, 8, 16, 30, 30]
+
+
+def test_outbox_rows_are_written_once_per_object_and_destination(db: Database) -> None:
+    job_id = queued_job(db)
+    files = [ResultFile("SEG", "9.1", "1.2.840.10008.5.1.4.1.1.66.4", "a/SEG.dcm"), ResultFile("SR", "9.2", "1.2.840.10008.5.1.4.1.1.88.34", "a/SR.dcm")]
+    for _ in range(2):
+        with db.session() as s:
+            enqueue(s, s.get(Job, job_id), files, ["PACS@h:1", "VNA@h:2"])
+    with db.session() as s:
+        assert s.query(Delivery).count() == 4
+
+
+def test_http_api_health_metrics_and_studies(db: Database) -> None:
+    queued_job(db)
+    client = TestClient(create_app(db, ready=lambda: True))
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    assert "strokegate_build_info" in client.get("/metrics").text
+    studies = client.get("/api/studies").json()
+    assert studies[0]["study_instance_uid"] == "1.2.9" and studies[0]["state"] == "queued"
+    assert client.get("/api/studies/1.2.9").json()["series"][0]["instances"] == 1
+    assert client.get("/api/studies/9.9.9").status_code == 404
+    assert client.get("/api/summary").json()["jobs"] == {"queued": 1}
+    not_ready = TestClient(create_app(db, ready=lambda: False))
+    assert not_ready.get("/readyz").status_code == 503
