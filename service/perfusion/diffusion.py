@@ -108,14 +108,7 @@ def brain_mask_mr(
     if threshold is None:
         values = image[finite]
         threshold = float(threshold_otsu(values)) if values.min() < values.max() else float(values.min())
-    foreground = finite & (image > threshold)
-    labels, count = ndimage.label(foreground)
-    if count == 0:
-        return foreground
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    mask = labels == int(np.argmax(sizes))
-    mask = ndimage.binary_fill_holes(mask)
+    mask = ndimage.binary_fill_holes(_largest_component(finite & (image > threshold)))
     return _erode_in_plane(mask, erosion_mm, pixel_mm)
 
 
@@ -136,13 +129,7 @@ def head_mask_from_adc(
     adc = np.asarray(adc, dtype=np.float32)
     if adc.ndim != 3:
         raise ValueError(f"adc must be [slice, row, column], got shape {adc.shape}")
-    head = np.isfinite(adc) & (adc > floor)
-    labels, count = ndimage.label(head)
-    if count == 0:
-        return head
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    head = labels == int(np.argmax(sizes))
+    head = _largest_component(np.isfinite(adc) & (adc > floor))
     head = np.stack([ndimage.binary_fill_holes(s) for s in head])
     return _erode_in_plane(head, erosion_mm, pixel_mm)
 
@@ -200,6 +187,16 @@ def core_mask(
     keep[1:] = sizes_ml >= min_volume_ml
     mask = keep[labels]
     return CoreMask(mask, float(mask.sum()) * voxel_ml)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected component of ``mask`` (``mask`` itself when it is empty)."""
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
 
 
 def _erode_in_plane(mask: np.ndarray, depth_mm: float, pixel_mm: float | tuple[float, float]) -> np.ndarray:
