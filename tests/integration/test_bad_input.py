@@ -144,3 +144,22 @@ def test_unknown_calling_ae_is_rejected_with_a_logged_reason(tmp_path: Path, dwi
         assert "rejected association" in service.log.read_text()
     finally:
         service.stop()
+
+
+def test_disk_below_the_watermark_refuses_instances_with_out_of_resources(tmp_path: Path, dwi: Path) -> None:
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [],
+                      env={"STROKEGATE_MIN_FREE_BYTES": str(10**18)}).start()
+    try:
+        ds = pydicom.dcmread(sorted(dwi.glob("*.dcm"))[0])
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", service.port, ae_title="STROKEGATE")
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(ds).Status == 0xA700
+        finally:
+            assoc.release()
+        assert service.metric("strokegate_instances_rejected_total", reason="disk_full") == 1
+        assert not list((tmp_path / "gate" / "spool").rglob("*.dcm"))
+    finally:
+        service.stop()

@@ -159,3 +159,22 @@ def test_http_api_health_metrics_and_studies(db: Database) -> None:
     assert client.get("/api/summary").json()["jobs"] == {"queued": 1}
     not_ready = TestClient(create_app(db, ready=lambda: False))
     assert not_ready.get("/readyz").status_code == 503
+
+
+def test_spool_of_finished_studies_is_purged_after_the_retention_period(db: Database, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.store("1.2.9", "1.2.9.1", "5.1", [b"pixels"])
+    tracker = Tracker(db, spool, series_idle_s=1, retention_hours=2)
+    t0 = utcnow()
+    with db.session() as s:
+        record_instances(s, [instance("5.1")], t0)
+    job_id = tracker.tick(t0 + timedelta(seconds=2))[0]
+    assert tracker.purge(t0 + timedelta(hours=3)) == 0  # not finished yet: kept
+    owner = "h:1:a"
+    assert jobs.claim(db, owner, 60, 3, now=t0 + timedelta(seconds=3))
+    assert jobs.finish(db, job_id, owner, JobState.DONE)
+    assert tracker.purge(t0 + timedelta(hours=1)) == 0  # finished, but within retention
+    assert tracker.purge(t0 + timedelta(hours=3)) == 1
+    assert spool.files() == []
+    with db.session() as s:
+        assert s.get(Study, 1).purged_at is not None
