@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from service.ops import metrics
 from service.store.database import Database
 from service.store.models import AuditEvent, Job, JobState, Study, StudyState, utcnow
 
@@ -49,6 +50,7 @@ def claim(db: Database, owner: str, lease_s: float, max_attempts: int, now: date
             job = session.get(Job, job_id)
             if job.attempts > max_attempts:
                 _finish(session, job, JobState.FAILED, f"gave up after {max_attempts} attempts; last error: {job.error}", now)
+                metrics.JOBS_FAILED.labels(error="attempts").inc()
                 continue
             session.add(AuditEvent(kind="job_started", study_id=job.study_id, detail={"job": job.id, "attempt": job.attempts}))
             return job

@@ -66,6 +66,8 @@ def run_dwi_study(tmp_path: Path, database_url: str, mri_patient: Path) -> None:
         assert service.metric("strokegate_last_instance_to_pacs_ack_seconds_count") == 1
         assert source.StudyInstanceUID not in service.get("/metrics")
         assert source.PatientID not in service.get("/metrics")
+        log = service.log.read_text()
+        assert source.StudyInstanceUID not in log and source.PatientID not in log and str(source.PatientName) not in log
     finally:
         service.stop()
         pacs.stop()
