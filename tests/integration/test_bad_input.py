@@ -84,28 +84,31 @@ def test_bad_studies_fail_with_reasons_and_good_ones_still_succeed(tmp_path: Pat
         pacs.stop()
 
 
+def store_statuses(port: int, like: pydicom.Dataset, objects: list) -> list[int]:  # noqa: ANN001
+    """C-STORE each object (Dataset or file path) over one pynetdicom association; their statuses."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(like.SOPClassUID, like.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="STROKEGATE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(o).Status) for o in objects]
+    finally:
+        assoc.release()
+
+
 def test_undecodable_instance_is_refused_and_the_association_goes_on(tmp_path: Path, dwi: Path) -> None:
     service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", []).start()
     try:
         good = pydicom.dcmread(sorted(dwi.glob("*.dcm"))[0])
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(good.SOPClassUID, good.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", service.port, ae_title="STROKEGATE")
-        assert assoc.is_established
-        try:
-            garbage = tmp_path / "garbage.dcm"
-            broken = pydicom.Dataset()
-            broken.file_meta = good.file_meta
-            broken.SOPClassUID = good.SOPClassUID
-            broken.SOPInstanceUID = "1.2.3.4"
-            broken.StudyInstanceUID = "not a UID/../../etc"
-            broken.SeriesInstanceUID = "1.2.3"
-            broken.save_as(garbage, enforce_file_format=True)
-            status = assoc.send_c_store(garbage)
-            assert status.Status == 0xC210
-            assert assoc.send_c_store(good).Status == 0x0000
-        finally:
-            assoc.release()
+        garbage = tmp_path / "garbage.dcm"
+        broken = pydicom.Dataset()
+        broken.file_meta = good.file_meta
+        broken.SOPClassUID = good.SOPClassUID
+        broken.SOPInstanceUID = "1.2.3.4"
+        broken.StudyInstanceUID = "not a UID/../../etc"
+        broken.SeriesInstanceUID = "1.2.3"
+        broken.save_as(garbage, enforce_file_format=True)
+        assert store_statuses(service.port, good, [garbage, good]) == [0xC210, 0x0000]
         assert service.metric("strokegate_instances_rejected_total", reason="invalid") == 1
         assert not list((tmp_path / "gate" / "spool").glob("not*"))
         assert service.get("/healthz")["status"] == "ok"
@@ -151,14 +154,7 @@ def test_disk_below_the_watermark_refuses_instances_with_out_of_resources(tmp_pa
                       env={"STROKEGATE_MIN_FREE_BYTES": str(10**18)}).start()
     try:
         ds = pydicom.dcmread(sorted(dwi.glob("*.dcm"))[0])
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", service.port, ae_title="STROKEGATE")
-        assert assoc.is_established
-        try:
-            assert assoc.send_c_store(ds).Status == 0xA700
-        finally:
-            assoc.release()
+        assert store_statuses(service.port, ds, [ds]) == [0xA700]
         assert service.metric("strokegate_instances_rejected_total", reason="disk_full") == 1
         assert not list((tmp_path / "gate" / "spool").rglob("*.dcm"))
     finally:
