@@ -22,14 +22,20 @@ from service.ingest.scp import ReceivedInstance, parse_header, received_instance
 from service.ingest.spool import Spool
 from service.ops import metrics
 from service.store.database import Database
-from service.store.models import AuditEvent, Instance, Job, JobState, Series, Study, StudyState, utcnow
+from service.store.models import AuditEvent, Instance, Job, JobState, ResultObject, Series, Study, StudyState, utcnow
 
 log = logging.getLogger(__name__)
 
 
 def record_instances(session: Session, items: list[ReceivedInstance], now: datetime) -> int:
-    """Insert the instances not yet known; update their series and studies. Returns new rows."""
-    known = set(session.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_([i.sop_uid for i in items]))))
+    """Insert the instances not yet known; update their series and studies. Returns new rows.
+
+    Our own result objects coming back (a PACS that forwards whole studies) are not new data:
+    recording them would start a new result version, and so on forever.
+    """
+    uids = [i.sop_uid for i in items]
+    known = set(session.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(uids))))
+    known |= set(session.scalars(select(ResultObject.sop_uid).where(ResultObject.sop_uid.in_(uids))))
     fresh = {i.sop_uid: i for i in items if i.sop_uid not in known}.values()
     if not fresh:
         return 0

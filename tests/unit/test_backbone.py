@@ -178,3 +178,15 @@ def test_spool_of_finished_studies_is_purged_after_the_retention_period(db: Data
     assert spool.files() == []
     with db.session() as s:
         assert s.get(Study, 1).purged_at is not None
+
+
+def test_our_own_results_coming_back_do_not_start_a_new_version(db: Database, tmp_path: Path) -> None:
+    tracker = Tracker(db, Spool(tmp_path / "spool"), series_idle_s=1, retention_hours=24)
+    t0 = utcnow()
+    with db.session() as s:
+        record_instances(s, [instance("6.1")], t0)
+    job_id = tracker.tick(t0 + timedelta(seconds=2))[0]
+    with db.session() as s:
+        enqueue(s, s.get(Job, job_id), [ResultFile("SEG", "6.9", "1.2.840.10008.5.1.4.1.1.66.4", "x/SEG.dcm")], [])
+        assert record_instances(s, [instance("6.9", series="1.2.9.901")], t0 + timedelta(seconds=3)) == 0
+        assert s.get(Study, 1).state == StudyState.QUEUED
