@@ -68,4 +68,10 @@ class Findings:
 
 MEASUREMENT_UNITS = {
     "core_volume_ml": "ml",
+    "penumbra_volume_ml": "ml",
+    "hypoperfused_volume_ml": "ml",
+    "mismatch_volume_ml": "ml",
+    "mismatch_ratio": "ratio",
+    "hypoperfusion_intensity_ratio": "ratio",
+    "target_mismatch": "1",  # 1 = target mismatch (DEFUSE 3 criteria met), 0 = not
 }
