@@ -70,7 +70,8 @@ def test_kill_during_receive_keeps_every_acknowledged_instance(tmp_path: Path, p
             service.kill()
             sender.wait(timeout=60)
         acknowledged = acknowledged_sop_uids(log.read_text())
-        assert kill_after <= len(acknowledged) < 1000, "the kill must interrupt the transfer"
+        # The instance spooled last may have been killed before its Success left: one in flight.
+        assert kill_after - 1 <= len(acknowledged) < 1000, "the kill must interrupt the transfer"
         on_disk = {p.stem for p in spooled(service)}
         assert acknowledged <= on_disk, "an acknowledged instance is missing from the spool"
         for path in spooled(service):
