@@ -61,6 +61,7 @@ def main() -> None:
         files = sorted(folder.glob("*.dcm"))
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         times: dict[str, list[float]] = {"storescp": [], "strokegate": []}
+        filed: list[float] = []
 
         port = free_port()
         out = work / "storescp"
@@ -88,10 +89,15 @@ def main() -> None:
             )
             try:
                 wait_port(port)
+                started = time.perf_counter()
                 times["strokegate"].append(send(folder, port, "STROKEGATE"))
+                deadline = time.monotonic() + 120
+                while len(list((gate_dir / "spool").glob("*/*/*.dcm"))) < len(files) and time.monotonic() < deadline:
+                    time.sleep(0.02)
                 stored = len(list((gate_dir / "spool").glob("*/*/*.dcm")))
                 if stored != len(files):
                     raise RuntimeError(f"strokegate spooled {stored} of {len(files)} instances")
+                filed.append(time.perf_counter() - started)
                 urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=5).read()
             finally:
                 gate.terminate()
@@ -103,6 +109,7 @@ def main() -> None:
             medians[name] = statistics.median(seconds)
             print(f"{name:10s}: median {medians[name]:.2f} s = {len(files) / medians[name]:7.1f} instances/s, "
                   f"{megabytes / medians[name]:6.1f} MB/s   (runs: {', '.join(f'{s:.2f}' for s in seconds)})")
+        print(f"strokegate: every instance filed into the spool {statistics.median(filed):.2f} s after the send began (median)")
         print(f"ratio strokegate / storescp throughput: {medians['storescp'] / medians['strokegate']:.2f}x "
               "(target >= 0.8x; strokegate fsyncs each instance before Success, storescp does not)")
     finally:

@@ -60,6 +60,9 @@ class StrokeGate:
     def start(self) -> None:
         """Migrate, recover what a crash left, then start every component."""
         self.db.upgrade()
+        journalled = self.receiver.recover()
+        if journalled:
+            log.info("recovered after restart: %d journalled instances filed into the spool", journalled)
         recovered = reconcile(self.spool, self.db)
         released = jobs.release_dead_leases(self.db)
         if recovered or released:

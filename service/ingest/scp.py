@@ -1,10 +1,12 @@
-"""The DICOM receiver: a pynetdicom acceptor for C-ECHO and C-STORE.
+"""The DICOM receiver: accepts associations, answers C-ECHO and C-STORE.
 
-The receive path never decodes pixel data: the encoded dataset is prefixed with its file meta
-and written to the spool (fsync'd) before Success goes back; a few header attributes are parsed
-to file it. Every failure maps to a DIMSE status with a logged reason, and never ends the
-association: 0xA700 out of resources (disk below the watermark, write failed), 0xC210 cannot
-understand (undecodable header, invalid UIDs).
+The receive path never decodes pixel data. Each instance's encoded dataset is appended to the
+receive journal and synced before Success goes back (journal.py says why a journal and not a file
+per instance); right after answering, the instance is filed into the spool and handed to the
+recorder while the sender is already sending the next one. Checks that need no parsing (disk
+watermark, the SOP Instance UID, the SOP class) answer with a DIMSE status; an instance whose
+header turns out unreadable after it was acknowledged is quarantined with a logged reason and a
+metric. An association ends only by release, abort or a protocol error, never by a bad instance.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
+from pydicom.dataset import Dataset
 from pydicom.uid import (
+    generate_uid,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -34,7 +38,8 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import evt
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -52,11 +57,20 @@ from pynetdicom.sop_class import (
     SegmentationStorage,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 import service
 from service.errors import InputError
-from service.ingest.spool import Spool
+from service.ingest.dimse import C_ECHO_RQ, C_STORE_RQ, Command, encode_response
+from service.ingest.journal import Journal, JournalEntry
+from service.ingest.spool import Spool, check_uid, part10_header
+from service.ingest.upper_layer import (
+    REJECT_CALLING_AE,
+    REJECT_TOO_MANY,
+    AssociationRequest,
+    Connection,
+    PeerGone,
+    ProtocolError,
+)
 from service.ops import metrics
 
 log = logging.getLogger(__name__)
@@ -99,7 +113,12 @@ _SOP_NAMES = {uid: UID(uid).keyword or uid for uid in STORAGE_CLASSES}
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
+IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["StrokeGate DICOM implementation"])
+IMPLEMENTATION_VERSION = f"STROKEGATE_{service.__version__}"[:16]
+FILING_BACKLOG_BYTES = 256 << 20  # journalled but not yet filed; beyond it, receiving waits for the filer
+FILING_QUIET_S = 0.05  # the filer works when receiving pauses this long, or when the backlog is full
 
 
 @dataclass(frozen=True)
@@ -179,136 +198,256 @@ def received_instance(header: Dataset, path: str, size_bytes: int, calling_ae: s
 
 
 class Receiver:
-    """Accepts associations, spools instances and hands each to ``on_instance``."""
+    """Accepts associations on a TCP port, journals and spools instances, hands each to ``on_instance``."""
 
     def __init__(self, config: ReceiverConfig, spool: Spool, on_instance: Callable[[ReceivedInstance], None]) -> None:
         self.config = config
         self.spool = spool
         self.on_instance = on_instance
-        self.ae = AE(ae_title=config.ae_title)
-        self.ae.maximum_pdu_size = config.max_pdu
-        self.ae.maximum_associations = config.max_associations
-        self.ae.network_timeout = config.network_timeout_s
-        self.ae.dimse_timeout = config.network_timeout_s
-        self.ae.acse_timeout = config.network_timeout_s
-        self.ae.require_calling_aet = list(config.allowed_calling_aets)
-        self.ae.implementation_version_name = f"STROKEGATE_{service.__version__}"[:16]
-        self.ae.add_supported_context(Verification)
-        for sop_class in STORAGE_CLASSES:
-            self.ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
-        self._server: ThreadedAssociationServer | None = None
+        self.journal = Journal(spool.root / "journal")
+        self.contexts = [build_context(Verification)]
+        self.contexts += [build_context(sop_class, list(TRANSFER_SYNTAXES)) for sop_class in STORAGE_CLASSES]
+        self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._established: set[int] = set()
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._established = 0
         self._lock = threading.Lock()
+        self._backlog: deque[tuple[int, JournalEntry]] = deque()
+        self._backlog_bytes = 0
+        self._backlog_changed = threading.Condition()
+        self._last_received = 0.0
+        self._filer: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         """The bound port (useful when configured as 0)."""
-        if self._server is None:
+        if self._listener is None:
             raise RuntimeError("receiver not started")
-        return self._server.server_address[1]
+        return self._listener.getsockname()[1]
+
+    def recover(self) -> int:
+        """File what the journal holds from before a crash; call before ``start``. Returns the count."""
+        count = 0
+        for _, entry in self.journal.replay():
+            self._file(entry, replace=True)
+            count += 1
+        self.journal.open()
+        return count
 
     def start(self) -> None:
-        handlers = [
-            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_ESTABLISHED, self._on_established),
-            (evt.EVT_RELEASED, self._on_closed),
-            (evt.EVT_ABORTED, self._on_closed),
-            (evt.EVT_REJECTED, self._on_rejected),
-        ]
-        allowed = frozenset(self.config.allowed_hosts)
-
-        class Server(ThreadedAssociationServer):
-            def verify_request(self, request, client_address) -> bool:  # noqa: ANN001
-                if allowed and client_address[0] not in allowed:
-                    log.warning("refused connection from %s: address not in allowed_hosts", client_address[0])
-                    metrics.ASSOCIATIONS.labels(result="rejected").inc()
-                    return False
-                no_delay(request)
-                return True
-
-        self._server = self.ae.make_server(
-            (self.config.host, self.config.port), evt_handlers=handlers, server_class=Server
-        )
-        self._thread = threading.Thread(target=self._server.serve_forever, name="dicom-receiver", daemon=True)
+        self._listener = socket.create_server((self.config.host, self.config.port), backlog=64)
+        self._listener.settimeout(0.2)
+        self._filer = threading.Thread(target=self._filing_loop, name="dicom-filer", daemon=True)
+        self._filer.start()
+        self._thread = threading.Thread(target=self._accept_loop, name="dicom-receiver", daemon=True)
         self._thread.start()
-        self.ae._servers.append(self._server)  # as AE.start_server does, so shutdown() can find it
         log.info("DICOM receiver %s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()  # also aborts open associations and closes the socket
+        """Stop listening, abort open associations, file what was received, close the journal."""
+        self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-
-    def _on_established(self, event: evt.Event) -> None:
-        metrics.ASSOCIATIONS.labels(result="accepted").inc()
+        if self._listener is not None:
+            self._listener.close()
         with self._lock:
-            self._established.add(id(event.assoc))
-        metrics.ASSOCIATIONS_ACTIVE.inc()
+            connections = list(self._connections)
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for _ in range(100):
+            with self._lock:
+                if not self._connections:
+                    break
+            self._stopping.wait(0.05)
+        with self._backlog_changed:
+            self._backlog_changed.notify_all()
+        if self._filer is not None:
+            self._filer.join(timeout=60)  # what is still unfiled after that is replayed at the next start
+        self.journal.close()
 
-    def _on_closed(self, event: evt.Event) -> None:
-        with self._lock:
-            if id(event.assoc) not in self._established:
+    def _accept_loop(self) -> None:
+        allowed = frozenset(self.config.allowed_hosts)
+        while not self._stopping.is_set():
+            try:
+                sock, address = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as error:
+                if not self._stopping.is_set():
+                    log.error("DICOM receiver stopped accepting: %s", error)
                 return
-            self._established.discard(id(event.assoc))
-        metrics.ASSOCIATIONS_ACTIVE.dec()
+            if allowed and address[0] not in allowed:
+                log.warning("refused connection from %s: address not in allowed_hosts", address[0])
+                metrics.ASSOCIATIONS.labels(result="rejected").inc()
+                sock.close()
+                continue
+            no_delay(sock)
+            with self._lock:
+                self._connections.add(sock)
+            threading.Thread(target=self._associate, args=(sock, address[0]), name="dicom-association", daemon=True).start()
 
-    def _on_rejected(self, event: evt.Event) -> None:
+    def _associate(self, sock: socket.socket, address: str) -> None:
+        connection = Connection(sock, self.config.network_timeout_s, self.config.max_pdu)
+        established = False
+        try:
+            request = connection.read_association_request()
+            refusal = self._refusal(request, address)
+            if refusal is not None:
+                connection.reject(request, refusal)
+                return
+            contexts = connection.accept(request, self.contexts, (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION))
+            established = True
+            metrics.ASSOCIATIONS.labels(result="accepted").inc()
+            metrics.ASSOCIATIONS_ACTIVE.inc()
+            self._serve(connection, contexts, request.calling_ae)
+        except ProtocolError as error:
+            log.warning("aborted the association from %s: %s", address, error)
+            connection.abort(error.reason)
+        except PeerGone as error:
+            log.info("association from %s ended: %s", address, error)
+        except TimeoutError:
+            log.warning("aborted the association from %s: no data for %.0f s", address, self.config.network_timeout_s)
+            connection.abort(0x00)
+        except OSError as error:
+            if not self._stopping.is_set():
+                log.warning("association from %s failed: %s", address, error)
+        finally:
+            with self._lock:
+                self._connections.discard(sock)
+                if established:
+                    self._established -= 1
+            if established:
+                metrics.ASSOCIATIONS_ACTIVE.dec()
+            sock.close()
+
+    def _refusal(self, request: AssociationRequest, address: str) -> tuple[int, int, int] | None:
+        """Why the association must be rejected (A-ASSOCIATE-RJ reason), or None to accept it."""
+        allowed = [ae.strip() for ae in self.config.allowed_calling_aets]
+        if allowed and request.calling_ae not in allowed:
+            reason, why = REJECT_CALLING_AE, "calling AE title not in allowed_calling_aets"
+        else:
+            with self._lock:
+                if self._established < self.config.max_associations:
+                    self._established += 1
+                    return None
+            reason, why = REJECT_TOO_MANY, f"already {self.config.max_associations} associations (max_associations)"
         metrics.ASSOCIATIONS.labels(result="rejected").inc()
-        requestor = event.assoc.requestor
-        log.warning(
-            "rejected association from %s (calling AE %r): not in allowed_calling_aets or too many associations",
-            requestor.address, requestor.ae_title,
-        )
+        log.warning("rejected association from %s (calling AE %r): %s", address, request.calling_ae, why)
+        return reason
 
-    def _on_store(self, event: evt.Event) -> int:
-        calling_ae = event.assoc.requestor.ae_title
+    def _serve(self, connection: Connection, contexts: dict[int, PresentationContext], calling_ae: str) -> None:
+        while True:
+            message = connection.read_message(contexts)
+            if message is None:
+                return
+            command = message.command
+            if command.command_field == C_ECHO_RQ:
+                connection.send_command(message.context_id, encode_response(command, STATUS_SUCCESS))
+            elif command.command_field == C_STORE_RQ:
+                context = contexts[message.context_id]
+                entry = JournalEntry(command.sop_class_uid, command.sop_instance_uid, str(context.transfer_syntax[0]),
+                                     calling_ae, message.dataset)
+                status, segment = self._journal(entry, command, str(context.abstract_syntax))
+                connection.send_command(message.context_id, encode_response(command, status))
+                if segment is not None:
+                    self._hand_to_filer(segment, entry)
+            else:
+                raise ProtocolError(f"DIMSE command 0x{command.command_field:04x} is not supported here")
+
+    def _journal(self, entry: JournalEntry, command: Command, abstract_syntax: str) -> tuple[int, int | None]:
+        """Make the instance durable: its status, and its journal segment when it was accepted."""
+        try:
+            check_uid(command.sop_instance_uid, "Affected SOP Instance UID")
+        except InputError as error:
+            metrics.INSTANCES_REJECTED.labels(reason="invalid").inc()
+            log.warning("refused an instance from %r: %s", entry.calling_ae, error)
+            return STATUS_CANNOT_UNDERSTAND, None
+        if command.sop_class_uid != abstract_syntax:
+            metrics.INSTANCES_REJECTED.labels(reason="invalid").inc()
+            log.warning("refused an instance from %r: its SOP class is not its presentation context's", entry.calling_ae)
+            return STATUS_SOP_CLASS_MISMATCH, None
         free = self.spool.free_bytes()
         metrics.SPOOL_FREE_BYTES.set(free)
         if free < self.config.min_free_bytes:
             metrics.INSTANCES_REJECTED.labels(reason="disk_full").inc()
-            log.error("refused an instance from %r: %d bytes free, below min_free_bytes", calling_ae, free)
-            return STATUS_OUT_OF_RESOURCES
-        request = event.request
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = request.AffectedSOPClassUID
-        meta.MediaStorageSOPInstanceUID = request.AffectedSOPInstanceUID
-        meta.TransferSyntaxUID = event.context.transfer_syntax
-        meta.ImplementationClassUID = self.ae.implementation_class_uid
-        meta.ImplementationVersionName = self.ae.implementation_version_name
-        if calling_ae:
-            meta.SourceApplicationEntityTitle = calling_ae
-        head = BytesIO()
-        head.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(head, meta, enforce_standard=True)
-        dataset = request.DataSet.getvalue()
+            log.error("refused an instance from %r: %d bytes free, below min_free_bytes", entry.calling_ae, free)
+            return STATUS_OUT_OF_RESOURCES, None
         try:
-            header = parse_header(head.getvalue() + dataset)
-            entry = self.spool.store(
-                str(header.get("StudyInstanceUID", "")),
-                str(header.get("SeriesInstanceUID", "")),
-                str(request.AffectedSOPInstanceUID or ""),
-                [head.getvalue(), dataset],
-            )
-        except InputError as error:
-            metrics.INSTANCES_REJECTED.labels(reason="invalid").inc()
-            log.warning("refused an instance from %r: %s", calling_ae, error)
-            return STATUS_CANNOT_UNDERSTAND
+            return STATUS_SUCCESS, self.journal.append(entry)
         except OSError as error:
             metrics.INSTANCES_REJECTED.labels(reason="write_failed").inc()
-            log.error("could not spool an instance from %r: %s", calling_ae, error)
-            return STATUS_OUT_OF_RESOURCES
+            log.error("could not journal an instance from %r: %s", entry.calling_ae, error)
+            return STATUS_OUT_OF_RESOURCES, None
+
+    def _hand_to_filer(self, segment: int, entry: JournalEntry) -> None:
+        """Queue a journalled instance for filing, waiting while the backlog is full."""
+        with self._backlog_changed:
+            while self._backlog_bytes > FILING_BACKLOG_BYTES and not self._stopping.is_set():
+                self._backlog_changed.wait(1)
+            self._backlog.append((segment, entry))
+            self._backlog_bytes += len(entry.dataset)
+            self._last_received = time.monotonic()
+            self._backlog_changed.notify_all()
+
+    def _filing_loop(self) -> None:
+        """Files journalled instances, off the receive path: in the pauses between instances of a
+        study (the sender's CPU time and ours would otherwise compete), or at once when the backlog
+        is full. Drains the backlog on stop."""
+        while True:
+            with self._backlog_changed:
+                while not self._stopping.is_set():
+                    busy = time.monotonic() - self._last_received < FILING_QUIET_S
+                    if self._backlog and (not busy or self._backlog_bytes > FILING_BACKLOG_BYTES // 2):
+                        break
+                    self._backlog_changed.wait(FILING_QUIET_S if self._backlog else 1)
+                if not self._backlog:
+                    return
+                segment, entry = self._backlog.popleft()
+                self._backlog_bytes -= len(entry.dataset)
+                self._backlog_changed.notify_all()
+            try:
+                self._file(entry)
+            except OSError as error:  # stays in the journal, filed again at the next start
+                log.error("could not file a received instance into the spool: %s", error)
+                continue
+            self.journal.filed(segment)
+
+    def _file(self, entry: JournalEntry, replace: bool = False) -> None:
+        """Write a journalled instance to the spool (or quarantine it) and record it."""
+        meta = file_meta(entry)
+        try:
+            header = parse_header(meta + entry.dataset)
+            stored = self.spool.store(
+                str(header.get("StudyInstanceUID", "")), str(header.get("SeriesInstanceUID", "")),
+                entry.sop_instance_uid, [meta, entry.dataset], durable=False, replace=replace,
+            )
+        except InputError as error:
+            self._quarantine(entry, meta, "invalid", str(error))
+            return
+        except OSError:
+            raise
         except Exception as error:  # pydicom raises many types for a corrupt dataset
-            metrics.INSTANCES_REJECTED.labels(reason="undecodable").inc()
-            log.warning("refused an undecodable instance from %r: %s: %s", calling_ae, type(error).__name__, error)
-            return STATUS_CANNOT_UNDERSTAND
-        item = received_instance(header, entry.path.as_posix(), entry.size_bytes, calling_ae)
+            self._quarantine(entry, meta, "undecodable", f"{type(error).__name__}: {error}")
+            return
+        item = received_instance(header, stored.path.as_posix(), stored.size_bytes, entry.calling_ae)
         self.on_instance(item)
-        if not entry.existed:
+        if not stored.existed:
             sop_class = _SOP_NAMES.get(item.sop_class_uid, "other")
             metrics.INSTANCES_RECEIVED.labels(modality=item.modality or "unknown", sop_class=sop_class).inc()
-            metrics.BYTES_RECEIVED.inc(entry.size_bytes)
-            metrics.SPOOL_BYTES.inc(entry.size_bytes)
-        return STATUS_SUCCESS
+            metrics.BYTES_RECEIVED.inc(stored.size_bytes)
+            metrics.SPOOL_BYTES.inc(stored.size_bytes)
+
+    def _quarantine(self, entry: JournalEntry, meta: bytes, reason: str, detail: str) -> None:
+        path = self.spool.quarantine(entry.sop_instance_uid, [meta, entry.dataset])
+        metrics.INSTANCES_REJECTED.labels(reason=reason).inc()
+        log.warning("quarantined an instance from %r as %s: %s", entry.calling_ae, path.name, detail)
+
+
+def file_meta(entry: JournalEntry) -> bytes:
+    """Preamble, DICM prefix and file meta information for a received dataset."""
+    return part10_header(entry.sop_class_uid, entry.sop_instance_uid, entry.transfer_syntax_uid,
+                         IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, entry.calling_ae)

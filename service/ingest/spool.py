@@ -1,8 +1,10 @@
-"""The spool: every received instance as a DICOM file on disk, durable before we say Success.
+"""The spool: every received instance as a DICOM file on disk.
 
 Layout: ``<root>/<study UID>/<series UID>/<SOP instance UID>.dcm``. A file is written to a temporary
-name, fsync'd, renamed into place and its folder fsync'd, so after a crash a file is either whole
-or absent. UIDs come from the network, so they are checked before they become path components.
+name and renamed into place, so a reader never sees half a file; it is fsync'd (with its folder)
+when ``durable``, and otherwise made durable later by the receive journal's sync, the journal
+holding its copy until then. UIDs come from the network, so they are checked before they become
+path components. Instances whose header cannot be filed wait in ``<root>/quarantine``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,29 +50,45 @@ class Spool:
             check_uid(sop_uid, "SOPInstanceUID") + ".dcm",
         )
 
-    def store(self, study_uid: str, series_uid: str, sop_uid: str, chunks: list[bytes]) -> SpoolEntry:
-        """Write the file made of ``chunks`` atomically and durably; a resend keeps the first copy."""
+    def store(
+        self, study_uid: str, series_uid: str, sop_uid: str, chunks: list[bytes], durable: bool = True,
+        replace: bool = False,
+    ) -> SpoolEntry:
+        """Write the file made of ``chunks`` atomically; a resend keeps the first copy unless ``replace``."""
         relative = self.relative_path(study_uid, series_uid, sop_uid)
         final = self.root / relative
-        if final.exists():
+        existed = final.exists()
+        if existed and not replace:
             return SpoolEntry(relative, final.stat().st_size, existed=True)
+        size = self._write(final, chunks, durable)
+        return SpoolEntry(relative, size, existed=existed)
+
+    def quarantine(self, sop_uid: str, chunks: list[bytes]) -> Path:
+        """Keep an instance that cannot be filed, for the operator to inspect; its path."""
+        path = self.root / "quarantine" / (check_uid(sop_uid, "SOPInstanceUID") + ".dcm")
+        self._write(path, chunks, durable=False)
+        return path
+
+    def _write(self, final: Path, chunks: list[bytes], durable: bool) -> int:
         folder = final.parent
         folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / f".{sop_uid}.{os.getpid()}.{id(chunks)}.part"
+        temporary = folder / f".{final.stem}.{os.getpid()}.{id(chunks)}.part"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
             size = 0
             for chunk in chunks:
                 size += os.write(fd, chunk)
-            os.fdatasync(fd)
+            if durable:
+                os.fdatasync(fd)
         except BaseException:
             os.close(fd)
             temporary.unlink(missing_ok=True)
             raise
         os.close(fd)
         os.replace(temporary, final)
-        _fsync_folder(folder)
-        return SpoolEntry(relative, size, existed=False)
+        if durable:
+            _fsync_folder(folder)
+        return size
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -97,6 +116,28 @@ class Spool:
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*/*/*.dcm"))
+
+
+def part10_header(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, implementation_class_uid: str,
+    implementation_version: str, source_ae: str = "",
+) -> bytes:
+    """Preamble, "DICM" and the file meta information group that make a received dataset a DICOM file
+    (PS3.10 7.1). Written directly: pydicom's general writer costs ~0.2 ms, once per instance."""
+
+    def element(number: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+        value += pad * (len(value) % 2)
+        return struct.pack("<HH2sH", 0x0002, number, vr, len(value)) + value
+
+    body = struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\0\1"
+    body += element(0x0002, b"UI", sop_class_uid.encode("ascii"), b"\0")
+    body += element(0x0003, b"UI", sop_instance_uid.encode("ascii"), b"\0")
+    body += element(0x0010, b"UI", transfer_syntax_uid.encode("ascii"), b"\0")
+    body += element(0x0012, b"UI", implementation_class_uid.encode("ascii"), b"\0")
+    body += element(0x0013, b"SH", implementation_version.encode("ascii"), b" ")
+    if source_ae:
+        body += element(0x0016, b"AE", source_ae.encode("ascii", "replace"), b" ")
+    return bytes(128) + b"DICM" + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -128,9 +128,16 @@ class Service:
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
 
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
-            body = response.read()
+    def get(self, path: str, missing: Any = ...) -> Any:
+        """GET from the HTTP API; ``missing`` is returned for a 404 where given (e.g. a study not yet
+        recorded: instances are filed and recorded just after the sender's transfer)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+                body = response.read()
+        except urllib.error.HTTPError as error:
+            if error.code == 404 and missing is not ...:
+                return missing
+            raise
         return json.loads(body) if path != "/metrics" else body.decode()
 
     def metric(self, name: str, **labels: str) -> float:

@@ -70,8 +70,8 @@ def test_bad_studies_fail_with_reasons_and_good_ones_still_succeed(tmp_path: Pat
         storescu(tmp_path / "good", service.port, "STROKEGATE")
 
         def settled() -> bool:
-            states = [service.get(f"/api/studies/{u}")["state"] for u, _ in studies.values()]
-            return all(s == "failed" for s in states) and service.get(f"/api/studies/{good}")["state"] == "done"
+            states = [service.get(f"/api/studies/{u}", {}).get("state") for u, _ in studies.values()]
+            return all(s == "failed" for s in states) and service.get(f"/api/studies/{good}", {}).get("state") == "done"
 
         wait_for(settled, 120, "bad studies failed and the good one done")
         for name, (study, reason) in studies.items():
@@ -96,20 +96,25 @@ def store_statuses(port: int, like: pydicom.Dataset, objects: list) -> list[int]
         assoc.release()
 
 
-def test_undecodable_instance_is_refused_and_the_association_goes_on(tmp_path: Path, dwi: Path) -> None:
+def test_unfileable_instances_are_refused_or_quarantined_and_the_association_goes_on(tmp_path: Path, dwi: Path) -> None:
+    """A bad SOP Instance UID in the request is refused at once (0xC210); a header that turns out
+    unfileable after the instance was made durable and acknowledged is quarantined with a metric."""
     service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", []).start()
     try:
         good = pydicom.dcmread(sorted(dwi.glob("*.dcm"))[0])
-        garbage = tmp_path / "garbage.dcm"
         broken = pydicom.Dataset()
         broken.file_meta = good.file_meta
         broken.SOPClassUID = good.SOPClassUID
         broken.SOPInstanceUID = "1.2.3.4"
         broken.StudyInstanceUID = "not a UID/../../etc"
         broken.SeriesInstanceUID = "1.2.3"
+        garbage = tmp_path / "garbage.dcm"
         broken.save_as(garbage, enforce_file_format=True)
-        assert store_statuses(service.port, good, [garbage, good]) == [0xC210, 0x0000]
-        assert service.metric("strokegate_instances_rejected_total", reason="invalid") == 1
+        bad_uid = pydicom.dcmread(sorted(dwi.glob("*.dcm"))[1])
+        bad_uid.SOPInstanceUID = "1.2.3.x"
+        assert store_statuses(service.port, good, [garbage, bad_uid, good]) == [0x0000, 0xC210, 0x0000]
+        assert service.metric("strokegate_instances_rejected_total", reason="invalid") == 2
+        assert (tmp_path / "gate" / "spool" / "quarantine" / "1.2.3.4.dcm").exists()
         assert not list((tmp_path / "gate" / "spool").glob("not*"))
         assert service.get("/healthz")["status"] == "ok"
     finally:
@@ -131,7 +136,9 @@ def test_unsupported_sop_class_is_refused_at_negotiation(tmp_path: Path, dwi: Pa
         assert result.returncode != 0
         assert "presentation context" in (result.stdout + result.stderr).lower()
         storescu(dwi, service.port, "STROKEGATE")  # the service carries on
-        assert service.metric("strokegate_instances_received_total", modality="MR") == len(list(dwi.glob("*.dcm")))
+        count = len(list(dwi.glob("*.dcm")))
+        wait_for(lambda: service.metric("strokegate_instances_received_total", modality="MR") == count, 30,
+                 "every MR instance filed")
     finally:
         service.stop()
 

@@ -1,0 +1,94 @@
+"""DIMSE command sets for the receiver: decoding C-ECHO/C-STORE requests, encoding their responses.
+
+A command set is a dozen group-0000 elements, always Implicit VR Little Endian (PS3.7 6.3.1);
+reading and writing them directly costs a few microseconds where a general pydicom round trip
+costs ~170 us, which matters on a path run once per received instance.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from service.errors import InputError
+
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+C_ECHO_RQ = 0x0030
+C_ECHO_RSP = 0x8030
+NO_DATASET = 0x0101
+
+_AFFECTED_SOP_CLASS = 0x0002
+_COMMAND_FIELD = 0x0100
+_MESSAGE_ID = 0x0110
+_RESPONDED_TO = 0x0120
+_DATASET_TYPE = 0x0800
+_STATUS = 0x0900
+_ERROR_COMMENT = 0x0902
+_AFFECTED_SOP_INSTANCE = 0x1000
+_MOVE_ORIGINATOR_AE = 0x1030
+_ELEMENT = struct.Struct("<HHI")
+
+
+@dataclass(frozen=True)
+class Command:
+    """The fields of a request the receiver acts on."""
+
+    command_field: int
+    message_id: int
+    has_dataset: bool
+    sop_class_uid: str
+    sop_instance_uid: str
+    move_originator_ae: str
+
+
+def decode_command(encoded: bytes | bytearray) -> Command:
+    """Read a request command set; InputError if it is not one."""
+    values: dict[int, bytes] = {}
+    position, end = 0, len(encoded)
+    while position + 8 <= end:
+        group, element, length = _ELEMENT.unpack_from(encoded, position)
+        position += 8
+        if group != 0x0000 or position + length > end:
+            raise InputError("malformed DIMSE command set")
+        values[element] = bytes(encoded[position : position + length])
+        position += length
+    if position != end or _COMMAND_FIELD not in values:
+        raise InputError("malformed DIMSE command set")
+
+    def number(element: int, default: int = 0) -> int:
+        raw = values.get(element)
+        return int.from_bytes(raw[:2], "little") if raw else default
+
+    def text(element: int) -> str:
+        return values.get(element, b"").decode("ascii", "replace").strip("\0 ")
+
+    return Command(
+        command_field=number(_COMMAND_FIELD),
+        message_id=number(_MESSAGE_ID),
+        has_dataset=number(_DATASET_TYPE, NO_DATASET) != NO_DATASET,
+        sop_class_uid=text(_AFFECTED_SOP_CLASS),
+        sop_instance_uid=text(_AFFECTED_SOP_INSTANCE),
+        move_originator_ae=text(_MOVE_ORIGINATOR_AE),
+    )
+
+
+def encode_response(request: Command, status: int, comment: str = "") -> bytes:
+    """The command set of the response to ``request`` (C-ECHO-RSP or C-STORE-RSP)."""
+    elements: list[tuple[int, bytes]] = [(_AFFECTED_SOP_CLASS, _uid(request.sop_class_uid))]
+    elements.append((_COMMAND_FIELD, struct.pack("<H", request.command_field | 0x8000)))
+    elements.append((_RESPONDED_TO, struct.pack("<H", request.message_id)))
+    elements.append((_DATASET_TYPE, struct.pack("<H", NO_DATASET)))
+    elements.append((_STATUS, struct.pack("<H", status)))
+    if comment:
+        text = comment.encode("ascii", "replace")[:64]
+        elements.append((_ERROR_COMMENT, text + b" " * (len(text) % 2)))
+    if request.command_field == C_STORE_RQ:
+        elements.append((_AFFECTED_SOP_INSTANCE, _uid(request.sop_instance_uid)))
+    body = b"".join(_ELEMENT.pack(0x0000, tag, len(value)) + value for tag, value in elements)
+    return _ELEMENT.pack(0x0000, 0x0000, 4) + struct.pack("<I", len(body)) + body
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\0" * (len(raw) % 2)

@@ -1,0 +1,116 @@
+"""The receive path's own codecs and its journal: what a crash or a recycled segment must not break."""
+
+from __future__ import annotations
+
+import os
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom.dsutils import decode, encode
+
+from service.errors import InputError
+from service.ingest.dimse import C_ECHO_RQ, C_STORE_RQ, decode_command, encode_response
+from service.ingest.journal import Journal, JournalEntry
+from service.ingest.spool import part10_header
+
+
+def store_request(sop_uid: str = "1.2.826.0.1.3680043.8.498.1") -> bytes:
+    ds = Dataset()
+    ds.CommandGroupLength = 0
+    ds.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.CommandField = C_STORE_RQ
+    ds.MessageID = 7
+    ds.Priority = 0
+    ds.CommandDataSetType = 0x0000
+    ds.AffectedSOPInstanceUID = sop_uid
+    ds.MoveOriginatorApplicationEntityTitle = "MOVER"
+    return encode(ds, True, True)
+
+
+def test_command_sets_read_and_written_as_pydicom_does() -> None:
+    request = decode_command(store_request())
+    assert (request.command_field, request.message_id, request.has_dataset) == (C_STORE_RQ, 7, True)
+    assert request.sop_instance_uid == "1.2.826.0.1.3680043.8.498.1"
+    assert request.move_originator_ae == "MOVER"
+    response = decode(BytesIO(encode_response(request, 0xA700, "disk full")), True, True)
+    assert response.CommandField == 0x8001 and response.MessageIDBeingRespondedTo == 7
+    assert response.Status == 0xA700 and response.ErrorComment == "disk full"
+    assert response.AffectedSOPInstanceUID == request.sop_instance_uid
+    assert response.CommandDataSetType == 0x0101
+    assert response.CommandGroupLength == len(encode_response(request, 0xA700, "disk full")) - 12
+    echo = Dataset()
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    echo.CommandField = C_ECHO_RQ
+    echo.MessageID = 1
+    echo.CommandDataSetType = 0x0101
+    echo_request = decode_command(encode(echo, True, True))
+    assert not echo_request.has_dataset
+    assert "AffectedSOPInstanceUID" not in decode(BytesIO(encode_response(echo_request, 0)), True, True)
+
+
+@pytest.mark.parametrize("broken", [b"\x00\x00\x00\x01\x04", b"\x08\x00\x16\x00\x02\x00\x00\x00ab", store_request()[:-3]])
+def test_malformed_command_sets_are_input_errors(broken: bytes) -> None:
+    with pytest.raises(InputError):
+        decode_command(broken)
+
+
+@pytest.mark.parametrize("calling_ae", ["STORESCU", "ODD", ""])
+def test_file_meta_matches_pydicom(calling_ae: str) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.12345"
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    meta.ImplementationClassUID = "2.25.991"
+    meta.ImplementationVersionName = "STROKEGATE_0.1"
+    if calling_ae:
+        meta.SourceApplicationEntityTitle = calling_ae
+    expected = BytesIO()
+    expected.write(bytes(128) + b"DICM")
+    write_file_meta_info(expected, meta, enforce_standard=True)
+    mine = part10_header("1.2.840.10008.5.1.4.1.1.4", "1.2.826.0.1.3680043.8.498.12345", "1.2.840.10008.1.2.1",
+                         "2.25.991", "STROKEGATE_0.1", calling_ae)
+    assert mine == expected.getvalue()
+
+
+def entry(index: int, size: int = 1000) -> JournalEntry:
+    return JournalEntry("1.2.840.10008.5.1.4.1.1.2", f"1.2.3.{index}", "1.2.840.10008.1.2.1", "SCU",
+                        bytes([index % 251]) * size)
+
+
+def test_journal_replays_every_record_and_ignores_a_torn_tail(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, segment_bytes=1 << 20)
+    journal.open()
+    for index in range(5):
+        journal.append(entry(index))
+    journal.close()
+    segment = tmp_path / f"{journal.segments()[0]:016d}.wal"
+    with open(segment, "r+b") as file:  # a sixth record whose last bytes never reached the disk
+        data = file.read()
+        end = data.index(b"\0" * 2048)
+        record_size = end // 5
+        file.seek(end)
+        file.write(data[end - record_size : end - 100].replace(b"1.2.3.4", b"1.2.3.5"))
+    replayed = [e for _, e in Journal(tmp_path).replay()]
+    assert [e.sop_instance_uid for e in replayed] == [f"1.2.3.{i}" for i in range(5)]
+    assert replayed[3] == entry(3)
+
+
+def test_journal_recycles_filed_segments_without_replaying_their_old_records(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, segment_bytes=64 << 10)
+    journal.open()
+    segments = [journal.append(entry(i, 20_000)) for i in range(12)]  # three records per segment
+    assert len(set(segments)) == 4
+    for segment in segments[:9]:
+        journal.filed(segment)  # the first three segments are closed and filed: recycled
+    journal.close()
+    leftover = [e.sop_instance_uid for _, e in Journal(tmp_path).replay()]
+    assert leftover == [f"1.2.3.{i}" for i in range(9, 12)]  # only the unfiled records come back
+    restarted = Journal(tmp_path, segment_bytes=64 << 10)
+    restarted.open()  # recycles the old segments, stale records and all
+    restarted.append(entry(99, 20_000))
+    restarted.close()
+    assert [e.sop_instance_uid for _, e in Journal(tmp_path).replay()] == ["1.2.3.99"]
+    assert len(os.listdir(tmp_path)) <= 5  # current + spares + recycled, not one file per segment ever used
