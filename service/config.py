@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     spool_dir: Path = Path("spool")
     results_dir: Path = Path("results")
     min_free_bytes: int = Field(2 * 1024**3, ge=0, description="refuse new instances below this free space")
+    receive_sync: bool = Field(
+        True,
+        description="sync each instance to disk before answering Success; false: synced within "
+        "receive_sync_interval_s (a crash of the service loses nothing, a power cut may lose that last interval)",
+    )
+    receive_sync_interval_s: float = Field(0.01, gt=0, le=1)
     retention_hours: float = Field(24.0, ge=0, description="delete spooled images of finished studies after this")
 
     # Study completion and jobs

@@ -8,6 +8,10 @@ once every record of a closed segment is filed, one ``syncfs`` makes those spool
 the segment is recycled. After a crash, ``replay`` yields every whole record of the segments left
 over; a torn record at the tail was never acknowledged and is ignored.
 
+With ``sync_each`` off, records are written before Success but synced by a background flush at most
+``sync_interval_s`` later (PostgreSQL's ``synchronous_commit = off``): a crash of the service loses
+nothing, as the written pages belong to the kernel; a power cut may lose that last interval.
+
 Record: magic, segment number, header and payload lengths, CRC-32 over all of it, a JSON header and
 the encoded dataset. The segment number in each record tells records of a recycled segment's
 previous life from new ones.
@@ -21,6 +25,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,9 +54,15 @@ class JournalEntry:
 class Journal:
     """Append-only, recycled segment files in one folder (on the spool's file system)."""
 
-    def __init__(self, folder: Path, segment_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self, folder: Path, segment_bytes: int = 64 << 20, sync_each: bool = True, sync_interval_s: float = 0.01
+    ) -> None:
         self.folder = folder
         self.segment_bytes = segment_bytes
+        self.sync_each = sync_each
+        self.sync_interval_s = sync_interval_s
+        self._unsynced = threading.Event()
+        self._flusher: threading.Thread | None = None
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._fd: int | None = None
@@ -98,6 +109,9 @@ class Journal:
         self._outstanding[self._segment] = 0
         for n in range(1, _SPARES + 1):  # ready before the first association, so none waits on the disk
             self._spares.append(_done(self._prepare(self._segment + n)))
+        if not self.sync_each:
+            self._flusher = threading.Thread(target=self._flush_loop, name="journal-flush", daemon=True)
+            self._flusher.start()
 
     def append(self, entry: JournalEntry) -> int:
         """Write ``entry`` durably; returns its segment, to be passed to ``filed`` once it is spooled."""
@@ -117,7 +131,10 @@ class Journal:
             written = os.pwritev(self._fd, [record, header, entry.dataset], self._offset)
             if written != size:
                 raise OSError(f"short journal write ({written} of {size} bytes)")
-            os.fdatasync(self._fd)
+            if self.sync_each:
+                os.fdatasync(self._fd)
+            else:
+                self._unsynced.set()
             self._offset += size
             self._outstanding[self._segment] += 1
             return self._segment
@@ -134,12 +151,32 @@ class Journal:
         """Stop appending; what is left unfiled stays for the next start's replay."""
         with self._lock:
             if self._fd is not None:
+                os.fdatasync(self._fd)
                 os.close(self._fd)
                 self._fd = None
+        self._unsynced.set()
+        if self._flusher is not None:
+            self._flusher.join(timeout=10)
         self._maintenance.shutdown(wait=True)
+
+    def _flush_loop(self) -> None:
+        """Background syncs when ``sync_each`` is off: at most ``sync_interval_s`` after a write."""
+        while True:
+            self._unsynced.wait()
+            time.sleep(self.sync_interval_s)
+            self._unsynced.clear()
+            with self._lock:
+                if self._fd is None:
+                    return
+                fd = os.dup(self._fd)
+            try:
+                os.fdatasync(fd)  # outside the lock: appends go on meanwhile
+            finally:
+                os.close(fd)
 
     def _switch(self) -> None:
         finished = self._segment
+        os.fdatasync(self._fd)
         os.close(self._fd)
         self._fd = None
         self._segment += 1

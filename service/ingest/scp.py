@@ -151,6 +151,8 @@ class ReceiverConfig:
     allowed_hosts: tuple[str, ...]
     min_free_bytes: int
     network_timeout_s: float
+    sync_each: bool = True  # fdatasync the journal before each Success
+    sync_interval_s: float = 0.01  # otherwise, at most this long after it
 
 
 def no_delay(sock: socket.socket) -> None:
@@ -204,7 +206,7 @@ class Receiver:
         self.config = config
         self.spool = spool
         self.on_instance = on_instance
-        self.journal = Journal(spool.root / "journal")
+        self.journal = Journal(spool.root / "journal", sync_each=config.sync_each, sync_interval_s=config.sync_interval_s)
         self.contexts = [build_context(Verification)]
         self.contexts += [build_context(sop_class, list(TRANSFER_SYNTAXES)) for sop_class in STORAGE_CLASSES]
         self._listener: socket.socket | None = None
