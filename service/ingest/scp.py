@@ -294,13 +294,14 @@ class Receiver:
 
     def _associate(self, sock: socket.socket, address: str) -> None:
         connection = Connection(sock, self.config.network_timeout_s, self.config.max_pdu)
-        established = False
+        holds_slot = established = False
         try:
             request = connection.read_association_request()
             refusal = self._refusal(request, address)
             if refusal is not None:
                 connection.reject(request, refusal)
                 return
+            holds_slot = True
             contexts = connection.accept(request, self.contexts, (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION))
             established = True
             metrics.ASSOCIATIONS.labels(result="accepted").inc()
@@ -320,7 +321,7 @@ class Receiver:
         finally:
             with self._lock:
                 self._connections.discard(sock)
-                if established:
+                if holds_slot:
                     self._established -= 1
             if established:
                 metrics.ASSOCIATIONS_ACTIVE.dec()
@@ -390,10 +391,11 @@ class Receiver:
         with self._backlog_changed:
             while self._backlog_bytes > FILING_BACKLOG_BYTES and not self._stopping.is_set():
                 self._backlog_changed.wait(1)
+            if not self._backlog or self._backlog_bytes > FILING_BACKLOG_BYTES // 2:
+                self._backlog_changed.notify_all()  # else the filer is awake already, waiting for a pause
             self._backlog.append((segment, entry))
             self._backlog_bytes += len(entry.dataset)
             self._last_received = time.monotonic()
-            self._backlog_changed.notify_all()
 
     def _filing_loop(self) -> None:
         """Files journalled instances, off the receive path: in the pauses between instances of a
@@ -405,7 +407,7 @@ class Receiver:
                     busy = time.monotonic() - self._last_received < FILING_QUIET_S
                     if self._backlog and (not busy or self._backlog_bytes > FILING_BACKLOG_BYTES // 2):
                         break
-                    self._backlog_changed.wait(FILING_QUIET_S if self._backlog else 1)
+                    self._backlog_changed.wait(FILING_QUIET_S if self._backlog else None)
                 if not self._backlog:
                     return
                 segment, entry = self._backlog.popleft()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import struct
 from io import BytesIO
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from service.errors import InputError
 from service.ingest.dimse import C_ECHO_RQ, C_STORE_RQ, decode_command, encode_response
 from service.ingest.journal import Journal, JournalEntry
 from service.ingest.spool import part10_header
+from service.ingest.upper_layer import Connection, PeerGone, ProtocolError
 
 
 def store_request(sop_uid: str = "1.2.826.0.1.3680043.8.498.1") -> bytes:
@@ -114,3 +117,59 @@ def test_journal_recycles_filed_segments_without_replaying_their_old_records(tmp
     restarted.close()
     assert [e.sop_instance_uid for _, e in Journal(tmp_path).replay()] == ["1.2.3.99"]
     assert len(os.listdir(tmp_path)) <= 5  # current + spares + recycled, not one file per segment ever used
+
+
+def pdv(context_id: int, control: int, data: bytes) -> bytes:
+    return struct.pack(">IBB", len(data) + 2, context_id, control) + data
+
+
+def p_data(*items: bytes) -> bytes:
+    body = b"".join(items)
+    return struct.pack(">BxI", 0x04, len(body)) + body
+
+
+def test_messages_are_reassembled_from_fragments_however_the_pdus_cut_them() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        connection = Connection(ours, timeout_s=5, max_pdu=16384)
+        command = store_request()
+        dataset = bytes(range(256)) * 40
+        peer.sendall(
+            p_data(pdv(1, 0x01, command[:10]))  # a command in two fragments
+            + p_data(pdv(1, 0x03, command[10:]), pdv(1, 0x00, dataset[:5000]))
+            + p_data(pdv(1, 0x00, dataset[5000:9000]), pdv(1, 0x02, dataset[9000:]),
+                     pdv(1, 0x03, store_request("1.2.3.9")), pdv(1, 0x02, b"next"))  # the next message shares it
+            + bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # A-RELEASE-RQ
+        )
+        first = connection.read_message({1: None})
+        second = connection.read_message({1: None})
+        assert bytes(first.dataset) == dataset and first.command.sop_instance_uid.endswith(".1")
+        assert bytes(second.dataset) == b"next" and second.command.sop_instance_uid == "1.2.3.9"
+        assert connection.read_message({1: None}) is None
+        assert peer.recv(10)[:1] == b"\x06"  # A-RELEASE-RP
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        p_data(pdv(3, 0x03, store_request())),  # a presentation context never accepted
+        p_data(pdv(1, 0x02, b"data before any command")),
+        bytes([0x01, 0, 0, 0, 0, 4, 0, 0, 0, 0]),  # A-ASSOCIATE-RQ on an established association
+        p_data(struct.pack(">IBB", 400, 1, 0x03)),  # a PDV longer than its PDU
+    ],
+)
+def test_protocol_violations_are_protocol_errors(stream: bytes) -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        peer.sendall(stream)
+        with pytest.raises(ProtocolError):
+            Connection(ours, timeout_s=5, max_pdu=16384).read_message({1: None})
+
+
+def test_a_peer_that_hangs_up_mid_pdu_is_gone_not_an_error() -> None:
+    ours, peer = socket.socketpair()
+    with ours:
+        peer.sendall(p_data(pdv(1, 0x03, store_request()))[:20])
+        peer.close()
+        with pytest.raises(PeerGone):
+            Connection(ours, timeout_s=5, max_pdu=16384).read_message({1: None})
