@@ -32,6 +32,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.ingest.spool import fsync_folder
+
 log = logging.getLogger(__name__)
 
 _MAGIC = b"SGJ1"
@@ -205,14 +207,14 @@ class Journal:
             finally:
                 os.close(fd)
             os.replace(temporary, path)
-        _fsync_folder(self.folder)
+        fsync_folder(self.folder)
         return path
 
     def _retire(self, segment: int) -> None:
         """Make the spool files filed from ``segment`` durable, then recycle the segment."""
         _sync_filesystem(self.folder)
         self._retire_file(segment)
-        _fsync_folder(self.folder)
+        fsync_folder(self.folder)
 
     def _retire_file(self, segment: int) -> None:
         if len(list(self.folder.glob("*.free"))) < _SPARES:
@@ -225,14 +227,6 @@ def _done(path: Path) -> Future[Path]:
     future: Future[Path] = Future()
     future.set_result(path)
     return future
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -87,7 +87,7 @@ class Spool:
         os.close(fd)
         os.replace(temporary, final)
         if durable:
-            _fsync_folder(folder)
+            fsync_folder(folder)
         return size
 
     def free_bytes(self) -> int:
@@ -140,7 +140,8 @@ def part10_header(
     return bytes(128) + b"DICM" + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make a folder's entries (new names, renames) durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
