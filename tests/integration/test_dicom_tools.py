@@ -67,7 +67,9 @@ def test_deploy_config_parses() -> None:
     assert config["Plugins"] == []
     assert config["RemoteAccessAllowed"] is False
     assert config["UnknownSopClassAccepted"] is False
-    assert config["DicomModalities"] == {}
+    routing = load_orthanc_config(ORTHANC_CONFIG.parent / "strokegate.json")
+    assert not set(config) & set(routing), "Orthanc refuses a section defined in two files of its folder"
+    assert routing["DicomModalities"]["strokegate"][0] == "STROKEGATE"
 
 
 # -- Orthanc + storescu -------------------------------------------------------
