@@ -60,6 +60,7 @@ class Haemodynamics:
     mtt_gm: float  # s
     mtt_wm: float
     delay_normal: float  # s, bolus delay of normal tissue after the AIF
+    cbf_reference: float = 0.0  # mL/100 g/min, mean normal-tissue CBF of the unaffected hemisphere
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,14 @@ def make_patient(seed: int, options: PhantomOptions | None = None) -> Patient:
     plan = LesionPlan.random(rng["lesion"])
     lesion = build_lesion(head_model(), plan, rng["lesion"])
     h = rng["haemodynamics"]
+    cbf_gm, cbf_wm = float(h.uniform(50, 70)), float(h.uniform(20, 30))
     haemodynamics = Haemodynamics(
-        cbf_gm=float(h.uniform(50, 70)),
-        cbf_wm=float(h.uniform(20, 30)),
+        cbf_gm=cbf_gm,
+        cbf_wm=cbf_wm,
         mtt_gm=float(h.uniform(3.5, 4.5)),
         mtt_wm=float(h.uniform(4.2, 5.0)),
         delay_normal=float(h.uniform(0.0, 1.5)),
+        cbf_reference=contralateral_cbf(plan.side, cbf_gm, cbf_wm),
     )
     return Patient(
         seed=seed,
@@ -146,6 +149,27 @@ def make_patient(seed: int, options: PhantomOptions | None = None) -> Patient:
         clinical=draw_clinical(rng["clinical"], lesion.volumes_ml, plan.side),
         options=options,
     )
+
+
+CORE_RCBF = 0.30
+"""Core: CBF below this fraction of the contralateral normal-tissue mean (the clinical CT definition)."""
+DEEP_CORE_RCBF_OWN = 0.15
+"""CBF at the centre of the core, relative to the voxel's own healthy CBF."""
+PENUMBRA_RCBF_OWN = 0.62
+"""CBF at the outer border of the hypoperfused zone, relative to the voxel's own healthy CBF."""
+
+
+def contralateral_cbf(side: str, cbf_gm: float, cbf_wm: float) -> float:
+    """Mean healthy CBF of the parenchyma (GM + WM fraction >= 0.5) of the hemisphere opposite
+    ``side``, on the 1 mm template: the reference the core is defined against, the same on every
+    scan grid (so CT and MR truth agree)."""
+    model = head_model()
+    gm, wm = model.fractions[TISSUES.index("gm")], model.fractions[TISSUES.index("wm")]
+    x_index = np.arange(gm.shape[0], dtype=np.float64)
+    x_mni = model.affine[0, 0] * x_index + model.affine[0, 3]  # RAS template: x is the first axis
+    other = (x_mni > 0) if side == "left" else (x_mni < 0)
+    brain = ((gm + wm) >= 0.5) & other[:, None, None]
+    return float((gm[brain] * cbf_gm + wm[brain] * cbf_wm).mean())
 
 
 def axial_geometry(matrix: int, fov_mm: float, slices: int, thickness: float, spacing: float, centre_z: float) -> Geometry:
@@ -181,8 +205,25 @@ def truth_on_grid(patient: Patient, geometry: Geometry) -> Truth:
     t = lesion.thresholds
     knots = np.array([t["oligaemia"], t["hypoperfused"], t["core"], t["core"] + 4.0])
     knots = np.maximum.accumulate(knots + np.arange(4) * 1e-4)  # strictly increasing
-    r_cbf = np.interp(severity, knots, [1.0, 0.62, 0.30, 0.12])
-    r_cbv = np.interp(severity, knots, [1.0, 1.12, 0.75, 0.35])
+    # MTT follows the severity as the ratio of the classic relative CBV and CBF profiles
+    # (1 -> 1.8 -> 2.5 -> 2.3 x normal); CBV = CBF x MTT follows from the CBF below.
+    r_mtt = np.interp(severity, knots, [1.0, 1.12, 0.75, 0.35]) / np.interp(severity, knots, [1.0, 0.62, 0.30, 0.15])
+    # CBF: the clinical CT core is CBF < 30 % of the *contralateral normal-tissue mean*, not of the
+    # voxel's own healthy value, so the zones are drawn against that reference: oligaemia falls
+    # from the healthy value to 62 % of it; the penumbra from there to exactly 30 % of the
+    # reference at the core border (never below it); the core from 30 % of the reference down
+    # (geometrically) to 15 % of its own healthy value. Grey and white matter meet at the border.
+    ref = CORE_RCBF * h.cbf_reference
+    own = np.clip(cbf_healthy, 1e-6, None)
+    u_olig = np.clip((severity - knots[0]) / (knots[1] - knots[0]), 0.0, 1.0)
+    u_pen = np.clip((severity - knots[1]) / (knots[2] - knots[1]), 0.0, 1.0)
+    u_core = np.clip((severity - knots[2]) / (knots[3] - knots[2]), 0.0, 1.0)
+    oligaemic = own * (1.0 - (1.0 - PENUMBRA_RCBF_OWN) * u_olig)
+    border = np.maximum(PENUMBRA_RCBF_OWN * own, ref)
+    penumbral = border + (ref - border) * u_pen
+    deep = np.minimum(DEEP_CORE_RCBF_OWN * own, 0.999 * ref)
+    core_cbf = ref * (deep / ref) ** np.maximum(u_core, 1e-3)  # strictly below the reference
+    cbf_ischaemic = np.where(severity > t["core"], core_cbf, np.where(severity > t["hypoperfused"], penumbral, oligaemic))
     # Tmax crosses 6 s exactly at the hypoperfusion border; a 0.02 s step there keeps
     # "Tmax > 6 s" identical to the zone after rounding to float32.
     delay = np.where(
@@ -192,9 +233,10 @@ def truth_on_grid(patient: Patient, geometry: Geometry) -> Truth:
     )
 
     perfused = (gm + wm) > 1e-3
-    cbf = np.where(perfused, cbf_healthy * r_cbf, 0.0).astype(np.float32)
-    cbv = np.where(perfused, cbv_healthy * r_cbv, 0.0).astype(np.float32)
-    mtt = np.where(perfused, 60.0 * cbv / np.maximum(cbf, 1e-6), 0.0).astype(np.float32)
+    mtt_healthy = 60.0 * cbv_healthy / own
+    cbf = np.where(perfused, cbf_ischaemic, 0.0).astype(np.float32)
+    mtt = np.where(perfused, mtt_healthy * r_mtt, 0.0).astype(np.float32)
+    cbv = (cbf * mtt / 60.0).astype(np.float32)
     tmax = np.where(perfused, delay, 0.0).astype(np.float32)
 
     brain = (gm + wm) >= 0.5
@@ -227,6 +269,20 @@ def ct_perfusion(patient: Patient, truth: Truth | None = None) -> PerfusionSerie
     geometry = ct_geometry(patient)
     truth = truth or truth_on_grid(patient, geometry)
     rng = np.random.default_rng([patient.seed, _STREAMS["ct"], 1])
+    aif, vof, times, noise = _ct_bolus(o, rng)
+    baseline = _mix(truth.fractions, _CT_HU, _AIR_HU) - 2.0 * truth.masks["core"]
+    series = PerfusionSeries(geometry, times, aif, vof, truth, iter(()), noise_sigma=float(noise))
+    contrast = _contrast(patient, truth, times, aif, vof)
+    series.frames = _frames(baseline, contrast, times, noise, _motion(patient, o, series), rng, rician=False)
+    return series
+
+
+def ct_bolus(patient: Patient) -> tuple[GammaVariate, GammaVariate, np.ndarray, float]:
+    """The CT acquisition's AIF, VOF, frame times (s) and noise (HU), without drawing the images."""
+    return _ct_bolus(patient.options, np.random.default_rng([patient.seed, _STREAMS["ct"], 1]))
+
+
+def _ct_bolus(o: PhantomOptions, rng: np.random.Generator) -> tuple[GammaVariate, GammaVariate, np.ndarray, float]:
     if o.truncated_bolus:  # late injection, short scan: the curves never come back down
         arrival, duration = rng.uniform(16, 20), rng.uniform(30, 34)
     else:
@@ -234,12 +290,7 @@ def ct_perfusion(patient: Patient, truth: Truth | None = None) -> PerfusionSerie
     aif = GammaVariate(arrival, rng.uniform(5, 8), rng.uniform(2.5, 4.5), rng.uniform(250, 600))
     vof = venous_outflow(aif, lag=rng.uniform(4, 7), widening=rng.uniform(1.2, 1.5))
     noise = o.noise_hu if o.noise_hu is not None else rng.uniform(5, 20)
-    times = np.linspace(0.0, duration, o.ct_frames)
-    baseline = _mix(truth.fractions, _CT_HU, _AIR_HU) - 2.0 * truth.masks["core"]
-    series = PerfusionSeries(geometry, times, aif, vof, truth, iter(()), noise_sigma=float(noise))
-    contrast = _contrast(patient, truth, times, aif, vof)
-    series.frames = _frames(baseline, contrast, times, noise, _motion(patient, o, series), rng, rician=False)
-    return series
+    return aif, vof, np.linspace(0.0, duration, o.ct_frames), float(noise)
 
 
 def mr_perfusion(patient: Patient, truth: Truth | None = None) -> PerfusionSeries:
