@@ -47,6 +47,7 @@ class Findings:
     segments: list[Segment]
     measurements: dict[str, float]  # name -> value, units in MEASUREMENT_UNITS
     qc_flags: list[str] = field(default_factory=list)
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. "cbf", "tmax", "adc": float32 on the source grid
     parameters: dict[str, float] = field(default_factory=dict)  # thresholds used
     algorithm: Algorithm = field(default_factory=Algorithm)
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -65,6 +66,16 @@ class Findings:
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
         }
 
+
+MAP_UNITS = {
+    "cbf": "ml/100g/min",
+    "cbv": "ml/100g",
+    "mtt": "s",
+    "ttp": "s",
+    "tmax": "s",
+    "adc": "um2/s",  # 1e-6 mm2/s
+}
+"""UCUM units of the quantitative maps a Findings may carry."""
 
 MEASUREMENT_UNITS = {
     "core_volume_ml": "ml",
