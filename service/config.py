@@ -85,6 +85,19 @@ class Settings(BaseSettings):
     # Analysis
     adc_core_threshold: float = Field(620.0, gt=0, description="core: ADC below this, 1e-6 mm2/s")
     min_lesion_ml: float = Field(0.3, ge=0, description="connected core components smaller than this are removed")
+    core_rcbf_threshold: float = Field(
+        0.30, gt=0, lt=1, description="CT perfusion core: CBF below this fraction of contralateral normal tissue"
+    )
+    tmax_threshold_s: float = Field(
+        6.0, gt=0, lt=10, description="hypoperfused: Tmax above this, s (below the 10 s of the HIR numerator)"
+    )
+    target_max_core_ml: float = Field(70.0, gt=0, description="DEFUSE 3 target mismatch: core below this, mL")
+    target_min_mismatch_ratio: float = Field(
+        1.8, gt=0, description="DEFUSE 3 target mismatch: hypoperfused / core at least this"
+    )
+    target_min_mismatch_ml: float = Field(
+        15.0, ge=0, description="DEFUSE 3 target mismatch: hypoperfused - core at least this, mL"
+    )
 
     # Delivery
     destinations: list[Destination] = Field(default_factory=list)

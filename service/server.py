@@ -46,7 +46,7 @@ class StrokeGate:
         self.sender = Sender(self.db, settings.results_dir, settings.ae_title, settings.delivery_backoff_s, settings.delivery_backoff_max_s)
         self.workers = Workers(
             self.db, settings.spool_dir, settings.results_dir,
-            AnalysisParameters(adc_threshold=settings.adc_core_threshold, min_lesion_ml=settings.min_lesion_ml),
+            AnalysisParameters.from_settings(settings),
             [d.name for d in settings.destinations], settings.job_lease_s, settings.job_max_attempts,
             count=settings.workers, on_results=self.sender.wake,
         )

@@ -25,7 +25,7 @@ def process_folder(input_dir: Path, out: Path, settings: Settings) -> list[Path]
         log.info("%d files under %s are not DICOM and were skipped", len(skipped), input_dir)
     if not studies:
         raise InputError(f"no DICOM files under {input_dir}")
-    parameters = AnalysisParameters(adc_threshold=settings.adc_core_threshold, min_lesion_ml=settings.min_lesion_ml)
+    parameters = AnalysisParameters.from_settings(settings)
     written: list[Path] = []
     errors: dict[str, str] = {}
     for index, (study_uid, paths) in enumerate(sorted(studies.items()), start=1):

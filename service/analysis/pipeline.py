@@ -1,34 +1,99 @@
 """One study version in, Findings and result objects out: the same code for the service's workers
-and for ``strokegate process``."""
+and for ``strokegate process``.
+
+Which analysis runs is decided from the study's series (``imaging.classify``), first match:
+
+1. DWI (b = 0 and b ~ 1000) or ADC: the MRI diffusion core (ADC below the threshold); with a
+   DSC-PWI series as well, the perfusion-diffusion mismatch (Tmax from the DSC, core from ADC);
+2. a CT perfusion series: CT perfusion (core rCBF, hypoperfusion Tmax, mismatch);
+3. forwarded vendor perfusion maps (CBF and Tmax at least): core and penumbra from the maps;
+4. anything else: InputError naming what the study holds.
+"""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 
+from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp
 from service.analysis.diffusion_core import analyse_diffusion_core
 from service.analysis.findings import Findings
+from service.analysis.mri_perfusion import MriPerfusionParameters, add_mismatch, dsc_maps
+from service.analysis.vendor_maps import MapParameters, analyse_vendor_maps
 from service.delivery.outbox import ResultFile
 from service.errors import InputError
+from service.imaging.classify import classify
+from service.imaging.volumes import group_series
 from service.ops import metrics
+from service.perfusion.thresholds import Defuse3Criteria
 from service.results.seg import build_seg
 from service.results.sr import build_sr
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 
 @dataclass(frozen=True)
 class AnalysisParameters:
-    adc_threshold: float = 620.0  # 1e-6 mm2/s
-    min_lesion_ml: float = 0.3
+    """Every threshold the analyses use (defaults: the literature's, as in ``Settings``)."""
+
+    adc_threshold: float = 620.0  # 1e-6 mm2/s: MRI core below this
+    min_lesion_ml: float = 0.3  # connected components smaller than this are removed
+    core_rcbf: float = 0.30  # CT (and vendor map) core: CBF below this fraction of contralateral normal
+    tmax_threshold_s: float = 6.0  # hypoperfused: Tmax above this
+    criteria: Defuse3Criteria = field(default_factory=Defuse3Criteria)  # target-mismatch profile
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AnalysisParameters:
+        """The parameters the settings name (``adc_core_threshold``, ``core_rcbf_threshold``, ...)."""
+        return cls(
+            adc_threshold=settings.adc_core_threshold,
+            min_lesion_ml=settings.min_lesion_ml,
+            core_rcbf=settings.core_rcbf_threshold,
+            tmax_threshold_s=settings.tmax_threshold_s,
+            criteria=Defuse3Criteria(
+                max_core_ml=settings.target_max_core_ml,
+                min_ratio=settings.target_min_mismatch_ratio,
+                min_mismatch_ml=settings.target_min_mismatch_ml,
+            ),
+        )
 
 
 @dataclass
 class StudyOutcome:
     findings: Findings
     objects: list[tuple[str, Dataset]]  # (kind, dataset): "SEG", "SR"
+
+
+@dataclass
+class StudySeries:
+    """The study's series by kind (``classify.KINDS``): each a list of its instances' file names."""
+
+    by_kind: dict[str, list[list[str]]] = field(default_factory=dict)
+
+    def get(self, kind: str) -> list[list[str]]:
+        return self.by_kind.get(kind, [])
+
+    def files(self, kind: str) -> list[str]:
+        """Every file of every series of ``kind``."""
+        return [name for series in self.get(kind) for name in series]
+
+    def describe(self) -> str:
+        """E.g. "2 other, 1 flair" (for error messages)."""
+        return ", ".join(f"{len(s)} {kind}" for kind, s in sorted(self.by_kind.items())) or "no series"
+
+
+def study_series(paths: list[Path] | list[str]) -> StudySeries:
+    """Group the instances at ``paths`` into series and classify each from its headers."""
+    found = StudySeries()
+    for series in group_series(paths, headers_only=True).values():
+        found.by_kind.setdefault(classify(series), []).append([str(ds.filename) for ds in series])
+    return found
 
 
 def analyse_study(paths: list[Path], version: int, parameters: AnalysisParameters, study_uid: str | None = None) -> StudyOutcome:
@@ -38,10 +103,11 @@ def analyse_study(paths: list[Path], version: int, parameters: AnalysisParameter
     """
     if not paths:
         raise InputError("the study has no instances")
-    findings = analyse_diffusion_core(
-        paths, study_uid=study_uid, version=version,
-        adc_threshold=parameters.adc_threshold, min_lesion_ml=parameters.min_lesion_ml,
-    )
+    started = time.perf_counter()
+    series = study_series(paths)
+    classified = time.perf_counter() - started
+    findings = dispatch(series, version, parameters, study_uid)
+    findings.timings_s = {"classify": classified, **findings.timings_s}
     started = time.perf_counter()
     seg = build_seg(findings)
     sr = build_sr(findings, seg)
@@ -49,6 +115,75 @@ def analyse_study(paths: list[Path], version: int, parameters: AnalysisParameter
     for stage, seconds in findings.timings_s.items():
         metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
     return StudyOutcome(findings, [("SEG", seg), ("SR", sr)])
+
+
+def dispatch(series: StudySeries, version: int, parameters: AnalysisParameters, study_uid: str | None) -> Findings:
+    """Run the analysis the study's series call for (see the module docstring)."""
+    if series.get("dwi") or series.get("adc"):
+        return _analyse_mri(series, version, parameters, study_uid)
+    if series.get("ctp"):
+        return _analyse_ctp(series, version, parameters, study_uid)
+    if series.get("ct-map"):
+        return analyse_vendor_maps(
+            series.files("ct-map"), study_uid=study_uid, version=version,
+            parameters=MapParameters(
+                core_rcbf=parameters.core_rcbf, tmax_threshold_s=parameters.tmax_threshold_s,
+                min_lesion_ml=parameters.min_lesion_ml, criteria=parameters.criteria,
+            ),
+        )
+    raise InputError(
+        "nothing to analyse: the study has no DWI or ADC, no CT perfusion and no perfusion-map series "
+        f"(found: {series.describe()})"
+    )
+
+
+def _analyse_mri(series: StudySeries, version: int, parameters: AnalysisParameters, study_uid: str | None) -> Findings:
+    """Diffusion core; with DSC-PWI, the mismatch. A DSC series that cannot be analysed leaves
+    the core reported with a QC flag saying why (the core does not depend on it)."""
+    core = analyse_diffusion_core(
+        {"dwi": series.files("dwi"), "adc": series.files("adc")}, study_uid=study_uid, version=version,
+        adc_threshold=parameters.adc_threshold, min_lesion_ml=parameters.min_lesion_ml,
+    )
+    candidates = series.get("pwi")
+    if not candidates:
+        return core
+    chosen = max(candidates, key=len)
+    mri = MriPerfusionParameters(
+        tmax_threshold_s=parameters.tmax_threshold_s, min_lesion_ml=parameters.min_lesion_ml, criteria=parameters.criteria
+    )
+    try:
+        maps = dsc_maps(chosen, mri)
+    except InputError as error:
+        return replace(core, qc_flags=[*core.qc_flags, f"DSC perfusion not analysed: {error}"])
+    findings = add_mismatch(core, maps, mri)
+    if len(candidates) > 1:
+        findings.qc_flags.append(f"{len(candidates)} DSC perfusion series; used series {maps.series_uid}")
+    return findings
+
+
+def _analyse_ctp(series: StudySeries, version: int, parameters: AnalysisParameters, study_uid: str | None) -> Findings:
+    """CT perfusion of the largest CTP series, its verdict by the configured DEFUSE 3 criteria
+    and an empty penumbra segment left out."""
+    chosen = max(series.get("ctp"), key=len)
+    findings = analyse_ctp(
+        chosen, study_uid=study_uid, version=version,
+        parameters=CtpParameters(
+            core_rcbf=parameters.core_rcbf, tmax_threshold_s=parameters.tmax_threshold_s,
+            min_lesion_ml=parameters.min_lesion_ml,
+        ),
+    )
+    criteria = parameters.criteria
+    measured = findings.measurements
+    if "core_volume_ml" in measured and "hypoperfused_volume_ml" in measured:
+        target = criteria.is_target(measured["core_volume_ml"], measured["hypoperfused_volume_ml"])
+        measured["target_mismatch"] = float(target)
+    findings.parameters.update(
+        max_core_ml=criteria.max_core_ml, min_mismatch_ratio=criteria.min_ratio, min_mismatch_ml=criteria.min_mismatch_ml
+    )
+    findings.segments = [s for s in findings.segments if s.key != "penumbra" or s.mask.any()]
+    if len(series.get("ctp")) > 1:
+        findings.qc_flags.append(f"{len(series.get('ctp'))} CT perfusion series; used the largest")
+    return findings
 
 
 def write_results(outcome: StudyOutcome, results_dir: Path) -> list[ResultFile]:

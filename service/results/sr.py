@@ -2,8 +2,11 @@
 
 The report holds one volumetric measurement group (TID 1411) per SEG segment, with the segment's
 volume in ml and a reference to the segment, and one study-level group (TID 1501) for every other
-measurement and the QC flags. Measurements and flags that DICOM has no code for use the local
-coding scheme ``99SGATE``, declared in the Coding Scheme Identification Sequence.
+measurement (hypoperfused and mismatch volumes in ml, mismatch ratio, hypoperfusion intensity
+ratio, with UCUM units), the DEFUSE 3 target-mismatch verdict as a qualitative evaluation (SCT
+Yes / No) and each QC flag as a TEXT item (concept "Quality control flag", the flag's words as
+its value). Concepts that DICOM has no code for use the local coding scheme ``99SGATE``,
+declared in the Coding Scheme Identification Sequence.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from service.results.seg import SEGMENT_TYPES, tracking_uid
 
 LOCAL_SCHEME = "99SGATE"
 QC_FLAG = Code("QCFLAG", LOCAL_SCHEME, "Quality control flag")
+TARGET_MISMATCH = Code("TARGETMISMATCH", LOCAL_SCHEME, "DEFUSE 3 target mismatch")
+VERDICT_MEASUREMENT = "target_mismatch"
+"""The measurement (1 = met, 0 = not) reported as the TARGET_MISMATCH qualitative evaluation."""
 
 MILLILITER = Code("ml", "UCUM", "milliliter")
 UCUM_UNITS: dict[str, Code] = {
@@ -66,8 +72,11 @@ def _check(findings: Findings, seg: Dataset) -> None:
             f"known: {sorted(PROCEDURES)}"
         )
     for flag in findings.qc_flags:
-        if not flag.strip() or "\\" in flag:
-            raise ValueError(f"QC flag {flag!r} must be a non-empty name without backslashes")
+        if not flag.strip():
+            raise ValueError(f"QC flag {flag!r} must not be empty")
+    verdict = findings.measurements.get(VERDICT_MEASUREMENT)
+    if verdict is not None and verdict not in (0.0, 1.0):
+        raise ValueError(f"measurement {VERDICT_MEASUREMENT!r} must be 0 or 1, got {verdict}")
     volumes = _volume_measurement_names(findings)
     for segment in findings.segments:
         if not math.isfinite(segment.volume_ml) or segment.volume_ml < 0:
@@ -97,8 +106,22 @@ def _algorithm(findings: Findings) -> hd.sr.AlgorithmIdentification:
     )
 
 
+MEASUREMENT_CODES: dict[str, Code] = {
+    "core_volume_ml": Code("COREVOL", LOCAL_SCHEME, "Ischemic core volume"),
+    "penumbra_volume_ml": Code("PENUMBRAVOL", LOCAL_SCHEME, "Penumbra volume"),
+    "hypoperfused_volume_ml": Code("HYPOPERFVOL", LOCAL_SCHEME, "Hypoperfused volume (Tmax above threshold)"),
+    "mismatch_volume_ml": Code("MISMATCHVOL", LOCAL_SCHEME, "Mismatch volume (hypoperfused minus core)"),
+    "mismatch_ratio": Code("MISMATCHRATIO", LOCAL_SCHEME, "Mismatch ratio (hypoperfused / core)"),
+    "hypoperfusion_intensity_ratio": Code("HIR", LOCAL_SCHEME, "Hypoperfusion intensity ratio"),
+}
+"""99SGATE codes (values within the 16 characters of a Code Value) of the study measurements."""
+
+
 def _local_code(name: str) -> Code:
-    """A 99SGATE code for a measurement or flag name, e.g. "mismatch_ratio" -> "Mismatch ratio"."""
+    """The 99SGATE code of a measurement: ``MEASUREMENT_CODES``, else one made from the name
+    (e.g. "mismatch_ratio" -> "Mismatch ratio")."""
+    if name in MEASUREMENT_CODES:
+        return MEASUREMENT_CODES[name]
     return Code(name, LOCAL_SCHEME, name.replace("_", " ").capitalize()[:64])
 
 
@@ -141,19 +164,28 @@ def _study_group(findings: Findings) -> hd.sr.MeasurementsAndQualitativeEvaluati
     measurements = [
         hd.sr.Measurement(name=_local_code(name), value=float(value), unit=UCUM_UNITS[MEASUREMENT_UNITS[name]])
         for name, value in findings.measurements.items()
-        if name not in volumes
+        if name not in volumes and name != VERDICT_MEASUREMENT
     ]
-    flags = [hd.sr.QualitativeEvaluation(QC_FLAG, _local_code(flag)) for flag in findings.qc_flags]
-    if not measurements and not flags:
+    evaluations = []
+    if VERDICT_MEASUREMENT in findings.measurements:
+        met = findings.measurements[VERDICT_MEASUREMENT] == 1.0
+        evaluations.append(hd.sr.QualitativeEvaluation(TARGET_MISMATCH, codes.SCT.Yes if met else codes.SCT.No))
+    if not measurements and not evaluations and not findings.qc_flags:
         return None
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(findings, "study"), identifier=f"{findings.analysis} study measurements"
         ),
         algorithm_id=_algorithm(findings),
         measurements=measurements or None,
-        qualitative_evaluations=flags or None,
+        qualitative_evaluations=evaluations or None,
     )
+    # Flags are sentences (with numbers), not coded concepts: TEXT items of the group's container.
+    for flag in findings.qc_flags:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(name=QC_FLAG, value=flag, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        )
+    return group
 
 
 def build_sr(findings: Findings, seg: Dataset) -> Dataset:

@@ -211,8 +211,8 @@ def test_sr_does_not_repeat_the_core_volume(sr: Dataset) -> None:
     names = [item.ConceptNameCodeSequence[0].CodeMeaning for item in _walk(back.ContentSequence)
              if item.ValueType == "NUM"]
     assert names == ["Volume"]  # core_volume_ml equals the core segment's volume: reported once
-    flags = [item.ConceptCodeSequence[0].CodeValue for item in _walk(back.ContentSequence)
-             if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "QCFLAG"]
+    flags = [item.TextValue for item in _walk(back.ContentSequence)
+             if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "QCFLAG"]
     assert flags == ["phantom_data"]
 
 
