@@ -1,0 +1,154 @@
+"""Findings -> one summary image per analysis, as an RGB Secondary Capture any viewer shows.
+
+Many PACS viewers display neither SEG nor SR, so the summary carries the result on its own: a
+montage of the slices with the core and the rest of the hypoperfused tissue in two colours of the
+Okabe-Ito colour-blind-safe palette over the CBF (CT perfusion) or ADC (MRI) map, the volumes,
+mismatch, HIR, the target-mismatch verdict, the QC flags, the algorithm and its thresholds, R/L
+markers and a research-use banner. No patient identifier is burnt into the pixels: the viewer
+shows the patient from the header.
+"""
+
+from __future__ import annotations
+
+import io
+
+import highdicom as hd
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
+
+from service.analysis.findings import MAP_UNITS, Findings  # noqa: E402
+from service.results import identity  # noqa: E402
+
+SUMMARY_SERIES_NUMBER = 903
+VERMILLION = (213 / 255, 94 / 255, 0.0)
+SKY_BLUE = (86 / 255, 180 / 255, 233 / 255)
+SEGMENT_COLOURS = {"core": VERMILLION, "penumbra": SKY_BLUE}
+SEGMENT_LEGEND = {"core": "Ischemic core", "penumbra": "Hypoperfused beyond the core (penumbra)"}
+BACKGROUND = {"ct-perfusion": "cbf", "vendor-maps": "cbf"}  # otherwise the diffusion map
+LINES = [  # core and penumbra volumes are in the legend
+    ("hypoperfused_volume_ml", "Hypoperfused (Tmax > 6 s)", "{:.1f} mL"),
+    ("mismatch_volume_ml", "Mismatch volume", "{:.1f} mL"),
+    ("mismatch_ratio", "Mismatch ratio", "{:.1f}"),
+    ("hypoperfusion_intensity_ratio", "HIR (Tmax>10 s / Tmax>6 s)", "{:.2f}"),
+]
+WIDTH_PX, HEIGHT_PX, DPI = 1600, 1000, 100
+MAX_TILES = 16
+
+
+def background_map(findings: Findings) -> tuple[str, np.ndarray]:
+    """The map the montage is drawn on; ValueError if the analysis kept none."""
+    preferred = BACKGROUND.get(findings.analysis, "adc")
+    for name in (preferred, "cbf", "tmax", "adc"):
+        if name in findings.maps:
+            return name, findings.maps[name]
+    raise ValueError(f"{findings.analysis}: no map to draw the summary on (have {sorted(findings.maps)})")
+
+
+def montage_slices(volume: np.ndarray, masks: list[np.ndarray], count: int = MAX_TILES) -> list[int]:
+    """Up to ``count`` slice indices spread over the slices with tissue, always keeping the slice
+    where the lesion is largest."""
+    with_tissue = [k for k in range(volume.shape[0]) if np.any(volume[k] > 0)] or list(range(volume.shape[0]))
+    chosen = {with_tissue[round(i)] for i in np.linspace(0, len(with_tissue) - 1, min(count, len(with_tissue)))}
+    if masks:
+        lesion = np.sum([m.reshape(m.shape[0], -1).sum(axis=1) for m in masks], axis=0)
+        if lesion.max() > 0:
+            largest = int(np.argmax(lesion))
+            if largest not in chosen and len(chosen) >= count:
+                chosen.remove(min(chosen, key=lambda k: abs(k - largest)))
+            chosen.add(largest)
+    return sorted(chosen)
+
+
+def text_lines(findings: Findings) -> list[str]:
+    """The measurements, verdict, QC flags and provenance, in reading order."""
+    m = findings.measurements
+    lines = [label + ": " + fmt.format(m[key]) for key, label, fmt in LINES if key in m]
+    if "target_mismatch" in m:
+        lines.append("Target mismatch (DEFUSE 3): " + ("YES" if m["target_mismatch"] >= 0.5 else "NO"))
+    lines.append("")
+    lines.append("QC: " + ("; ".join(findings.qc_flags) if findings.qc_flags else "no flags"))
+    lines.append("")
+    lines.append(f"{findings.algorithm.name} {findings.algorithm.version}, {findings.analysis}, result v{findings.version}")
+    lines += [f"{name} = {value:g}" for name, value in sorted(findings.parameters.items())
+              if isinstance(value, (int, float)) and not name.startswith("reference")]
+    return lines
+
+
+def render_summary(findings: Findings) -> np.ndarray:
+    """The summary as an RGB array (rows, columns, 3) of uint8, legible at viewer sizes."""
+    name, volume = background_map(findings)
+    segments = [s for s in findings.segments if s.key in SEGMENT_COLOURS]
+    slices = montage_slices(volume, [s.mask for s in segments])
+    columns = int(np.ceil(np.sqrt(len(slices))))
+    rows = int(np.ceil(len(slices) / columns))
+    values = volume[volume > 0]
+    top = float(np.percentile(values, 99)) if values.size else 1.0
+    figure = plt.figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI, facecolor="black")
+    figure.text(0.5, 0.975, identity.RESEARCH_USE_ONLY, ha="center", va="top", color="black", fontsize=20,
+                weight="bold", bbox={"facecolor": (240 / 255, 228 / 255, 66 / 255), "edgecolor": "none", "pad": 6})
+    left_marker, right_marker = _side_markers(findings)
+    grid = figure.add_gridspec(rows, columns, left=0.01, right=0.62, top=0.91, bottom=0.02, wspace=0.02, hspace=0.02)
+    for index, k in enumerate(slices):
+        axes = figure.add_subplot(grid[index // columns, index % columns])
+        axes.imshow(volume[k], cmap="gray", vmin=0, vmax=top, interpolation="nearest")
+        for segment in segments:
+            colour = SEGMENT_COLOURS[segment.key]
+            axes.imshow(np.ma.masked_where(~segment.mask[k], segment.mask[k]), cmap=ListedColormap([colour]),
+                        alpha=0.6, interpolation="nearest", vmin=0, vmax=1)
+        axes.set_axis_off()
+        axes.text(0.02, 0.98, left_marker, transform=axes.transAxes, color="white", fontsize=11, va="top")
+        axes.text(0.98, 0.98, right_marker, transform=axes.transAxes, color="white", fontsize=11, va="top", ha="right")
+        axes.text(0.02, 0.02, f"{k + 1}", transform=axes.transAxes, color="white", fontsize=9)
+    title = {"ct-perfusion": "CT perfusion", "vendor-maps": "Perfusion maps"}.get(findings.analysis, "MRI")
+    figure.text(0.64, 0.90, f"StrokeGate - {title}", color="white", fontsize=22, weight="bold", va="top")
+    figure.text(0.64, 0.85, f"background: {name.upper()} ({MAP_UNITS.get(name, '')})", color="white", fontsize=13, va="top")
+    y = 0.80
+    for segment in segments:
+        figure.patches.append(plt.Rectangle((0.64, y - 0.022), 0.018, 0.026, color=SEGMENT_COLOURS[segment.key],
+                                            transform=figure.transFigure, figure=figure))
+        figure.text(0.665, y, f"{SEGMENT_LEGEND[segment.key]}: {segment.volume_ml:.1f} mL", color="white",
+                    fontsize=14, va="top")
+        y -= 0.045
+    for line in text_lines(findings):
+        figure.text(0.64, y, line, color="white", fontsize=14 if y > 0.4 else 11, va="top", wrap=True)
+        y -= 0.04 if y > 0.4 else 0.032
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="rgba", dpi=DPI, facecolor="black")
+    plt.close(figure)
+    rgba = np.frombuffer(buffer.getvalue(), dtype=np.uint8).reshape(HEIGHT_PX, WIDTH_PX, 4)
+    return np.ascontiguousarray(rgba[..., :3])
+
+
+def build_summary(findings: Findings) -> Dataset:
+    """The summary Secondary Capture, in the source study, with a deterministic UID per version."""
+    pixels = render_summary(findings)
+    source = findings.source_images[0]
+    sc = hd.sc.SCImage.from_ref_dataset(
+        source, pixels, hd.PhotometricInterpretationValues.RGB, 8, hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=identity.result_uid(findings.study_uid, findings.version, "summary-series"),
+        series_number=SUMMARY_SERIES_NUMBER,
+        sop_instance_uid=identity.result_uid(findings.study_uid, findings.version, "summary"),
+        instance_number=1,
+        manufacturer=identity.MANUFACTURER,
+        patient_orientation=("L", "P"),
+    )
+    sc.SeriesDescription = f"StrokeGate summary v{findings.version} ({identity.RESEARCH_USE_ONLY})"[:64]
+    sc.ImageComments = identity.RESEARCH_USE_ONLY
+    sc.BurnedInAnnotation = "YES"
+    sc.Laterality = None  # unpaired body part; the General Series module wants it present
+    sc.ManufacturerModelName = identity.MANUFACTURER_MODEL_NAME
+    sc.SoftwareVersions = identity.SOFTWARE_VERSIONS
+    return sc
+
+
+def _side_markers(findings: Findings) -> tuple[str, str]:
+    """Patient side at the image's left and right edges (radiological convention: R on the left)."""
+    x = findings.geometry.row_direction[0]
+    if abs(x) < 0.5:
+        return "", ""
+    return ("R", "L") if x > 0 else ("L", "R")

@@ -1,0 +1,91 @@
+"""The summary secondary capture: what a radiologist sees in a viewer that shows no SEG or SR."""
+
+from __future__ import annotations
+
+import dataclasses
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from service.analysis.findings import Findings, Segment
+from service.imaging.geometry import Geometry
+from service.phantom.generate import write_patient
+from service.phantom.patient import PhantomOptions
+from service.phantom.truth_files import read_nifti
+from service.results import identity
+from service.results.summary import SKY_BLUE, VERMILLION, build_summary, montage_slices, render_summary
+
+
+@pytest.fixture(scope="module")
+def findings(tmp_path_factory: pytest.TempPathFactory) -> Findings:
+    """CT perfusion Findings made of a small phantom's truth (no analysis run)."""
+    out = tmp_path_factory.mktemp("summary")
+    write_patient(2, "ctp", out, PhantomOptions(ct_matrix=96, ct_slices=8, ct_frames=4))
+    root = out / "SGPH00000002"
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((root / "dicom/CT/ctp").glob("*.dcm"))]
+    first = [h for h in headers if h.AcquisitionNumber == headers[0].AcquisitionNumber]
+    first.sort(key=lambda h: float(h.ImagePositionPatient[2]))
+    geometry = Geometry((8, 96, 96), (5.0, 2.5, 2.5), tuple(map(float, first[0].ImagePositionPatient)))
+
+    def truth(name: str) -> np.ndarray:
+        return read_nifti(root / "truth" / "ct" / f"{name}.nii.gz")[0]
+
+    core, penumbra = truth("core").astype(bool), truth("penumbra").astype(bool)
+    return Findings(
+        study_uid=str(first[0].StudyInstanceUID), version=3, analysis="ct-perfusion", geometry=geometry,
+        source_images=first,
+        segments=[Segment("core", "Ischemic core", core, 20.0), Segment("penumbra", "Penumbra", penumbra, 80.0)],
+        measurements={"core_volume_ml": 20.0, "penumbra_volume_ml": 80.0, "hypoperfused_volume_ml": 100.0,
+                      "mismatch_volume_ml": 80.0, "mismatch_ratio": 5.0, "target_mismatch": 1.0},
+        qc_flags=["late AIF peak"], parameters={"core_rcbf": 0.3},
+        maps={"cbf": truth("cbf").astype(np.float32)},
+    )
+
+
+def colour_pixels(image: np.ndarray, rgb: tuple[float, float, float]) -> int:
+    """Pixels of that hue, also when blended over the grey map: the grey part adds the same to each channel."""
+    pixel = image.astype(float)
+    chroma = pixel - pixel.min(axis=-1, keepdims=True)
+    target = np.asarray(rgb) * 255 - min(rgb) * 255
+    scale = (chroma * target).sum(axis=-1) / (target @ target)
+    return int(((scale > 0.3) & (np.abs(chroma - scale[..., None] * target).max(axis=-1) < 25)).sum())
+
+
+def test_core_and_penumbra_are_drawn_in_their_colours_with_a_legend(findings: Findings) -> None:
+    image = render_summary(findings)
+    assert image.shape == (1000, 1600, 3) and image.dtype == np.uint8
+    assert colour_pixels(image[:, :1000], VERMILLION) > 200  # core overlays in the montage
+    assert colour_pixels(image[:, :1000], SKY_BLUE) > 200
+    assert colour_pixels(image[:, 1000:], VERMILLION) > 100  # and their legend swatches
+    no_lesion = dataclasses.replace(findings, segments=[])
+    assert colour_pixels(render_summary(no_lesion)[:, :1000], VERMILLION) < 200
+
+
+def test_the_slice_with_the_largest_lesion_is_always_in_the_montage() -> None:
+    volume = np.ones((40, 4, 4))
+    lesion = np.zeros((40, 4, 4), dtype=bool)
+    lesion[17] = True
+    chosen = montage_slices(volume, [lesion], count=6)
+    assert 17 in chosen and len(chosen) == 6
+
+
+def test_summary_is_a_secondary_capture_in_the_source_study(findings: Findings) -> None:
+    sc = build_summary(findings)
+    with BytesIO() as fp:
+        sc.save_as(fp, enforce_file_format=True)
+        back = pydicom.dcmread(BytesIO(fp.getvalue()))
+    source = findings.source_images[0]
+    assert back.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+    assert (back.StudyInstanceUID, back.PatientID) == (source.StudyInstanceUID, source.PatientID)
+    assert back.SOPInstanceUID == identity.result_uid(findings.study_uid, 3, "summary")
+    assert "RESEARCH USE ONLY" in back.SeriesDescription and back.BurnedInAnnotation == "YES"
+    assert back.pixel_array.shape == (1000, 1600, 3)
+    assert build_summary(findings).SOPInstanceUID == back.SOPInstanceUID  # a resend is the same object
+
+
+def test_a_summary_needs_a_map(findings: Findings) -> None:
+    with pytest.raises(ValueError, match="no map"):
+        render_summary(dataclasses.replace(findings, maps={}))
