@@ -148,12 +148,13 @@ def add_mismatch(core: Findings, maps: DscMaps, parameters: MriPerfusionParamete
         raise ValueError("the diffusion Findings have no core segment")
     target = core.geometry
     flags = list(maps.qc_flags)
-    if _same_grid(maps.geometry, target):
-        tmax, brain = maps.tmax, maps.brain
-    else:
-        tmax = _onto_grid(maps.tmax, maps.geometry, target, order=1)
+    quantitative = {name: getattr(maps, name) for name in ("cbf", "cbv", "mtt", "tmax")}
+    brain = maps.brain
+    if not _same_grid(maps.geometry, target):
+        quantitative = {name: _onto_grid(values, maps.geometry, target, order=1) for name, values in quantitative.items()}
         brain = _onto_grid(maps.brain.astype(np.float32), maps.geometry, target, order=0) > 0.5
         flags.append("DSC perfusion resampled onto the diffusion grid")
+    tmax = quantitative["tmax"]
     voxel_ml = target.voxel_volume_ml
     core_mask = np.asarray(core_segment.mask, dtype=bool)
     slow = thresholds.remove_specks(
@@ -191,6 +192,7 @@ def add_mismatch(core: Findings, maps: DscMaps, parameters: MriPerfusionParamete
         segments=segments,
         measurements=measurements,
         qc_flags=[*core.qc_flags, *flags],
+        maps={**core.maps, **quantitative},
         parameters={
             **core.parameters,
             "tmax_threshold_s": parameters.tmax_threshold_s,

@@ -124,6 +124,7 @@ def analyse_vendor_maps(
         segments=segments,
         measurements=measurements,
         qc_flags=flags,
+        maps={name: volume.pixels.astype(np.float32) for name, volume in maps.items()},
         parameters={
             "core_rcbf": parameters.core_rcbf, "tmax_threshold_s": parameters.tmax_threshold_s,
             "min_lesion_ml": parameters.min_lesion_ml, "reference_cbf": reference.cbf,

@@ -1,0 +1,184 @@
+"""Which analysis a study gets (pipeline.dispatch), the thresholds reaching it, and the SR that
+reports it: read back with highdicom, every value equals the Findings."""
+
+from __future__ import annotations
+
+import shutil
+from io import BytesIO
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from service.analysis.findings import Findings
+from service.analysis.pipeline import AnalysisParameters, analyse_study, dispatch, study_series
+from service.config import Settings
+from service.errors import InputError
+from service.perfusion.thresholds import Defuse3Criteria
+from service.phantom.generate import write_patient
+from service.phantom.patient import PhantomOptions
+from service.results.seg import build_seg
+from service.results.sr import MEASUREMENT_CODES, QC_FLAG, TARGET_MISMATCH, build_sr
+
+SMALL = PhantomOptions(ct_matrix=96, ct_slices=8, ct_frames=16, noise_hu=0.0, mr_matrix=64, mr_slices=10, mr_snr=40.0)
+
+
+@pytest.fixture(scope="module")
+def small_mri(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MRI patient 2 (DWI, ADC, FLAIR, DSC-PWI) on a 64 x 64 x 10 grid."""
+    out = tmp_path_factory.mktemp("mri")
+    write_patient(2, "mri", out, SMALL)
+    return out / "SGPH00000002" / "dicom" / "MR"
+
+
+@pytest.fixture(scope="module")
+def small_maps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Vendor perfusion maps (CBF, CBV, MTT, TTP, Tmax) of patient 2 on a 96 x 96 x 8 grid."""
+    out = tmp_path_factory.mktemp("maps")
+    write_patient(2, "maps", out, SMALL)
+    return out / "SGPH00000002" / "dicom" / "CT"
+
+
+def files(*folders: Path) -> list[Path]:
+    return sorted(p for folder in folders for p in folder.rglob("*.dcm"))
+
+
+@pytest.fixture(scope="module")
+def mismatch(small_mri: Path) -> Findings:
+    return dispatch(study_series(files(small_mri)), 1, AnalysisParameters(), None)
+
+
+def test_series_are_classified(small_mri: Path) -> None:
+    series = study_series(files(small_mri))
+    assert {kind: len(s) for kind, s in series.by_kind.items()} == {"dwi": 1, "adc": 1, "flair": 1, "pwi": 1}
+    assert series.files("pwi") and all(name.endswith(".dcm") for name in series.files("pwi"))
+
+
+def test_dwi_alone_gives_the_diffusion_core(small_mri: Path) -> None:
+    findings = dispatch(study_series(files(small_mri / "dwi")), 1, AnalysisParameters(), None)
+    assert findings.analysis == "mri-diffusion-core"
+    assert [s.key for s in findings.segments] == ["core"]
+    assert findings.measurements["core_volume_ml"] > 1
+
+
+def test_dwi_and_pwi_give_the_mismatch(mismatch: Findings) -> None:
+    m = mismatch.measurements
+    assert mismatch.analysis == "mri-perfusion-diffusion-mismatch"
+    assert [s.key for s in mismatch.segments] == ["core", "penumbra"]
+    assert m["hypoperfused_volume_ml"] > m["core_volume_ml"] > 1
+    assert m["mismatch_volume_ml"] == pytest.approx(m["hypoperfused_volume_ml"] - m["core_volume_ml"])
+    assert m["mismatch_ratio"] == pytest.approx(m["hypoperfused_volume_ml"] / m["core_volume_ml"])
+    assert 0 <= m["hypoperfusion_intensity_ratio"] <= 1
+    assert m["target_mismatch"] == float(Defuse3Criteria().is_target(m["core_volume_ml"], m["hypoperfused_volume_ml"]))
+    core, penumbra = (s.mask for s in mismatch.segments)
+    assert not (core & penumbra).any()
+    assert {"cbf", "cbv", "mtt", "tmax"} <= set(mismatch.maps)
+    assert mismatch.parameters["tmax_threshold_s"] == 6.0 and mismatch.parameters["adc_threshold"] == 620.0
+
+
+def test_thresholds_reach_the_mri_analysis(small_mri: Path, mismatch: Findings) -> None:
+    strict = AnalysisParameters(tmax_threshold_s=8.0, criteria=Defuse3Criteria(max_core_ml=1.0))
+    findings = dispatch(study_series(files(small_mri)), 1, strict, None)
+    assert findings.measurements["hypoperfused_volume_ml"] < mismatch.measurements["hypoperfused_volume_ml"]
+    assert findings.measurements["target_mismatch"] == 0.0
+    assert findings.parameters["tmax_threshold_s"] == 8.0 and findings.parameters["max_core_ml"] == 1.0
+
+
+def test_a_dsc_series_that_cannot_be_analysed_leaves_the_core_with_a_flag(small_mri: Path, tmp_path: Path) -> None:
+    shutil.copytree(small_mri / "dwi", tmp_path / "dwi")
+    (tmp_path / "pwi").mkdir()
+    for path in files(small_mri / "pwi"):
+        ds = pydicom.dcmread(path)
+        del ds.EchoTime
+        ds.save_as(tmp_path / "pwi" / path.name)
+    findings = dispatch(study_series(files(tmp_path / "dwi", tmp_path / "pwi")), 1, AnalysisParameters(), None)
+    assert findings.analysis == "mri-diffusion-core"
+    assert [f for f in findings.qc_flags if f.startswith("DSC perfusion not analysed:") and "EchoTime" in f]
+
+
+def test_ctp_gives_ct_perfusion_with_the_configured_verdict(small_ctp: Path) -> None:
+    ctp = study_series(files(small_ctp / "dicom" / "CT" / "ctp"))
+    findings = dispatch(ctp, 3, AnalysisParameters(), None)
+    assert findings.analysis == "ct-perfusion" and findings.version == 3
+    m = findings.measurements
+    assert m["target_mismatch"] == float(Defuse3Criteria().is_target(m["core_volume_ml"], m["hypoperfused_volume_ml"]))
+    never = dispatch(ctp, 3, AnalysisParameters(criteria=Defuse3Criteria(min_mismatch_ml=1e6)), None)
+    assert never.measurements["target_mismatch"] == 0.0 and never.parameters["min_mismatch_ml"] == 1e6
+    assert [s.key for s in findings.segments][0] == "core"
+
+
+def test_vendor_maps_give_core_and_penumbra(small_maps: Path) -> None:
+    findings = dispatch(study_series(files(small_maps)), 1, AnalysisParameters(), None)
+    assert findings.analysis == "vendor-perfusion-maps"
+    assert [s.key for s in findings.segments] == ["core", "penumbra"]
+    m = findings.measurements
+    assert m["hypoperfused_volume_ml"] > m["core_volume_ml"] > 1
+    assert findings.source_images[0].SeriesDescription.startswith("CBF")
+
+
+def test_vendor_maps_without_tmax_are_refused(small_maps: Path) -> None:
+    with pytest.raises(InputError, match="without TMAX"):
+        dispatch(study_series(files(small_maps / "cbf", small_maps / "cbv")), 1, AnalysisParameters(), None)
+
+
+def test_a_study_with_nothing_to_analyse_is_refused_with_what_it_holds(small_mri: Path) -> None:
+    with pytest.raises(InputError, match=r"nothing to analyse.*1 flair"):
+        analyse_study(files(small_mri / "flair"), 1, AnalysisParameters())
+    with pytest.raises(InputError, match="no instances"):
+        analyse_study([], 1, AnalysisParameters())
+
+
+def test_parameters_come_from_the_settings() -> None:
+    assert AnalysisParameters.from_settings(Settings()) == AnalysisParameters()
+    settings = Settings(core_rcbf_threshold=0.2, tmax_threshold_s=8, target_max_core_ml=50,
+                        target_min_mismatch_ratio=2, target_min_mismatch_ml=10, adc_core_threshold=600)
+    assert AnalysisParameters.from_settings(settings) == AnalysisParameters(
+        adc_threshold=600, core_rcbf=0.2, tmax_threshold_s=8, criteria=Defuse3Criteria(50, 2, 10)
+    )
+    with pytest.raises(ValueError):
+        Settings(tmax_threshold_s=12)  # must stay below the 10 s of the HIR numerator
+
+
+# ------------------------------------------------------------------ SR content
+
+
+def sr_back(findings: Findings) -> hd.sr.Comprehensive3DSR:
+    seg = build_seg(findings)
+    with BytesIO() as fp:
+        build_sr(findings, seg).save_as(fp, enforce_file_format=True)
+        return hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(BytesIO(fp.getvalue())))
+
+
+def test_sr_carries_every_measurement_the_verdict_and_the_flags(mismatch: Findings) -> None:
+    findings = Findings(**{**mismatch.__dict__, "qc_flags": ["low AIF peak", "motion corrected (up to 2.5 mm)"]})
+    back = sr_back(findings)
+    groups = back.content.get_volumetric_roi_measurement_groups()
+    volumes = {g.tracking_identifier: g.get_measurements(name=codes.SCT.Volume)[0] for g in groups}
+    assert set(volumes) == {"Ischemic core", "Penumbra"}
+    for segment in findings.segments:
+        assert volumes[segment.label].value == pytest.approx(segment.volume_ml, rel=1e-6)
+        assert volumes[segment.label].unit.value == "ml" and volumes[segment.label].unit.scheme_designator == "UCUM"
+    (study,) = back.content.get_image_measurement_groups()
+    reported = {m.name.value: m for m in study.get_measurements()}
+    expected = {name: value for name, value in findings.measurements.items()
+                if name not in ("core_volume_ml", "penumbra_volume_ml", "target_mismatch")}
+    assert set(reported) == {MEASUREMENT_CODES[name].value for name in expected}
+    for name, value in expected.items():
+        measurement = reported[MEASUREMENT_CODES[name].value]
+        assert measurement.value == pytest.approx(value, rel=1e-6)
+        assert measurement.unit.scheme_designator == "UCUM"
+        assert measurement.unit.value == ("ml" if name.endswith("_ml") else "{ratio}")
+    (verdict,) = [e for e in study.get_qualitative_evaluations() if e.name == TARGET_MISMATCH]
+    assert verdict.value == (codes.SCT.Yes if findings.measurements["target_mismatch"] == 1.0 else codes.SCT.No)
+    flags = [item.TextValue for item in study[0].ContentSequence
+             if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == QC_FLAG.value]
+    assert flags == findings.qc_flags
+
+
+def test_sr_verdict_no_when_the_profile_is_not_met(mismatch: Findings) -> None:
+    findings = Findings(**{**mismatch.__dict__, "measurements": {**mismatch.measurements, "target_mismatch": 0.0}})
+    (study,) = sr_back(findings).content.get_image_measurement_groups()
+    (verdict,) = [e for e in study.get_qualitative_evaluations() if e.name == TARGET_MISMATCH]
+    assert verdict.value == codes.SCT.No
