@@ -91,7 +91,7 @@ def render_summary(findings: Findings) -> np.ndarray:
     figure = plt.figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI, facecolor="black")
     figure.text(0.5, 0.975, identity.RESEARCH_USE_ONLY, ha="center", va="top", color="black", fontsize=20,
                 weight="bold", bbox={"facecolor": (240 / 255, 228 / 255, 66 / 255), "edgecolor": "none", "pad": 6})
-    left_marker, right_marker = _side_markers(findings)
+    left_marker, right_marker = side_markers(findings)
     grid = figure.add_gridspec(rows, columns, left=0.01, right=0.62, top=0.91, bottom=0.02, wspace=0.02, hspace=0.02)
     for index, k in enumerate(slices):
         axes = figure.add_subplot(grid[index // columns, index % columns])
@@ -146,7 +146,7 @@ def build_summary(findings: Findings) -> Dataset:
     return sc
 
 
-def _side_markers(findings: Findings) -> tuple[str, str]:
+def side_markers(findings: Findings) -> tuple[str, str]:
     """Patient side at the image's left and right edges (radiological convention: R on the left)."""
     x = findings.geometry.row_direction[0]
     if abs(x) < 0.5:

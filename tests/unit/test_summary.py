@@ -89,3 +89,33 @@ def test_summary_is_a_secondary_capture_in_the_source_study(findings: Findings) 
 def test_a_summary_needs_a_map(findings: Findings) -> None:
     with pytest.raises(ValueError, match="no map"):
         render_summary(dataclasses.replace(findings, maps={}))
+
+
+def test_colour_maps_scroll_slice_by_slice_with_a_bar_and_markers(findings: Findings) -> None:
+    from service.results.maps import BAR_WIDTH_PX, build_colour_series
+
+    series = build_colour_series(findings, "cbf")
+    assert [int(s.InstanceNumber) for s in series] == list(range(1, 9))
+    assert len({s.SeriesInstanceUID for s in series}) == 1 and len({s.SOPInstanceUID for s in series}) == 8
+    assert all(s.StudyInstanceUID == findings.study_uid for s in series)
+    pixels = series[4].pixel_array
+    assert pixels.shape == (96, 96 + BAR_WIDTH_PX, 3)
+    brain = findings.maps["cbf"][4] > 0
+    assert pixels[:, :96][~brain].max(axis=-1).mean() < 10  # black outside the brain (bar: markers aside)
+    assert pixels[:, :96][brain].max(axis=-1).mean() > 40  # coloured inside
+
+
+def test_parametric_map_carries_the_values_in_their_unit(findings: Findings) -> None:
+    from service.results.maps import build_parametric_map
+
+    pm = build_parametric_map(findings, "cbf")
+    with BytesIO() as fp:
+        pm.save_as(fp, enforce_file_format=True)
+        back = pydicom.dcmread(BytesIO(fp.getvalue()))
+    assert back.SOPClassUID == pydicom.uid.ParametricMapStorage
+    z = [float(f.PlanePositionSequence[0].ImagePositionPatient[2]) for f in back.PerFrameFunctionalGroupsSequence]
+    source_z = [float(h.ImagePositionPatient[2]) for h in findings.source_images]
+    frames = {round(position, 3): frame for position, frame in zip(z, back.pixel_array)}
+    np.testing.assert_allclose([frames[round(p, 3)] for p in source_z], findings.maps["cbf"], rtol=1e-6)
+    mapping = back.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "ml/100g/min"
