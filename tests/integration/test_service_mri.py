@@ -9,6 +9,7 @@ import pydicom
 import pytest
 
 from dicom_tools import dciodvfy_errors, requires_dciodvfy, requires_storescu, storescu
+from returned_results import check_report_matches_findings, dice, hypoperfused, read_truth, round_trip
 from service.phantom.generate import write_patient
 from service.phantom.truth_files import read_nifti
 from service_harness import Service, StoreSCP, TemporaryPostgres, wait_for
@@ -100,3 +101,26 @@ def test_results_arrive_when_the_destination_comes_back(tmp_path: Path, mri_pati
     finally:
         service.stop()
         pacs.stop()
+
+
+@requires_dciodvfy
+def test_dwi_and_dsc_perfusion_come_back_as_the_mismatch(tmp_path: Path, mri_patient: Path) -> None:
+    """The whole MRI study (DWI, ADC, FLAIR, DSC-PWI): core from ADC, penumbra from Tmax > 6 s,
+    the mismatch in the SR; hypoperfused volume within 10 mL or Dice >= 0.9, core within 10 %."""
+    result = round_trip(tmp_path, mri_patient / "dicom" / "MR", instances=40 + 20 + 20 + 50 * 20)
+    findings = check_report_matches_findings(result)
+    assert findings["analysis"] == "mri-perfusion-diffusion-mismatch"
+    assert set(result.masks) == {"Ischemic core", "Penumbra"}
+    assert not (result.masks["Ischemic core"] & result.masks["Penumbra"]).any()
+    measured = findings["measurements"]
+    assert measured["mismatch_volume_ml"] == pytest.approx(measured["hypoperfused_volume_ml"] - measured["core_volume_ml"], abs=1e-2)
+    assert result.report.target_mismatch is not None
+    truth = read_truth(mri_patient / "truth" / "mr")
+    hypo_ml = result.report.measurements["hypoperfused_volume_ml"]
+    hypo_dice = dice(hypoperfused(result.masks), truth.masks["hypoperfused"])
+    core_ml = result.report.volumes["Ischemic core"]
+    summary = (f"hypoperfused {hypo_ml:.1f} mL vs {truth.volume('hypoperfused'):.1f} mL, Dice {hypo_dice:.3f}; core "
+               f"{core_ml:.1f} mL vs {truth.volume('core'):.1f} mL, Dice {dice(result.masks['Ischemic core'], truth.masks['core']):.3f}")
+    print(summary)
+    assert abs(hypo_ml - truth.volume("hypoperfused")) <= 10.0 or hypo_dice >= 0.9, summary
+    assert abs(core_ml - truth.volume("core")) <= 0.10 * truth.volume("core"), summary
