@@ -20,11 +20,12 @@ from scipy import ndimage
 from service.analysis.findings import Findings, Segment
 from service.errors import InputError
 from service.imaging.classify import classify
+from service.imaging.geometry import Geometry
 from service.imaging.perfusion_series import load_ctp
 from service.imaging.volumes import group_series
 from service.perfusion import ctp, thresholds
 from service.perfusion.aif import partial_volume_scale, select_aif, select_vof
-from service.perfusion.deconvolution import deconvolve, perfusion_parameters, resample_uniform
+from service.perfusion.deconvolution import apply_bias, bias_of, calibrate_bias, deconvolve, perfusion_parameters, resample_uniform
 from service.perfusion.motion import correct_motion
 
 
@@ -34,6 +35,12 @@ class CtpParameters:
     tmax_threshold_s: float = 6.0
     min_lesion_ml: float = 0.3
     method: str = "osvd"
+    bias_correction: bool = True  # correct SVD's late Tmax and low peak flow (deconvolution.BiasCorrection)
+    # oSVD's thresholds: below 0.1 the residues of CT voxels carry noise even after denoising
+    # (measured on the phantom at 5-20 HU), and the bias correction takes care of the smoothing.
+    osvd_thresholds: tuple[float, ...] = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65)
+    bias_smoothing_mm: float = 8.0  # in-plane smoothing of the bias fields (the bias varies slowly, its estimate is noisy)
+    denoising: str = "tips"  # "tips" (edge-preserving, time-intensity profile similarity) or "gaussian"
 
 
 def ctp_series(paths: Sequence[Path | str | Dataset]) -> list[str] | None:
@@ -44,10 +51,82 @@ def ctp_series(paths: Sequence[Path | str | Dataset]) -> list[str] | None:
     return [ds.filename for ds in max(candidates, key=len)]
 
 
+@dataclass
+class CtpResult:
+    """Everything the CT perfusion analysis of one series produces, before it becomes Findings.
+
+    Maps are float32 ``(Z, Y, X)`` (0 outside ``brain``): ``cbf`` mL/100 g/min, ``cbv`` mL/100 g,
+    ``mtt`` and ``tmax`` s; masks bool of the same shape.
+    """
+
+    maps: dict[str, np.ndarray]
+    brain: np.ndarray
+    core: np.ndarray
+    hypoperfused: np.ndarray
+    summary: thresholds.PerfusionSummary
+    reference_cbf: float
+    aif_scale: float
+    qc_flags: list[str]
+    timings_s: dict[str, float]
+
+    @property
+    def penumbra(self) -> np.ndarray:
+        return self.hypoperfused & ~self.core
+
+
 def analyse_ctp(
     paths: Sequence[Path | str], *, study_uid: str | None, version: int, parameters: CtpParameters = CtpParameters()
 ) -> Findings:
     """Analyse the study's CT perfusion series; InputError when it cannot be analysed."""
+    clock = time.perf_counter()
+    files = ctp_series(paths)
+    if files is None:
+        raise InputError("no CT perfusion series in the study")
+    series = load_ctp(files)
+    source = list(series.headers[0])
+    study = str(source[0].StudyInstanceUID)
+    if study_uid is not None and study != study_uid:
+        raise InputError(f"the CT perfusion series belongs to study {study}, not {study_uid}")
+    loaded = time.perf_counter() - clock
+    result = analyse_ctp_series(series.frames, series.times_s, series.geometry, parameters)
+    summary = result.summary
+    measurements = {
+        "core_volume_ml": summary.core_ml,
+        "penumbra_volume_ml": summary.penumbra_ml,
+        "hypoperfused_volume_ml": summary.hypoperfused_ml,
+        "mismatch_volume_ml": summary.mismatch_ml,
+        "target_mismatch": float(summary.target_mismatch),
+    }
+    if summary.mismatch_ratio is not None:
+        measurements["mismatch_ratio"] = summary.mismatch_ratio
+    if summary.hypoperfusion_intensity_ratio is not None:
+        measurements["hypoperfusion_intensity_ratio"] = summary.hypoperfusion_intensity_ratio
+    return Findings(
+        study_uid=study,
+        version=version,
+        analysis="ct-perfusion",
+        geometry=series.geometry,
+        source_images=source,
+        segments=[
+            Segment("core", "Ischemic core", result.core, summary.core_ml),
+            Segment("penumbra", "Penumbra", result.penumbra, summary.penumbra_ml),
+        ],
+        measurements=measurements,
+        qc_flags=result.qc_flags,
+        parameters={"core_rcbf": parameters.core_rcbf, "tmax_threshold_s": parameters.tmax_threshold_s,
+                    "min_lesion_ml": parameters.min_lesion_ml, "aif_partial_volume_scale": result.aif_scale,
+                    "reference_cbf": result.reference_cbf},
+        timings_s={"load": loaded, **result.timings_s},
+    )
+
+
+def analyse_ctp_series(
+    frames: np.ndarray, times_s: Sequence[float] | np.ndarray, geometry: Geometry, parameters: CtpParameters = CtpParameters()
+) -> CtpResult:
+    """The analysis of one loaded CT perfusion series ``[T, Z, Y, X]`` HU (see the module docstring).
+
+    Raises InputError when the series cannot be analysed (too much motion, truncated bolus, no AIF...).
+    """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -57,15 +136,10 @@ def analyse_ctp(
         timings[stage] = now - clock
         clock = now
 
-    files = ctp_series(paths)
-    if files is None:
-        raise InputError("no CT perfusion series in the study")
-    series = load_ctp(files)
-    geometry, times = series.geometry, np.asarray(series.times_s, dtype=np.float64)
+    times = np.asarray(times_s, dtype=np.float64)
     flags = [f for f in (ctp.too_few_time_points(len(times)), ctp.insufficient_coverage(geometry.shape[0], geometry.spacing)) if f]
-    lap("load")
 
-    motion = correct_motion(series.frames, geometry.spacing)
+    motion = correct_motion(frames, geometry.spacing)
     moved = ctp.excessive_motion(motion.max_displacement_mm, motion.similarity)
     if moved:
         raise InputError(f"cannot analyse: {moved}")
@@ -95,10 +169,19 @@ def analyse_ctp(
         flags.append(truncation)
     lap("aif")
 
-    smooth = ctp.denoise(concentration, geometry.spacing, brain)
+    if parameters.denoising == "tips":
+        smooth = ctp.denoise_tips(concentration, geometry.spacing, brain)
+    else:
+        smooth = ctp.denoise(concentration, geometry.spacing, brain)
     grid, curves = resample_uniform(times, np.concatenate([(aif.curve * scale)[:, None], smooth[:, brain]], axis=1))
     dt = float(grid[1] - grid[0])
-    fit = deconvolve(curves[:, 1:], curves[:, 0], dt, parameters.method)
+    levels = {"thresholds": parameters.osvd_thresholds} if parameters.method == "osvd" else {}
+    fit = deconvolve(curves[:, 1:], curves[:, 0], dt, parameters.method, **levels)
+    if parameters.bias_correction:
+        ratio, late = bias_of(fit, calibrate_bias(curves[:, 0], dt, parameters.method, **levels))
+        # The bias varies slowly across tissue, its per-voxel estimate with the noise: smooth it.
+        log_ratio = _smooth_in(brain, np.log(ratio), geometry, parameters.bias_smoothing_mm)
+        fit = apply_bias(fit, np.exp(log_ratio), _smooth_in(brain, late, geometry, parameters.bias_smoothing_mm))
     perfusion = perfusion_parameters(fit, curves[:, 1:], curves[:, 0], dt)
     maps = {name: np.zeros(geometry.shape, dtype=np.float32) for name in ("cbf", "cbv", "mtt", "tmax")}
     for name, volume in maps.items():
@@ -117,36 +200,12 @@ def analyse_ctp(
     summary = thresholds.summarise(core, hypoperfused, maps["tmax"], brain, voxel_ml)
     penumbra = hypoperfused & ~core
     lap("thresholds")
+    return CtpResult(maps, brain, core, hypoperfused, summary, reference.cbf, scale, flags, timings)
 
-    measurements = {
-        "core_volume_ml": summary.core_ml,
-        "penumbra_volume_ml": summary.penumbra_ml,
-        "hypoperfused_volume_ml": summary.hypoperfused_ml,
-        "mismatch_volume_ml": summary.mismatch_ml,
-        "target_mismatch": float(summary.target_mismatch),
-    }
-    if summary.mismatch_ratio is not None:
-        measurements["mismatch_ratio"] = summary.mismatch_ratio
-    if summary.hypoperfusion_intensity_ratio is not None:
-        measurements["hypoperfusion_intensity_ratio"] = summary.hypoperfusion_intensity_ratio
-    source = list(series.headers[0])
-    study = str(source[0].StudyInstanceUID)
-    if study_uid is not None and study != study_uid:
-        raise InputError(f"the CT perfusion series belongs to study {study}, not {study_uid}")
-    return Findings(
-        study_uid=study,
-        version=version,
-        analysis="ct-perfusion",
-        geometry=geometry,
-        source_images=source,
-        segments=[
-            Segment("core", "Ischemic core", core, summary.core_ml),
-            Segment("penumbra", "Penumbra", penumbra, summary.penumbra_ml),
-        ],
-        measurements=measurements,
-        qc_flags=flags,
-        parameters={"core_rcbf": parameters.core_rcbf, "tmax_threshold_s": parameters.tmax_threshold_s,
-                    "min_lesion_ml": parameters.min_lesion_ml, "aif_partial_volume_scale": scale,
-                    "reference_cbf": reference.cbf},
-        timings_s=timings,
-    )
+
+
+def _smooth_in(mask: np.ndarray, values: np.ndarray, geometry: Geometry, sigma_mm: float) -> np.ndarray:
+    """``values`` of the mask's voxels, smoothed in-plane over the mask (masked Gaussian)."""
+    volume = np.zeros(mask.shape, dtype=np.float32)
+    volume[mask] = values
+    return ctp.denoise(volume, geometry.spacing, mask, sigma_mm)[mask].astype(np.float64)

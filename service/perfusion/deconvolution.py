@@ -348,3 +348,119 @@ def _peak(k: np.ndarray, n_time: int, circulant: bool) -> tuple[np.ndarray, np.n
     if circulant:
         position = np.where(position >= n_time, position - length, position)
     return height, np.clip(position, 0.0, np.nextafter(n_time, 0))
+
+
+# --- correction of the SVD biases, calibrated per study on the study's own AIF ---
+
+CALIBRATION_MTT_S = tuple(np.geomspace(2.0, 25.0, 24))
+"""True MTTs (s) of the calibration curves (brain tissue: about 3-20 s). A voxel read shorter than
+the shortest gets that one's correction, not an extrapolation."""
+CALIBRATION_DELAY_S = tuple(np.arange(0.0, 12.01, 0.25))
+"""Delays (s) of the calibration curves: every sub-sample phase of a 0.5-2 s sampling."""
+
+
+@dataclass(frozen=True)
+class BiasCorrection:
+    """How a deconvolution reads the peak flow and Tmax of exponential residues, per threshold.
+
+    For each relative threshold in ``levels`` and each true MTT of the calibration, averaged
+    over delays: the measured ``area / peak`` (an MTT estimate, s; increasing along the last
+    axis), the ratio true / measured peak flow, and the measured minus true Tmax (s). Arrays
+    ``(n_levels, n_mtt)``.
+    """
+
+    levels: np.ndarray
+    measured_mtt: np.ndarray
+    flow_ratio: np.ndarray
+    tmax_bias: np.ndarray
+
+
+def calibrate_bias(
+    aif: np.ndarray,
+    dt: float,
+    method: str = "osvd",
+    *,
+    thresholds: Sequence[float] = OSVD_THRESHOLDS,
+    threshold: float | None = None,
+    mtts: Sequence[float] = CALIBRATION_MTT_S,
+    delays: Sequence[float] = CALIBRATION_DELAY_S,
+) -> BiasCorrection:
+    """Deconvolve noise-free curves made with this study's AIF at every threshold of ``method``.
+
+    Truncating the small singular values smooths the residue: a residue that jumps at arrival
+    and decays (the exponential of indicator-dilution theory) is read with a lower, later peak,
+    the more so the shorter the MTT and the higher the threshold. The size of this bias depends
+    on the AIF's shape and the sampling, so it is measured on the study's own AIF: tissue curves
+    ``AIF conv F exp(-t/MTT)`` shifted by each delay (piecewise-linear AIF, integrated on a
+    grid 20 times finer than the sampling), deconvolved with each fixed threshold.
+    """
+    arterial = np.asarray(aif, dtype=np.float64)
+    n = arterial.size
+    times = np.arange(n) * dt
+    fine_dt = dt / 20.0
+    fine = np.arange(0.0, times[-1] + fine_dt / 2, fine_dt)
+    fine_aif = np.interp(fine, times, arterial)
+    mtt = np.asarray(mtts, dtype=np.float64)
+    delay = np.asarray(delays, dtype=np.float64)
+    flow = 0.01  # 1/s; the bias is relative, the value does not matter
+    curves = np.empty((n, mtt.size, delay.size))
+    for i, m in enumerate(mtt):
+        c0 = np.convolve(fine_aif, flow * np.exp(-fine / m))[: fine.size] * fine_dt
+        for j, d in enumerate(delay):
+            curves[:, i, j] = np.interp(times - d, fine, c0, left=0.0)
+    flat = curves.reshape(n, -1)
+    if method == "osvd":
+        levels = np.asarray(thresholds, dtype=np.float64)
+    else:
+        levels = np.array([DEFAULT_THRESHOLD[method] if threshold is None else float(threshold)])
+    measured_mtt = np.empty((levels.size, mtt.size))
+    ratio = np.empty_like(measured_mtt)
+    bias = np.empty_like(measured_mtt)
+    fixed = "csvd" if method == "osvd" else method
+    for k, level in enumerate(levels):
+        fit = deconvolve(flat, arterial, dt, fixed, threshold=level)
+        peak = fit.flow_scaled.reshape(mtt.size, delay.size)
+        area = fit.area.reshape(mtt.size, delay.size)
+        tmax = fit.tmax_s.reshape(mtt.size, delay.size)
+        measured_mtt[k] = np.median(area / np.maximum(peak, 1e-12), axis=1)
+        ratio[k] = np.median(flow / np.maximum(peak, 1e-12), axis=1)
+        bias[k] = np.median(tmax - delay[None, :], axis=1)
+        # Keep the lookup monotone in the measured MTT (it is, bar round-off at long MTTs).
+        measured_mtt[k] = np.maximum.accumulate(measured_mtt[k] + np.arange(mtt.size) * 1e-9)
+    return BiasCorrection(levels, measured_mtt, ratio, bias)
+
+
+def bias_of(fit: ResidueFit, correction: BiasCorrection) -> tuple[np.ndarray, np.ndarray]:
+    """Per voxel: the factor (true / measured peak flow) and the lateness of Tmax (s) that the
+    calibration gives for the voxel's threshold (the nearest level) and measured ``area / peak``.
+
+    Both are noisy where the fit is (the threshold oSVD picks and the measured MTT vary from
+    voxel to voxel with the noise); the bias itself varies slowly across tissue, so callers
+    with images smooth them before ``apply_bias`` (``service.analysis.ctp_perfusion``).
+    """
+    level = np.abs(np.log(fit.threshold[:, None]) - np.log(correction.levels[None, :])).argmin(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        measured = np.where(fit.flow_scaled > 0, fit.area / fit.flow_scaled, 0.0)
+    ratio = np.ones_like(measured)
+    late = np.zeros_like(measured)
+    for k in np.unique(level):
+        pick = level == k
+        ratio[pick] = np.interp(measured[pick], correction.measured_mtt[k], correction.flow_ratio[k])
+        late[pick] = np.interp(measured[pick], correction.measured_mtt[k], correction.tmax_bias[k])
+    return ratio, late
+
+
+def apply_bias(fit: ResidueFit, ratio: np.ndarray, late: np.ndarray) -> ResidueFit:
+    """The fit with its peak flow multiplied by ``ratio`` and its Tmax moved earlier by ``late``
+    (never below 0); the area (CBV) is unbiased and unchanged."""
+    return ResidueFit(fit.flow_scaled * ratio, np.clip(fit.tmax_s - late, 0.0, None), fit.area, fit.threshold,
+                      fit.oscillation_index, fit.residue, fit.dt, fit.method)
+
+
+def correct_bias(fit: ResidueFit, correction: BiasCorrection) -> ResidueFit:
+    """The fit with each voxel's own bias (``bias_of``) removed, without spatial smoothing.
+
+    Calibrated on exponential residues: a flat-topped (boxcar) residue, which SVD reads high
+    rather than low, comes out higher still.
+    """
+    return apply_bias(fit, *bias_of(fit, correction))
