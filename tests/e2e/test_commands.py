@@ -13,6 +13,7 @@ import pydicom
 import pytest
 
 from service.phantom.generate import write_patient
+from service.phantom.patient import PhantomOptions
 
 STROKEGATE = Path(sys.executable).parent / "strokegate"
 pytestmark = pytest.mark.timeout(600)
@@ -37,9 +38,25 @@ def test_process_analyses_a_folder_offline(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     findings = json.loads((tmp_path / "out" / "findings.json").read_text())
     truth = json.loads((tmp_path / "in" / "SGPH00000012" / "truth" / "clinical.json").read_text())
-    assert findings["analysis"] == "mri-diffusion-core"
+    assert findings["analysis"] == "mri-perfusion-diffusion-mismatch"  # DWI and DSC-PWI: the mismatch
     assert findings["segments"]["core"] > 0.5 * truth["core_ml"]
+    assert findings["measurements"]["hypoperfused_volume_ml"] >= findings["measurements"]["core_volume_ml"]
     assert pydicom.dcmread(tmp_path / "out" / "SEG.dcm").Modality == "SEG"
+    assert pydicom.dcmread(tmp_path / "out" / "SR.dcm").Modality == "SR"
+
+
+def test_process_analyses_a_ct_perfusion_study(tmp_path: Path) -> None:
+    write_patient(2, "ctp", tmp_path / "in", PhantomOptions(ct_matrix=128, ct_slices=10, noise_hu=10.0))
+    result = subprocess.run([str(STROKEGATE), "process", str(tmp_path / "in"), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    findings = json.loads((tmp_path / "out" / "findings.json").read_text())
+    assert findings["analysis"] == "ct-perfusion"
+    assert {"core", "penumbra"} <= set(findings["segments"])
+    assert findings["measurements"]["hypoperfused_volume_ml"] > 0
+    assert "target_mismatch" in findings["measurements"] and isinstance(findings["qc_flags"], list)
+    seg = pydicom.dcmread(tmp_path / "out" / "SEG.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Ischemic core", "Penumbra"]
     assert pydicom.dcmread(tmp_path / "out" / "SR.dcm").Modality == "SR"
 
 
