@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pydicom
 import pytest
 
 from dicom_tools import dciodvfy_errors, requires_dciodvfy, requires_storescu, storescu
-from returned_results import check_report_matches_findings, dice, hypoperfused, read_truth, round_trip
+from returned_results import check_report_matches_findings, dice, hypoperfused, read_report, read_truth, round_trip
 from service.phantom.generate import write_patient
 from service.phantom.truth_files import read_nifti
 from service_harness import Service, StoreSCP, TemporaryPostgres, wait_for
@@ -124,3 +125,42 @@ def test_dwi_and_dsc_perfusion_come_back_as_the_mismatch(tmp_path: Path, mri_pat
     print(summary)
     assert abs(hypo_ml - truth.volume("hypoperfused")) <= 10.0 or hypo_dice >= 0.9, summary
     assert abs(core_ml - truth.volume("core")) <= 0.10 * truth.volume("core"), summary
+
+
+def test_flags_and_failure_reasons_reach_the_api_and_the_sr(tmp_path: Path, mri_patient: Path) -> None:
+    """A DSC series without EchoTime leaves the core reported with a QC flag (in the API's findings
+    and as TEXT in the SR); a study with nothing to analyse fails with its reason in the API."""
+    flagged, refused = tmp_path / "flagged", tmp_path / "refused"
+    shutil.copytree(mri_patient / "dicom" / "MR" / "dwi", flagged / "dwi")
+    (flagged / "pwi").mkdir()
+    for path in sorted((mri_patient / "dicom" / "MR" / "pwi").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        del ds.EchoTime
+        ds.save_as(flagged / "pwi" / path.name)
+    refused.mkdir()
+    for path in sorted((mri_patient / "dicom" / "MR" / "flair").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = "2.25.4242"
+        ds.save_as(refused / path.name)
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [pacs.address]).start()
+    try:
+        storescu(flagged, service.port, "STROKEGATE")
+        storescu(refused, service.port, "STROKEGATE")
+        uid = pydicom.dcmread(next((flagged / "dwi").glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+        done = wait_for(lambda: (s := service.get(f"/api/studies/{uid}", missing={})).get("state") == "done" and s, 120, "flagged study")
+        failed = wait_for(lambda: (s := service.get("/api/studies/2.25.4242", missing={})).get("state") == "failed" and s, 120, "refused study")
+        findings = done["jobs"][-1]["findings"]
+        assert findings["analysis"] == "mri-diffusion-core"
+        (flag,) = [f for f in findings["qc_flags"] if f.startswith("DSC perfusion not analysed")]
+        assert "EchoTime" in flag
+        assert any(job["findings"] and flag in job["findings"]["qc_flags"] for job in service.get("/api/jobs"))
+        assert "nothing to analyse" in failed["error"] and "flair" in failed["error"]
+        assert "nothing to analyse" in failed["jobs"][-1]["error"]
+        files = wait_for(lambda: len(pacs.files()) >= 2 and pacs.files(), 60, "SEG and SR at the PACS")
+        (sr,) = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SR"]
+        assert flag in read_report(sr).qc_flags
+        assert dciodvfy_errors(sr) == []
+    finally:
+        service.stop()
+        pacs.stop()
