@@ -32,7 +32,14 @@ from service.imaging.volumes import Source
 from service.perfusion import dsc, thresholds
 from service.perfusion.aif import partial_volume_scale, select_aif, select_vof
 from service.perfusion.ctp import denoise, truncated_bolus
-from service.perfusion.deconvolution import deconvolve, perfusion_parameters, resample_uniform
+from service.perfusion.deconvolution import (
+    apply_bias,
+    bias_of,
+    calibrate_bias,
+    deconvolve,
+    perfusion_parameters,
+    resample_uniform,
+)
 
 ANALYSIS = "mri-perfusion-diffusion-mismatch"
 GRID_TOLERANCE_MM = 0.01
@@ -47,6 +54,8 @@ class MriPerfusionParameters:
     criteria: thresholds.Defuse3Criteria = thresholds.Defuse3Criteria()
     method: str = "osvd"
     denoise_sigma_mm: float = 2.0
+    bias_correction: bool = True  # SVD's late Tmax and low peak flow, calibrated on this study's AIF
+    bias_smoothing_mm: float = 8.0  # the bias varies slowly across tissue; its per-voxel estimate is noisy
 
 
 @dataclass
@@ -122,6 +131,10 @@ def dsc_maps(series: Sequence[Source], parameters: MriPerfusionParameters = MriP
     grid, curves = resample_uniform(times, np.concatenate([(aif.curve * scale)[:, None], smooth[:, brain]], axis=1))
     dt = float(grid[1] - grid[0])
     fit = deconvolve(curves[:, 1:], curves[:, 0], dt, parameters.method)
+    if parameters.bias_correction:
+        ratio, late = bias_of(fit, calibrate_bias(curves[:, 0], dt, parameters.method))
+        log_ratio = _smooth_in(brain, np.log(ratio), geometry, parameters.bias_smoothing_mm)
+        fit = apply_bias(fit, np.exp(log_ratio), _smooth_in(brain, late, geometry, parameters.bias_smoothing_mm))
     perfusion = perfusion_parameters(fit, curves[:, 1:], curves[:, 0], dt)
     maps = {name: np.zeros(geometry.shape, dtype=np.float32) for name in ("cbf", "cbv", "mtt", "tmax")}
     for name, values in maps.items():
@@ -203,6 +216,13 @@ def add_mismatch(core: Findings, maps: DscMaps, parameters: MriPerfusionParamete
         },
         timings_s=timings,
     )
+
+
+def _smooth_in(mask: np.ndarray, values: np.ndarray, geometry: Geometry, sigma_mm: float) -> np.ndarray:
+    """Per-voxel ``values`` (over ``mask``) smoothed in-plane within the mask."""
+    volume = np.zeros(mask.shape, dtype=np.float32)
+    volume[mask] = values
+    return denoise(volume, geometry.spacing, mask, sigma_mm)[mask].astype(np.float64)
 
 
 def _same_grid(a: Geometry, b: Geometry) -> bool:
