@@ -59,8 +59,6 @@ def test_ctp_volumes_agree_with_the_truth(ctp_result: RoundTrip, ctp_patient: Pa
     assert abs(core_ml - truth.volume("core")) <= 10.0, summary
 
 
-@pytest.mark.xfail(reason="issue 4 accuracy targets at 10 HU not yet met by the CT perfusion analysis "
-                          "(work in progress in service/perfusion and ctp_perfusion.py)", strict=False)
 def test_ctp_meets_the_issue_accuracy_targets(ctp_result: RoundTrip, ctp_patient: Path) -> None:
     """Issue 4 at 10 HU: hypoperfused Dice >= 0.92 and |volume error| <= 10 mL, core Dice >= 0.75,
     penumbra Dice >= 0.80."""
