@@ -71,6 +71,7 @@ def test_ctp_meets_the_issue_accuracy_targets(ctp_result: RoundTrip, ctp_patient
     }
     error = ctp_result.report.measurements["hypoperfused_volume_ml"] - truth.volume("hypoperfused")
     summary = f"Dice {scores}, hypoperfused volume error {error:+.1f} mL"
+    print(summary)
     assert scores["hypoperfused"] >= 0.92 and abs(error) <= 10.0, summary
     assert scores["core"] >= 0.75, summary
     assert scores["penumbra"] >= 0.80, summary
