@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +79,12 @@ def analyse_ctp(
 ) -> Findings:
     """Analyse the study's CT perfusion series; InputError when it cannot be analysed."""
     clock = time.perf_counter()
-    files = ctp_series(paths)
-    if files is None:
+    # Read every file once, pixels included (the headers alone and then the pixels costs a
+    # second pass over the files); Datasets already in memory pass through.
+    candidates = [s for s in group_series(paths).values() if classify(s) == "ctp"]
+    if not candidates:
         raise InputError("no CT perfusion series in the study")
-    series = load_ctp(files)
+    series = load_ctp(max(candidates, key=len))
     source = list(series.headers[0])
     study = str(source[0].StudyInstanceUID)
     if study_uid is not None and study != study_uid:
@@ -138,6 +140,14 @@ def analyse_ctp_series(
 
     times = np.asarray(times_s, dtype=np.float64)
     flags = [f for f in (ctp.too_few_time_points(len(times)), ctp.insufficient_coverage(geometry.shape[0], geometry.spacing)) if f]
+    # Full-size (512 x 512) acquisitions are analysed on ~0.9 mm pixels; the results go back to
+    # the acquired grid at the end.
+    factor = ctp.working_factor(geometry.spacing)
+    full_geometry = geometry
+    if factor > 1:
+        frames = ctp.block_average(frames, factor)
+        geometry = _working_geometry(geometry, factor, frames.shape[1:])
+    lap("resample")
 
     motion = correct_motion(frames, geometry.spacing)
     moved = ctp.excessive_motion(motion.max_displacement_mm, motion.similarity)
@@ -173,16 +183,22 @@ def analyse_ctp_series(
         smooth = ctp.denoise_tips(concentration, geometry.spacing, brain)
     else:
         smooth = ctp.denoise(concentration, geometry.spacing, brain)
-    grid, curves = resample_uniform(times, np.concatenate([(aif.curve * scale)[:, None], smooth[:, brain]], axis=1))
-    dt = float(grid[1] - grid[0])
+    tissue, arterial = smooth[:, brain], (aif.curve * scale).astype(np.float64)
+    del smooth
+    steps = np.diff(times)
+    if np.ptp(steps) <= 1e-3 * np.median(steps):  # already uniform: no resampling, no float64 copy
+        dt = float(np.median(steps))
+    else:
+        grid, curves = resample_uniform(times, np.concatenate([arterial[:, None], tissue], axis=1))
+        dt, arterial, tissue = float(grid[1] - grid[0]), curves[:, 0], curves[:, 1:].astype(np.float32)
     levels = {"thresholds": parameters.osvd_thresholds} if parameters.method == "osvd" else {}
-    fit = deconvolve(curves[:, 1:], curves[:, 0], dt, parameters.method, **levels)
+    fit = deconvolve(tissue, arterial, dt, parameters.method, **levels)
     if parameters.bias_correction:
-        ratio, late = bias_of(fit, calibrate_bias(curves[:, 0], dt, parameters.method, **levels))
+        ratio, late = bias_of(fit, calibrate_bias(arterial, dt, parameters.method, **levels))
         # The bias varies slowly across tissue, its per-voxel estimate with the noise: smooth it.
         log_ratio = _smooth_in(brain, np.log(ratio), geometry, parameters.bias_smoothing_mm)
         fit = apply_bias(fit, np.exp(log_ratio), _smooth_in(brain, late, geometry, parameters.bias_smoothing_mm))
-    perfusion = perfusion_parameters(fit, curves[:, 1:], curves[:, 0], dt)
+    perfusion = perfusion_parameters(fit, tissue, arterial, dt)
     maps = {name: np.zeros(geometry.shape, dtype=np.float32) for name in ("cbf", "cbv", "mtt", "tmax")}
     for name, volume in maps.items():
         volume[brain] = getattr(perfusion, name)
@@ -200,6 +216,10 @@ def analyse_ctp_series(
     summary = thresholds.summarise(core, hypoperfused, maps["tmax"], brain, voxel_ml)
     penumbra = hypoperfused & ~core
     lap("thresholds")
+    if factor > 1:
+        in_plane = full_geometry.shape[1:]
+        maps = {name: ctp.block_expand(volume, factor, in_plane) for name, volume in maps.items()}
+        brain, core, hypoperfused = (ctp.block_expand(mask, factor, in_plane) for mask in (brain, core, hypoperfused))
     return CtpResult(maps, brain, core, hypoperfused, summary, reference.cbf, scale, flags, timings)
 
 
@@ -209,3 +229,13 @@ def _smooth_in(mask: np.ndarray, values: np.ndarray, geometry: Geometry, sigma_m
     volume = np.zeros(mask.shape, dtype=np.float32)
     volume[mask] = values
     return ctp.denoise(volume, geometry.spacing, mask, sigma_mm)[mask].astype(np.float64)
+
+
+def _working_geometry(geometry: Geometry, factor: int, shape: tuple[int, ...]) -> Geometry:
+    """The grid of ``factor x factor`` in-plane blocks of ``geometry`` (centre of the first block as origin)."""
+    _, rows, columns = geometry.spacing
+    shift = (factor - 1) / 2.0
+    origin = (np.asarray(geometry.origin) + shift * columns * np.asarray(geometry.row_direction)
+              + shift * rows * np.asarray(geometry.column_direction))
+    return replace(geometry, shape=tuple(int(n) for n in shape), spacing=(geometry.spacing[0], rows * factor, columns * factor),
+                   origin=tuple(float(v) for v in origin))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 
 import numpy as np
@@ -217,6 +217,7 @@ def _load_dynamic(
         )
 
     volumes = []
+    frames: np.ndarray | None = None  # filled frame by frame: no second full-size copy (np.stack)
     for t, group in enumerate(frames_of):
         frame = [instances[i] for i in group]
         uids = {str(ds.get("SeriesInstanceUID", "?")) for ds in frame}
@@ -226,10 +227,15 @@ def _load_dynamic(
                 "(two reconstructions of the same scan?)"
             )
         try:
-            volumes.append(load_volume(frame))
+            volume = load_volume(frame)
         except InputError as error:
             reason = str(error).removeprefix(f"series {next(iter(uids))}: ")
             raise InputError(f"{where}: {labels[t]}: {reason}") from error
+        if frames is None:
+            frames = np.empty((n_frames, *volume.pixels.shape), dtype=np.float32)
+        if volume.pixels.shape == frames.shape[1:]:  # otherwise the geometry check below reports it
+            frames[t] = volume.pixels
+        volumes.append(replace(volume, pixels=None))
     reference = volumes[0].geometry
     for t, volume in enumerate(volumes[1:], start=1):
         difference = _grid_difference(volume.geometry, reference)
@@ -253,7 +259,7 @@ def _load_dynamic(
     series_uids = tuple(dict.fromkeys(v.series_uid for v in volumes))
     return PerfusionVolume(
         geometry=reference,
-        frames=np.stack([v.pixels for v in volumes]),
+        frames=frames,
         times_s=times_s.astype(np.float64),
         headers=[v.headers for v in volumes],
         series_uids=series_uids,

@@ -15,11 +15,13 @@ string, or ``None`` when the study passes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
 
 from service.errors import InputError
+from service.perfusion.deconvolution import single_threaded_lapack
 
 # --- thresholds (HU unless stated), for unenhanced CT of the adult brain ---
 TISSUE_HU = (0.0, 80.0)
@@ -329,6 +331,43 @@ def denoise(
     return out.reshape(data.shape)
 
 
+WORKING_PIXEL_MM = 0.9
+"""Finer in-plane pixels are block-averaged to about this size before the analysis: the denoising
+smooths over 2-3 mm anyway, so the finer grid carries no more information, only 4x the work."""
+
+
+def working_factor(spacing_mm: Sequence[float], target_mm: float = WORKING_PIXEL_MM) -> int:
+    """The in-plane block size (1, 2, 3...) that brings the pixels closest to ``target_mm``
+    without going below the acquired pixel."""
+    spacing = _spacing(spacing_mm)
+    return max(1, int(round(target_mm / float(max(spacing[1], spacing[2])))))
+
+
+def block_average(data: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor x factor`` in-plane blocks of ``[..., Y, X]`` (edges cropped to a
+    multiple of ``factor``), float32. ``factor`` 1 returns the input as float32 (no copy if it is)."""
+    if factor == 1:
+        return np.asarray(data).astype(np.float32, copy=False)
+    data = np.asarray(data)
+    y, x = data.shape[-2] // factor, data.shape[-1] // factor
+    out = np.zeros((*data.shape[:-2], y, x), dtype=np.float32)
+    for i in range(factor):  # strided sums: no temporary of the full-size array
+        for j in range(factor):
+            out += data[..., i : y * factor : factor, j : x * factor : factor]
+    out *= np.float32(1.0 / factor**2)
+    return out
+
+
+def block_expand(data: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of ``block_average`` for maps and masks: each value repeated over its block,
+    padded with the edge values to the original in-plane ``shape``."""
+    if factor == 1:
+        return data
+    out = np.repeat(np.repeat(data, factor, axis=-2), factor, axis=-1)
+    pad = [(0, 0)] * (out.ndim - 2) + [(0, shape[0] - out.shape[-2]), (0, shape[1] - out.shape[-1])]
+    return np.pad(out, pad, mode="edge") if any(p[1] for p in pad) else out
+
+
 def denoise_tips(
     concentration: np.ndarray,
     spacing_mm: Sequence[float],
@@ -380,7 +419,8 @@ def denoise_tips(
         noise = 1.4826 * float(np.median(np.abs(second[:, :: max(1, curves.shape[1] // 50000)]))) / np.sqrt(6.0)
     sample = curves[:, :: max(1, curves.shape[1] // 20000)].astype(np.float64)
     mean = sample.mean(axis=1)
-    basis = np.linalg.svd(sample - mean[:, None], full_matrices=False)[0][:, : min(n_features, sample.shape[0])]
+    with single_threaded_lapack():
+        basis = np.linalg.svd(sample - mean[:, None], full_matrices=False)[0][:, : min(n_features, sample.shape[0])]
     features = np.zeros((basis.shape[1], *inside.shape), dtype=np.float32)
     features[:, inside] = (basis.T.astype(np.float32) @ (curves - mean[:, None].astype(np.float32)))
     weight = inside.astype(np.float32)
@@ -391,22 +431,32 @@ def denoise_tips(
     # (normalised) kernel weights, ~ 1 / (4 pi sigma_row sigma_col) for a 2-D Gaussian.
     g_var = noise**2 / (4.0 * np.pi * max(guide_sigma[2], 0.5) * max(guide_sigma[3], 0.5))
     expected = 2.0 * guide.shape[0] * max(g_var, 1e-12)
-    for axis, step in ((2, spacing[1]), (3, spacing[2])):
-        sigma_px = sigma_mm / step
-        radius = max(1, int(np.ceil(2.0 * sigma_px)))
-        total = np.zeros(inside.shape, dtype=np.float32)
-        result = np.zeros_like(block)
-        scratch = np.empty_like(block)
-        for shift in range(-radius, radius + 1):
-            here, there = _shifted_pair(inside.shape, axis - 1, shift)
-            spatial = np.float32(np.exp(-0.5 * (shift / sigma_px) ** 2))
-            distance = np.square(guide[(slice(None), *here)] - guide[(slice(None), *there)]).sum(axis=0)
-            w = spatial * weight[there] * weight[here] * np.exp(-np.maximum(distance / np.float32(expected) - 1.0, 0.0))
-            total[here] += w
-            np.multiply(block[(slice(None), *there)], w[None], out=scratch[(slice(None), *here)])
-            result[(slice(None), *here)] += scratch[(slice(None), *here)]
-        filtered = result[:, inside] / np.maximum(total[inside], 1e-12)
-        block[:, inside] = filtered
+    expected = np.float32(expected)
+
+    def filter_slices(part: slice) -> None:
+        """Both 1-D passes over slices ``part`` (slices are independent: the filter is in-plane)."""
+        data, g, w_in = block[:, part], guide[:, part], weight[part]
+        for axis, step in ((1, spacing[1]), (2, spacing[2])):  # rows, columns of [Z, Y, X]
+            sigma_px = sigma_mm / step
+            radius = max(1, int(np.ceil(1.5 * sigma_px)))
+            total = np.zeros(w_in.shape, dtype=np.float32)
+            result = np.zeros_like(data)
+            scratch = np.empty_like(data)
+            for shift in range(-radius, radius + 1):
+                here, there = _shifted_pair(w_in.shape, axis, shift)
+                spatial = np.float32(np.exp(-0.5 * (shift / sigma_px) ** 2))
+                distance = np.square(g[(slice(None), *here)] - g[(slice(None), *there)]).sum(axis=0)
+                w = spatial * w_in[there] * w_in[here] * np.exp(-np.maximum(distance / expected - 1.0, 0.0))
+                total[here] += w
+                np.multiply(data[(slice(None), *there)], w[None], out=scratch[(slice(None), *here)])
+                result[(slice(None), *here)] += scratch[(slice(None), *here)]
+            keep = w_in > 0
+            data[:, keep] = result[:, keep] / np.maximum(total[keep], 1e-12)
+
+    n_slices = inside.shape[0]
+    parts = [slice(k, min(k + 2, n_slices)) for k in range(0, n_slices, 2)]
+    with ThreadPoolExecutor(max_workers=min(2, len(parts))) as pool:  # numpy releases the GIL
+        list(pool.map(filter_slices, parts))
     return out
 
 
