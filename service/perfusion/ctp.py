@@ -432,6 +432,9 @@ def denoise_tips(
     g_var = noise**2 / (4.0 * np.pi * max(guide_sigma[2], 0.5) * max(guide_sigma[3], 0.5))
     expected = 2.0 * guide.shape[0] * max(g_var, 1e-12)
     expected = np.float32(expected)
+    # Same-tissue distances scatter around 1 (chi-square over the features): only distances
+    # beyond three standard deviations of that scatter count against a neighbour.
+    allowed = np.float32(1.0 + 3.0 * np.sqrt(2.0 / guide.shape[0]))
 
     def filter_slices(part: slice) -> None:
         """Both 1-D passes over slices ``part`` (slices are independent: the filter is in-plane)."""
@@ -446,7 +449,7 @@ def denoise_tips(
                 here, there = _shifted_pair(w_in.shape, axis, shift)
                 spatial = np.float32(np.exp(-0.5 * (shift / sigma_px) ** 2))
                 distance = np.square(g[(slice(None), *here)] - g[(slice(None), *there)]).sum(axis=0)
-                w = spatial * w_in[there] * w_in[here] * np.exp(-np.maximum(distance / expected - 1.0, 0.0))
+                w = spatial * w_in[there] * w_in[here] * np.exp(-np.maximum(distance / expected - allowed, 0.0))
                 total[here] += w
                 np.multiply(data[(slice(None), *there)], w[None], out=scratch[(slice(None), *here)])
                 result[(slice(None), *here)] += scratch[(slice(None), *here)]
@@ -538,7 +541,7 @@ def excessive_motion(
     less than ``min_similarity`` after correction.
     """
     if max_displacement_mm > limit_mm:
-        return f"excessive motion: the head moved up to {max_displacement_mm:.1f} mm (limit {limit_mm:.0f} mm)"
+        return f"excessive motion: the head moved up to {max_displacement_mm:.1f} mm (limit {limit_mm:g} mm)"
     if similarity is not None:
         values = np.asarray(similarity, dtype=np.float64)
         bad = np.flatnonzero(values < min_similarity)

@@ -49,6 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.interpolate import PchipInterpolator
 
 try:  # installed with scikit-learn (a dependency of nilearn)
     from threadpoolctl import threadpool_limits
@@ -415,15 +416,18 @@ def calibrate_bias(
     and decays (the exponential of indicator-dilution theory) is read with a lower, later peak,
     the more so the shorter the MTT and the higher the threshold. The size of this bias depends
     on the AIF's shape and the sampling, so it is measured on the study's own AIF: tissue curves
-    ``AIF conv F exp(-t/MTT)`` shifted by each delay (piecewise-linear AIF, integrated on a
-    grid 20 times finer than the sampling), deconvolved with each fixed threshold.
+    ``AIF conv F exp(-t/MTT)`` shifted by each delay (integrated on a
+    grid 20 times finer than the sampling, monotone-cubic between samples), deconvolved with
+    each fixed threshold.
     """
     arterial = np.asarray(aif, dtype=np.float64)
     n = arterial.size
     times = np.arange(n) * dt
     fine_dt = dt / 20.0
     fine = np.arange(0.0, times[-1] + fine_dt / 2, fine_dt)
-    fine_aif = np.interp(fine, times, arterial)
+    # A monotone cubic through the samples: the bolus peak between two samples is not cut flat
+    # as linear interpolation would (that made the correction overshoot by 10-15 % at 1.5 s).
+    fine_aif = np.clip(PchipInterpolator(times, arterial)(fine), 0.0, None)
     mtt = np.asarray(mtts, dtype=np.float64)
     delay = np.asarray(delays, dtype=np.float64)
     flow = 0.01  # 1/s; the bias is relative, the value does not matter

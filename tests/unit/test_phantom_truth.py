@@ -131,3 +131,23 @@ def test_truth_nifti_geometry_matches_the_dicom(small_ctp: Path) -> None:
     lps = np.asarray(first.ImagePositionPatient, dtype=float)
     np.testing.assert_allclose(affine[:3, 3], lps * [-1, -1, 1], atol=1e-3)
     np.testing.assert_allclose(np.abs(np.diag(affine)[:2]), [float(v) for v in first.PixelSpacing], atol=1e-4)
+
+
+@pytest.mark.parametrize("grid", ["ct", "mr"])
+def test_core_is_cbf_below_30_percent_of_the_contralateral_normal_mean(grid: str) -> None:
+    """The clinical CT definition, on both scan grids: within the hypoperfused brain, core is
+    exactly CBF < 0.3 x the contralateral normal-tissue mean; the penumbra never below it."""
+    from service.phantom.patient import CORE_RCBF, ct_geometry
+
+    patient = make_patient(2, SMALL_NOISE_FREE)
+    geometry = ct_geometry(patient) if grid == "ct" else mr_geometry(patient)
+    truth = truth_on_grid(patient, geometry)
+    reference = patient.haemodynamics.cbf_reference
+    m = truth.masks
+    low = truth.cbf < CORE_RCBF * reference
+    np.testing.assert_array_equal(low & m["hypoperfused"], m["core"])
+    assert truth.cbf[m["penumbra"]].min() >= CORE_RCBF * reference * 0.999
+    # Realistic: core CBF about 20 % of normal; the reference is the contralateral normal mean.
+    assert 0.12 < truth.cbf[m["core"]].mean() / reference < 0.28
+    contralateral = _hemisphere(truth, patient, opposite=True) & truth.brain & ~m["oligaemia"] & ~m["hypoperfused"]
+    assert truth.cbf[contralateral].mean() == pytest.approx(reference, rel=0.15)
