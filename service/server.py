@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime
 
 import uvicorn
 
@@ -42,7 +43,8 @@ class StrokeGate:
             self.spool,
             self.recorder.record,
         )
-        self.tracker = Tracker(self.db, self.spool, settings.series_idle_s, settings.retention_hours)
+        self.tracker = Tracker(self.db, self.spool, settings.series_idle_s, settings.retention_hours,
+                               unsettled_since=self._unsettled_since)
         self.sender = Sender(self.db, settings.results_dir, settings.ae_title, settings.delivery_backoff_s, settings.delivery_backoff_max_s)
         self.workers = Workers(
             self.db, settings.spool_dir, settings.results_dir,
@@ -57,6 +59,11 @@ class StrokeGate:
             config = uvicorn.Config(create_app(self.db, lambda: self._running), host=settings.http_host,
                                     port=settings.http_port, log_level="warning", lifespan="off")
             self._http = uvicorn.Server(config)
+
+    def _unsettled_since(self) -> datetime | None:
+        """The oldest acknowledged instance not yet in the database: unfiled, or filed and queued."""
+        times = [t for t in (self.receiver.unfiled_since(), self.recorder.unrecorded_since()) if t is not None]
+        return min(times) if times else None
 
     def start(self) -> None:
         """Migrate, recover what a crash left, then start every component."""

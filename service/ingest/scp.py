@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections import deque
+from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -118,7 +119,8 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["StrokeGate DICOM implementation"])
 IMPLEMENTATION_VERSION = f"STROKEGATE_{service.__version__}"[:16]
 FILING_BACKLOG_BYTES = 256 << 20  # journalled but not yet filed; beyond it, receiving waits for the filer
-FILING_QUIET_S = 0.05  # the filer works when receiving pauses this long, or when the backlog is full
+FILING_QUIET_S = 0.05  # the filer works when receiving pauses this long, or when the backlog is full,
+FILING_MAX_LAG_S = 1.0  # or when its oldest instance was received this long ago
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class ReceivedInstance:
     series_description: str | None
     expected_instances: int | None
     calling_ae: str | None
+    received_at: datetime | None = None  # when it was acknowledged (naive UTC); None: when recorded
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,9 @@ def parse_header(file_bytes: bytes) -> Dataset:
     return dcmread(BytesIO(file_bytes), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
 
 
-def received_instance(header: Dataset, path: str, size_bytes: int, calling_ae: str | None) -> ReceivedInstance:
+def received_instance(
+    header: Dataset, path: str, size_bytes: int, calling_ae: str | None, received_at: datetime | None = None
+) -> ReceivedInstance:
     """The tracker's record of one spooled file, from its parsed header."""
     meta = header.file_meta
 
@@ -196,6 +201,7 @@ def received_instance(header: Dataset, path: str, size_bytes: int, calling_ae: s
         series_description=text("SeriesDescription"),
         expected_instances=int(expected) if expected not in (None, "") else None,
         calling_ae=calling_ae or None,
+        received_at=received_at,
     )
 
 
@@ -215,7 +221,7 @@ class Receiver:
         self._connections: set[socket.socket] = set()
         self._established = 0
         self._lock = threading.Lock()
-        self._backlog: deque[tuple[int, JournalEntry]] = deque()
+        self._backlog: deque[tuple[int, JournalEntry, datetime]] = deque()
         self._backlog_bytes = 0
         self._backlog_changed = threading.Condition()
         self._last_received = 0.0
@@ -393,34 +399,48 @@ class Receiver:
                 self._backlog_changed.wait(1)
             if not self._backlog or self._backlog_bytes > FILING_BACKLOG_BYTES // 2:
                 self._backlog_changed.notify_all()  # else the filer is awake already, waiting for a pause
-            self._backlog.append((segment, entry))
+            self._backlog.append((segment, entry, datetime.now(timezone.utc).replace(tzinfo=None)))
             self._backlog_bytes += len(entry.dataset)
             self._last_received = time.monotonic()
 
+    def unfiled_since(self) -> datetime | None:
+        """When the oldest instance acknowledged but not yet filed (so not yet in the database)
+        was received, or None: the tracker must not call a study complete while one of its
+        instances might still be in this backlog."""
+        with self._backlog_changed:
+            return self._backlog[0][2] if self._backlog else None
+
     def _filing_loop(self) -> None:
         """Files journalled instances, off the receive path: in the pauses between instances of a
-        study (the sender's CPU time and ours would otherwise compete), or at once when the backlog
-        is full. Drains the backlog on stop."""
+        study (the sender's CPU time and ours would otherwise compete), at once when the backlog is
+        full or its oldest instance waited FILING_MAX_LAG_S. Drains the backlog on stop."""
         while True:
             with self._backlog_changed:
                 while not self._stopping.is_set():
                     busy = time.monotonic() - self._last_received < FILING_QUIET_S
-                    if self._backlog and (not busy or self._backlog_bytes > FILING_BACKLOG_BYTES // 2):
+                    if self._backlog and (
+                        not busy
+                        or self._backlog_bytes > FILING_BACKLOG_BYTES // 2
+                        or (datetime.now(timezone.utc).replace(tzinfo=None) - self._backlog[0][2]).total_seconds()
+                        > FILING_MAX_LAG_S
+                    ):
                         break
                     self._backlog_changed.wait(FILING_QUIET_S if self._backlog else None)
                 if not self._backlog:
                     return
-                segment, entry = self._backlog.popleft()
-                self._backlog_bytes -= len(entry.dataset)
-                self._backlog_changed.notify_all()
+                segment, entry, received_at = self._backlog[0]
             try:
-                self._file(entry)
+                self._file(entry, received_at=received_at)
             except OSError as error:  # stays in the journal, filed again at the next start
                 log.error("could not file a received instance into the spool: %s", error)
-                continue
-            self.journal.filed(segment)
+            else:
+                self.journal.filed(segment)
+            with self._backlog_changed:  # out of the backlog only once recorded, for unfiled_since
+                self._backlog.popleft()
+                self._backlog_bytes -= len(entry.dataset)
+                self._backlog_changed.notify_all()
 
-    def _file(self, entry: JournalEntry, replace: bool = False) -> None:
+    def _file(self, entry: JournalEntry, replace: bool = False, received_at: datetime | None = None) -> None:
         """Write a journalled instance to the spool (or quarantine it) and record it."""
         meta = file_meta(entry)
         try:
@@ -437,7 +457,7 @@ class Receiver:
         except Exception as error:  # pydicom raises many types for a corrupt dataset
             self._quarantine(entry, meta, "undecodable", f"{type(error).__name__}: {error}")
             return
-        item = received_instance(header, stored.path.as_posix(), stored.size_bytes, entry.calling_ae)
+        item = received_instance(header, stored.path.as_posix(), stored.size_bytes, entry.calling_ae, received_at)
         self.on_instance(item)
         if not stored.existed:
             sop_class = _SOP_NAMES.get(item.sop_class_uid, "other")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, insert, select
@@ -53,7 +55,6 @@ def record_instances(session: Session, items: list[ReceivedInstance], now: datet
             )
             session.add(study)
             session.add(AuditEvent(kind="study_received", study=study, detail={"calling_ae": item.calling_ae}))
-        study.last_received_at = now
         if study.state != StudyState.RECEIVING:
             study.state = StudyState.RECEIVING
         one = series.get(item.series_uid)
@@ -64,7 +65,9 @@ def record_instances(session: Session, items: list[ReceivedInstance], now: datet
             )
             session.add(one)
         one.instance_count += 1
-        one.last_received_at = now
+        received = item.received_at or now
+        study.last_received_at = max(study.last_received_at or received, received)
+        one.last_received_at = max(one.last_received_at or received, received)
         if item.expected_instances:
             one.expected_instances = item.expected_instances
         rows.append((one, item))
@@ -72,7 +75,7 @@ def record_instances(session: Session, items: list[ReceivedInstance], now: datet
     session.execute(insert(Instance), [
         {"series_id": one.id, "sop_uid": item.sop_uid, "sop_class_uid": item.sop_class_uid,
          "transfer_syntax_uid": item.transfer_syntax_uid, "path": item.path, "size_bytes": item.size_bytes,
-         "calling_ae": item.calling_ae, "received_at": now}
+         "calling_ae": item.calling_ae, "received_at": item.received_at or now}
         for one, item in rows
     ])
     return len(fresh)
@@ -85,6 +88,8 @@ class Recorder:
         self.db = db
         self.batch = batch
         self._queue: queue.Queue[ReceivedInstance] = queue.Queue()
+        self._pending: deque[datetime] = deque()  # received times of queued records, oldest first
+        self._pending_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
 
@@ -92,7 +97,14 @@ class Recorder:
         self._thread.start()
 
     def record(self, item: ReceivedInstance) -> None:
+        with self._pending_lock:
+            self._pending.append(item.received_at or utcnow())
         self._queue.put(item)
+
+    def unrecorded_since(self) -> datetime | None:
+        """When the oldest record still waiting for the database was received, or None."""
+        with self._pending_lock:
+            return self._pending[0] if self._pending else None
 
     def flush(self) -> None:
         """Block until every queued record is in the database."""
@@ -116,6 +128,9 @@ class Recorder:
             try:
                 self._write(items)
             finally:
+                with self._pending_lock:
+                    for _ in items:
+                        self._pending.popleft()
                 for _ in items:
                     self._queue.task_done()
 
@@ -157,8 +172,14 @@ def reconcile(spool: Spool, db: Database) -> int:
 class Tracker:
     """Turns complete studies into jobs and purges old spool data, on a timer thread."""
 
-    def __init__(self, db: Database, spool: Spool, series_idle_s: float, retention_hours: float, interval_s: float = 0.5) -> None:
+    def __init__(
+        self, db: Database, spool: Spool, series_idle_s: float, retention_hours: float, interval_s: float = 0.5,
+        unsettled_since: Callable[[], datetime | None] = lambda: None,
+    ) -> None:
+        """``unsettled_since`` tells when the oldest instance that was received but is not yet in
+        the database arrived (None: there is none); no study goes quiet before it is recorded."""
         self.db = db
+        self.unsettled_since = unsettled_since
         self.spool = spool
         self.series_idle = timedelta(seconds=series_idle_s)
         self.retention = timedelta(hours=retention_hours)
@@ -210,7 +231,10 @@ class Tracker:
         return created
 
     def _complete(self, study: Study, now: datetime) -> bool:
-        if study.last_received_at <= now - self.series_idle:
+        unsettled = self.unsettled_since()
+        if study.last_received_at <= now - self.series_idle and (
+            unsettled is None or unsettled >= study.last_received_at + self.series_idle
+        ):
             return True
         return bool(study.series) and all(
             s.expected_instances and s.instance_count >= s.expected_instances for s in study.series

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from datetime import timedelta
 from pathlib import Path
 
@@ -87,6 +89,24 @@ def test_a_quiet_study_becomes_a_job_and_late_instances_start_a_new_version(db: 
     assert len(tracker.tick(t0 + timedelta(seconds=23))) == 1
     with db.session() as s:
         assert [j.version for j in s.query(Job).order_by(Job.id)] == [1, 2]
+
+
+def test_a_study_is_not_quiet_while_an_instance_received_during_it_is_not_yet_recorded(
+    db: Database, tmp_path: Path
+) -> None:
+    """Instances are acknowledged first and recorded later: one still in that backlog, received
+    while the study was active, may belong to it, so the study waits for it."""
+    t0 = utcnow()
+    unsettled: list = [t0 + timedelta(seconds=3)]
+    tracker = Tracker(db, Spool(tmp_path / "spool"), series_idle_s=10, retention_hours=24,
+                      unsettled_since=lambda: unsettled[0])
+    with db.session() as s:
+        record_instances(s, [dataclasses.replace(instance("1.1"), received_at=t0)], t0 + timedelta(seconds=20))
+    assert tracker.tick(t0 + timedelta(seconds=30)) == []  # idle by its own clock, but one may be on its way
+    unsettled[0] = t0 + timedelta(seconds=40)  # what waits now arrived after the study went quiet
+    assert len(tracker.tick(t0 + timedelta(seconds=41))) == 1
+    with db.session() as s:
+        assert s.query(Study).one().last_received_at == t0  # the receive time, not the recording time
 
 
 def test_expected_count_completes_a_series_before_the_idle_time(db: Database, tmp_path: Path) -> None:
