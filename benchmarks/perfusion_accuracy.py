@@ -128,7 +128,7 @@ def phantom_realism(seeds: list[int]) -> str:
             first = frame[gm] if first is None else first
             peak = frame[gm] - first if peak is None else np.maximum(peak, frame[gm] - first)
         peaks.append(float(np.median(peak)))
-        ref = patient.haemodynamics.cbf_reference
+        ref = truth.cbf_reference
         if truth.masks["core"].any():
             core_rel.append(float(np.mean(truth.cbf[truth.masks["core"]])) / ref)
         if truth.masks["penumbra"].any():

@@ -115,6 +115,8 @@ def _curves_record(series: PerfusionSeries, units: str, residue: str) -> dict:
         "noise_sigma": series.noise_sigma,
         "echo_time_s": series.echo_time_s,
         "motion": series.motion,
+        "core_definition": "CBF < 0.3 x cbf_reference (contralateral normal-tissue mean in the field of view)",
+        "cbf_reference": series.truth.cbf_reference,
     }
 
 

@@ -60,7 +60,6 @@ class Haemodynamics:
     mtt_gm: float  # s
     mtt_wm: float
     delay_normal: float  # s, bolus delay of normal tissue after the AIF
-    cbf_reference: float = 0.0  # mL/100 g/min, mean normal-tissue CBF of the unaffected hemisphere
 
 
 @dataclass(frozen=True)
@@ -91,6 +90,7 @@ class Truth:
     tmax: np.ndarray  # s (= bolus delay)
     brain: np.ndarray  # bool: parenchyma fraction >= 0.5
     masks: dict[str, np.ndarray]  # core, penumbra, hypoperfused, oligaemia, final_* (bool)
+    cbf_reference: float = 0.0  # mL/100 g/min: contralateral normal-tissue mean; core is CBF < 30 % of it
     ttp: np.ndarray | None = None  # s from the first frame; set by the perfusion acquisition
 
     @property
@@ -131,14 +131,12 @@ def make_patient(seed: int, options: PhantomOptions | None = None) -> Patient:
     plan = LesionPlan.random(rng["lesion"])
     lesion = build_lesion(head_model(), plan, rng["lesion"])
     h = rng["haemodynamics"]
-    cbf_gm, cbf_wm = float(h.uniform(50, 70)), float(h.uniform(20, 30))
     haemodynamics = Haemodynamics(
-        cbf_gm=cbf_gm,
-        cbf_wm=cbf_wm,
+        cbf_gm=float(h.uniform(50, 70)),
+        cbf_wm=float(h.uniform(20, 30)),
         mtt_gm=float(h.uniform(3.5, 4.5)),
         mtt_wm=float(h.uniform(4.2, 5.0)),
         delay_normal=float(h.uniform(0.0, 1.5)),
-        cbf_reference=contralateral_cbf(plan.side, cbf_gm, cbf_wm),
     )
     return Patient(
         seed=seed,
@@ -157,19 +155,6 @@ DEEP_CORE_RCBF_OWN = 0.15
 """CBF at the centre of the core, relative to the voxel's own healthy CBF."""
 PENUMBRA_RCBF_OWN = 0.62
 """CBF at the outer border of the hypoperfused zone, relative to the voxel's own healthy CBF."""
-
-
-def contralateral_cbf(side: str, cbf_gm: float, cbf_wm: float) -> float:
-    """Mean healthy CBF of the parenchyma (GM + WM fraction >= 0.5) of the hemisphere opposite
-    ``side``, on the 1 mm template: the reference the core is defined against, the same on every
-    scan grid (so CT and MR truth agree)."""
-    model = head_model()
-    gm, wm = model.fractions[TISSUES.index("gm")], model.fractions[TISSUES.index("wm")]
-    x_index = np.arange(gm.shape[0], dtype=np.float64)
-    x_mni = model.affine[0, 0] * x_index + model.affine[0, 3]  # RAS template: x is the first axis
-    other = (x_mni > 0) if side == "left" else (x_mni < 0)
-    brain = ((gm + wm) >= 0.5) & other[:, None, None]
-    return float((gm[brain] * cbf_gm + wm[brain] * cbf_wm).mean())
 
 
 def axial_geometry(matrix: int, fov_mm: float, slices: int, thickness: float, spacing: float, centre_z: float) -> Geometry:
@@ -213,7 +198,14 @@ def truth_on_grid(patient: Patient, geometry: Geometry) -> Truth:
     # from the healthy value to 62 % of it; the penumbra from there to exactly 30 % of the
     # reference at the core border (never below it); the core from 30 % of the reference down
     # (geometrically) to 15 % of its own healthy value. Grey and white matter meet at the border.
-    ref = CORE_RCBF * h.cbf_reference
+    # The reference, as a reader measures it on this scan: the mean healthy CBF of the brain
+    # voxels of the other hemisphere in the field of view (a CT slab covers 80 mm, not the whole
+    # hemisphere). The zone masks do not depend on it, so CT and MR truth keep the same zones.
+    x_mni = patient.pose.lps_to_mni(centres)[..., 0]
+    other = (x_mni > 0) if lesion.side == "left" else (x_mni < 0)
+    contralateral = ((gm + wm) >= 0.5) & other
+    cbf_reference = float(cbf_healthy[contralateral].mean()) if contralateral.any() else float(cbf_healthy.max())
+    ref = CORE_RCBF * cbf_reference
     own = np.clip(cbf_healthy, 1e-6, None)
     u_olig = np.clip((severity - knots[0]) / (knots[1] - knots[0]), 0.0, 1.0)
     u_pen = np.clip((severity - knots[1]) / (knots[2] - knots[1]), 0.0, 1.0)
@@ -249,7 +241,7 @@ def truth_on_grid(patient: Patient, geometry: Geometry) -> Truth:
         "final_reperfused": zone["final_reperfused"],
         "final_not_reperfused": zone["final_not_reperfused"],
     }
-    return Truth(geometry, fractions, severity.astype(np.float32), cbf, cbv, mtt, tmax, brain, masks)
+    return Truth(geometry, fractions, severity.astype(np.float32), cbf, cbv, mtt, tmax, brain, masks, cbf_reference=cbf_reference)
 
 
 def ct_geometry(patient: Patient) -> Geometry:
