@@ -1,9 +1,13 @@
 """CT perfusion: a 4D series in, core, penumbra, volumes, mismatch and QC flags out, as Findings.
 
-Stages: load and check the series, correct head motion, find the baseline, mask the brain,
-convert to concentration, denoise inside the brain, select the AIF and VOF (partial-volume
-scaling), deconvolve every brain voxel with oSVD, threshold (core rCBF < 30 % of contralateral
-normal tissue, hypoperfusion Tmax > 6 s), remove specks, summarise with the DEFUSE 3 verdict.
+Stages: load and check the series; average 512-matrix frames to ~0.9 mm pixels; correct head
+motion (fail beyond half a slice of displacement); find the baseline, mask the brain, convert to
+concentration; select the AIF (fail on a truncated bolus) and the VOF (partial-volume scaling);
+denoise inside the brain with the edge-preserving TIPS filter; deconvolve every brain voxel with
+oSVD and correct SVD's biases (late Tmax, low fast flow) with a calibration on the study's own
+AIF; threshold (core rCBF < 30 % of the contralateral normal tissue within Tmax > 6 s,
+hypoperfusion Tmax > 6 s), remove specks, summarise with the DEFUSE 3 verdict; masks back on the
+acquired grid.
 """
 
 from __future__ import annotations

@@ -40,6 +40,16 @@ late. A flat-topped (boxcar) residue rings: CBF reads 1.1-1.35x, and Tmax lands 
 plateau, between the delay and the delay plus MTT. Noise raises oSVD's threshold and deepens the
 underestimate of fast flow. CBV is a ratio of areas and needs the acquisition to cover the bolus
 passage.
+
+Bias correction
+---------------
+``calibrate_bias`` measures these biases for one study: noise-free exponential-residue curves
+made with the study's own AIF (MTT 2-25 s, delays 0-12 s in 0.25 s steps) are deconvolved with
+every threshold, giving per threshold the measured ``area / peak`` against the true MTT, the
+peak's true / measured ratio and Tmax's lateness. ``bias_of`` looks each voxel up by the
+threshold oSVD chose for it and its measured ``area / peak``; ``apply_bias`` multiplies the flow
+and moves Tmax earlier. Noise-free it brings CBF within 10 % and Tmax within 0.3 s for MTT 3-12 s
+and delays 0-8 s (tests/unit/test_bias_correction.py). A boxcar residue, read high, is not helped.
 """
 
 from __future__ import annotations
