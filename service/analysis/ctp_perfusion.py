@@ -47,6 +47,7 @@ class CtpParameters:
     # estimate with the noise. (Measured on the phantom at 10 HU: 8 mm beat 4 mm and a 5-8 mm
     # median filter; calibrating on curves with the residual noise added did not raise the Dice.)
     bias_smoothing_mm: float = 8.0
+    bias_split: bool = True  # smooth the bias fields separately inside and outside Tmax > 6 s
     denoising: str = "tips"  # "tips" (edge-preserving, time-intensity profile similarity) or "gaussian"
 
 
@@ -212,9 +213,21 @@ def analyse_ctp_series(
     fit = deconvolve(tissue, arterial, dt, parameters.method, **levels)
     if parameters.bias_correction:
         ratio, late = bias_of(fit, calibrate_bias(arterial, dt, parameters.method, **levels))
-        # The bias varies slowly across tissue, its per-voxel estimate with the noise: smooth it.
-        log_ratio = _smooth_in(brain, np.log(ratio), geometry, parameters.bias_smoothing_mm)
-        fit = apply_bias(fit, np.exp(log_ratio), _smooth_in(brain, late, geometry, parameters.bias_smoothing_mm))
+        # The bias varies slowly across tissue, its per-voxel estimate with the noise: smooth it,
+        # but not across the border of the hypoperfusion (there the bias jumps with the MTT).
+        log_ratio, late = np.log(ratio), late.copy()
+        if parameters.bias_split:
+            slow = np.zeros(brain.shape, dtype=bool)
+            slow[brain] = fit.tmax_s - late > parameters.tmax_threshold_s
+            parts = [brain & slow, brain & ~slow]
+        else:
+            parts = [brain]
+        for part in parts:
+            inside = part[brain]
+            if inside.any():
+                log_ratio[inside] = _smooth_in(part, log_ratio[inside], geometry, parameters.bias_smoothing_mm)
+                late[inside] = _smooth_in(part, late[inside], geometry, parameters.bias_smoothing_mm)
+        fit = apply_bias(fit, np.exp(log_ratio), late)
     perfusion = perfusion_parameters(fit, tissue, arterial, dt)
     maps = {name: np.zeros(geometry.shape, dtype=np.float32) for name in ("cbf", "cbv", "mtt", "tmax")}
     for name, volume in maps.items():
