@@ -1,9 +1,10 @@
 """``strokegate demo``: the whole path on one machine, with a stand-in PACS.
 
 A synthetic MRI stroke patient is generated, sent over C-STORE to a StrokeGate running on embedded
-defaults (SQLite, temporary spool, CPU), analysed, and the SEG and SR are received by a real
-storage SCP standing in for the PACS. Prints the core volume against the ground truth and the time
-of every stage.
+defaults (SQLite, temporary spool, CPU), analysed, and every result (SEG, SR, summary image,
+colour map series and Parametric Maps) is received by a real storage SCP standing in for the PACS.
+Prints the core volume against the ground truth, where the summary image is (and a PNG of it), and
+the time of every stage.
 """
 
 from __future__ import annotations
@@ -14,21 +15,25 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from pydicom import dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from service.config import Destination, Settings
-from service.ingest.scp import no_delay_on_open
+from service.delivery.scu import send_files
 from service.phantom.generate import write_patient
 from service.phantom.truth_files import read_nifti
 from service.server import StrokeGate
-from service.store.models import Job, JobState
+from service.store.models import Job, JobState, ResultObject
 
 TIMEOUT_S = 300
 
@@ -64,23 +69,15 @@ class StandInPacs:
 
 
 def _send(paths: list[Path], port: int, called_ae: str, progress: Progress) -> None:
-    ae = AE(ae_title="DEMOSCANNER")
-    ae.maximum_pdu_size = 0
-    headers = [dcmread(p, stop_before_pixels=True) for p in paths]
-    for sop_class in sorted({str(h.SOPClassUID) for h in headers}):
-        ae.add_requested_context(sop_class)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, no_delay_on_open)])
-    if not assoc.is_established:
-        raise RuntimeError("StrokeGate did not accept the association")
+    """C-STORE the study as a scanner would, a series' worth of instances per association."""
     task = progress.add_task("sending the study over C-STORE", total=len(paths))
-    try:
-        for path in paths:
-            status = assoc.send_c_store(path)
-            if status.Status != 0:
-                raise RuntimeError(f"StrokeGate answered 0x{status.Status:04X}")
-            progress.advance(task)
-    finally:
-        assoc.release()
+    destination = Destination(ae_title=called_ae, host="127.0.0.1", port=port)
+    for start in range(0, len(paths), 100):
+        outcomes = send_files(destination, paths[start : start + 100], "DEMOSCANNER")
+        failed = [o for o in outcomes if not o.delivered]
+        if failed:
+            raise RuntimeError(f"StrokeGate did not store {failed[0].path.name}: {failed[0].error}")
+        progress.advance(task, len(outcomes))
 
 
 def run_demo(seed: int, keep: Path | None, console: Console) -> int:
@@ -124,18 +121,21 @@ def _run(seed: int, root: Path, console: Console) -> int:
             _send(paths, gate.dicom_port, settings.ae_title, progress)
             times["send study (C-STORE)"] = time.perf_counter() - started
             sent_at = time.perf_counter()
-            task = progress.add_task("waiting for SEG and SR at the stand-in PACS", total=2)
+            task = progress.add_task("waiting for the results at the stand-in PACS", total=None)
             deadline = time.monotonic() + TIMEOUT_S
-            while len(pacs.received) < 2 and time.monotonic() < deadline:
-                progress.update(task, completed=len(pacs.received))
+            expected = None
+            while time.monotonic() < deadline:
                 failed = _failed_job(gate)
                 if failed:
                     console.print(f"[red]analysis failed:[/red] {failed}")
                     return 1
+                expected = _result_count(gate)
+                progress.update(task, total=expected, completed=len(pacs.received))
+                if expected and len(pacs.received) >= expected:
+                    break
                 time.sleep(0.2)
-            progress.update(task, completed=len(pacs.received))
             times["last instance to results at PACS"] = time.perf_counter() - sent_at
-        if len(pacs.received) < 2:
+        if not expected or len(pacs.received) < expected:
             console.print(f"[red]results did not arrive within {TIMEOUT_S} s[/red]")
             return 1
         with gate.db.session() as session:
@@ -146,6 +146,15 @@ def _run(seed: int, root: Path, console: Console) -> int:
     finally:
         gate.stop()
         pacs.stop()
+
+
+def _result_count(gate: StrokeGate) -> int | None:
+    """How many objects the finished analysis made (None while it runs)."""
+    with gate.db.session() as session:
+        job = session.scalars(select(Job).where(Job.state == JobState.DONE).order_by(Job.id.desc())).first()
+        if job is None:
+            return None
+        return session.scalar(select(func.count()).select_from(ResultObject).where(ResultObject.job_id == job.id))
 
 
 def _failed_job(gate: StrokeGate) -> str | None:
@@ -163,10 +172,21 @@ def _report(console: Console, findings: dict, patient: Path, pacs: StandInPacs, 
     table.add_row("ground truth core", f"{truth_ml:.1f} mL")
     error = measured - truth_ml
     table.add_row("difference", f"{error:+.1f} mL ({100 * error / truth_ml:+.1f} %)" if truth_ml else f"{error:+.1f} mL")
+    summary_line = ""
+    series: dict[str, list[Path]] = {}
     for path in pacs.received:
-        ds = dcmread(path, stop_before_pixels=True)
-        table.add_row(f"received by PACS: {ds.Modality}", f"{ds.SeriesDescription} -> {path}")
+        series.setdefault(str(dcmread(path, stop_before_pixels=True).SeriesDescription), []).append(path)
+    for description, paths in sorted(series.items()):
+        kind = str(dcmread(paths[0], stop_before_pixels=True).Modality)
+        where = str(paths[0]) if len(paths) == 1 else f"{len(paths)} images in {paths[0].parent}"
+        table.add_row(f"received by PACS: {kind}", f"{description} -> {where}")
+        if description.startswith("StrokeGate summary"):
+            summary_png = paths[0].with_suffix(".png")
+            plt.imsave(summary_png, dcmread(paths[0]).pixel_array)
+            summary_line = f"summary image: {paths[0]}\n  as PNG: {summary_png}"
     console.print(table)
+    if summary_line:
+        console.print(summary_line, soft_wrap=True)
     stages = Table("stage", "seconds", title="Timing")
     for name, seconds in times.items():
         stages.add_row(name, f"{seconds:.2f}")

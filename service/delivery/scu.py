@@ -1,19 +1,29 @@
-"""Sending result objects to one destination by C-STORE."""
+"""Sending result objects to one destination by C-STORE, over one association.
+
+The files are sent as written (their encoded dataset after the file meta, in their own transfer
+syntax), with the upper layer the receiver uses (``ingest/upper_layer.py`` says why not
+pynetdicom's requestor): association negotiation by pynetdicom's PDU classes, our P-DATA path.
+"""
 
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pydicom.filereader import read_file_meta_info
+from pynetdicom.presentation import build_context
 
 from service.config import Destination
-from service.ingest.scp import no_delay_on_open
+from service.ingest.dimse import C_STORE_RSP, encode_store_request
+from service.ingest.scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, no_delay
+from service.ingest.upper_layer import AssociationRejected, Connection, PeerGone, ProtocolError
 
 log = logging.getLogger(__name__)
+
+RECEIVE_MAX_PDU = 1 << 20  # responses are a few hundred bytes
 
 
 @dataclass(frozen=True)
@@ -28,33 +38,53 @@ class SendOutcome:
         return self.status is not None and (self.status == 0x0000 or self.status in (0x0001, 0x0107, 0x0116) or (self.status & 0xF000) == 0xB000)
 
 
+def dataset_bytes(data: bytes) -> memoryview:
+    """The encoded dataset of a DICOM file: what follows its file meta group."""
+    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+        raise ValueError("not a DICOM file with a file meta group length")
+    (group_length,) = struct.unpack_from("<I", data, 140)
+    return memoryview(data)[144 + group_length :]
+
+
 def send_files(destination: Destination, paths: list[Path], calling_ae: str, timeout_s: float = 30.0) -> list[SendOutcome]:
     """C-STORE every file to ``destination`` over one association; one outcome per file."""
-    datasets = [dcmread(p) for p in paths]
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    for sop_class, syntax in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}):
-        ae.add_requested_context(sop_class, [syntax])
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, no_delay_on_open)])
-    if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "association not established (connection refused or timed out)"
-        return [SendOutcome(p, None, reason) for p in paths]
-    outcomes = []
+    metas = [read_file_meta_info(p) for p in paths]
+    keys = sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas})
+    contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in keys]
     try:
-        for path, ds in zip(paths, datasets, strict=True):
-            if not assoc.is_established:
-                outcomes.append(SendOutcome(path, None, "association lost"))
+        sock = socket.create_connection((destination.host, destination.port), timeout=timeout_s)
+    except OSError as error:
+        return [SendOutcome(p, None, f"association not established: {error}") for p in paths]
+    no_delay(sock)
+    connection = Connection(sock, timeout_s, RECEIVE_MAX_PDU)
+    outcomes: list[SendOutcome] = []
+    try:
+        accepted, peer_max_pdu = connection.request(
+            calling_ae, destination.ae_title, contexts, (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION)
+        )
+        by_key = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): cid for cid, cx in accepted.items()}
+        for message_id, (path, meta) in enumerate(zip(paths, metas, strict=True), start=1):
+            key = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+            if key not in by_key:
+                outcomes.append(SendOutcome(path, None, f"no accepted presentation context for {key[0]} in {key[1]}"))
                 continue
-            try:
-                status = assoc.send_c_store(ds)
-            except (ValueError, RuntimeError) as error:  # e.g. no accepted presentation context
-                outcomes.append(SendOutcome(path, None, str(error)))
-                continue
-            code = int(status.Status) if "Status" in status else None
-            outcomes.append(SendOutcome(path, code, None if code == 0 else f"status 0x{code:04X}" if code is not None else "no response"))
+            command = encode_store_request(message_id, key[0], str(meta.MediaStorageSOPInstanceUID))
+            connection.send_message(by_key[key], command, dataset_bytes(path.read_bytes()), peer_max_pdu)
+            response = connection.read_message(accepted)
+            if response is None or response.command.command_field != C_STORE_RSP:
+                raise ProtocolError("expected a C-STORE response")
+            if response.command.responded_to != message_id:
+                raise ProtocolError(f"response to message {response.command.responded_to}, expected {message_id}")
+            status = response.command.status
+            outcomes.append(SendOutcome(path, status, None if status == 0 else f"status 0x{status:04X}" if status is not None else "no status"))
+        connection.release()
+    except AssociationRejected as error:
+        return [SendOutcome(p, None, str(error)) for p in paths]
+    except ProtocolError as error:
+        connection.abort(error.reason)
+        outcomes += [SendOutcome(p, None, f"association aborted: {error}") for p in paths[len(outcomes):]]
+    except (PeerGone, OSError) as error:  # TimeoutError is an OSError
+        outcomes += [SendOutcome(p, None, f"association lost: {error or type(error).__name__}") for p in paths[len(outcomes):]]
     finally:
-        if assoc.is_established:
-            assoc.release()
+        sock.close()
     return outcomes

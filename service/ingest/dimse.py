@@ -1,4 +1,4 @@
-"""DIMSE command sets for the receiver: decoding C-ECHO/C-STORE requests, encoding their responses.
+"""DIMSE command sets for C-ECHO and C-STORE: requests and responses, read and written.
 
 A command set is a dozen group-0000 elements, always Implicit VR Little Endian (PS3.7 6.3.1);
 reading and writing them directly costs a few microseconds where a general pydicom round trip
@@ -22,6 +22,7 @@ _AFFECTED_SOP_CLASS = 0x0002
 _COMMAND_FIELD = 0x0100
 _MESSAGE_ID = 0x0110
 _RESPONDED_TO = 0x0120
+_PRIORITY = 0x0700
 _DATASET_TYPE = 0x0800
 _STATUS = 0x0900
 _ERROR_COMMENT = 0x0902
@@ -32,7 +33,7 @@ _ELEMENT = struct.Struct("<HHI")
 
 @dataclass(frozen=True)
 class Command:
-    """The fields of a request the receiver acts on."""
+    """The fields of a request or response that the receiver and the sender act on."""
 
     command_field: int
     message_id: int
@@ -40,6 +41,8 @@ class Command:
     sop_class_uid: str
     sop_instance_uid: str
     move_originator_ae: str
+    status: int | None = None  # responses only
+    responded_to: int | None = None  # responses only
 
 
 def decode_command(encoded: bytes | bytearray) -> Command:
@@ -70,7 +73,21 @@ def decode_command(encoded: bytes | bytearray) -> Command:
         sop_class_uid=text(_AFFECTED_SOP_CLASS),
         sop_instance_uid=text(_AFFECTED_SOP_INSTANCE),
         move_originator_ae=text(_MOVE_ORIGINATOR_AE),
+        status=number(_STATUS) if _STATUS in values else None,
+        responded_to=number(_RESPONDED_TO) if _RESPONDED_TO in values else None,
     )
+
+
+def encode_store_request(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
+    """The command set of a C-STORE-RQ (medium priority) with a dataset following."""
+    return _command_set([
+        (_AFFECTED_SOP_CLASS, _uid(sop_class_uid)),
+        (_COMMAND_FIELD, struct.pack("<H", C_STORE_RQ)),
+        (_MESSAGE_ID, struct.pack("<H", message_id)),
+        (_PRIORITY, struct.pack("<H", 0)),
+        (_DATASET_TYPE, struct.pack("<H", 0x0000)),
+        (_AFFECTED_SOP_INSTANCE, _uid(sop_instance_uid)),
+    ])
 
 
 def encode_response(request: Command, status: int, comment: str = "") -> bytes:
@@ -85,6 +102,10 @@ def encode_response(request: Command, status: int, comment: str = "") -> bytes:
         elements.append((_ERROR_COMMENT, text + b" " * (len(text) % 2)))
     if request.command_field == C_STORE_RQ:
         elements.append((_AFFECTED_SOP_INSTANCE, _uid(request.sop_instance_uid)))
+    return _command_set(elements)
+
+
+def _command_set(elements: list[tuple[int, bytes]]) -> bytes:
     body = b"".join(_ELEMENT.pack(0x0000, tag, len(value)) + value for tag, value in elements)
     return _ELEMENT.pack(0x0000, 0x0000, 4) + struct.pack("<I", len(body)) + body
 

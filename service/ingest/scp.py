@@ -39,7 +39,6 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
@@ -162,13 +161,6 @@ def no_delay(sock: socket.socket) -> None:
     """Send small PDUs at once: without it, Nagle's algorithm and the peer's delayed ACK stall
     each request-response exchange by up to 40 ms."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def no_delay_on_open(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler for requestors (SCUs): TCP_NODELAY on the new connection."""
-    sock = event.assoc.dul.socket.socket
-    if sock is not None:
-        no_delay(sock)
 
 
 def parse_header(file_bytes: bytes) -> Dataset:

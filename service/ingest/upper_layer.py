@@ -1,10 +1,13 @@
-"""The DICOM Upper Layer on one accepted socket: PDUs in and out, association negotiation, messages.
+"""The DICOM Upper Layer on one socket: PDUs in and out, association negotiation, DIMSE messages.
 
 pynetdicom decodes and encodes the association PDUs and negotiates the presentation contexts;
 what this module adds is a direct P-DATA path. pynetdicom's general state machine (a thread per
 layer, queues, an object per fragment) costs ~4 ms of CPU per instance, while a CT perfusion study
 is hundreds of instances sent one after another, each waiting for its response: here a message's
-fragments are read straight from the socket into one buffer.
+fragments are read straight from the socket into one buffer. The same connection serves the
+sender of results (requestor side), which also avoids a race in pynetdicom's requestor: its reactor
+thread can take a response that arrives within microseconds of the request for an unsolicited
+message, and the request then waits for its DIMSE timeout.
 """
 
 from __future__ import annotations
@@ -27,12 +30,17 @@ from service.errors import InputError
 from service.ingest.dimse import Command, decode_command
 
 ASSOCIATE_RQ = 0x01
+ASSOCIATE_AC = 0x02
+ASSOCIATE_RJ = 0x03
 P_DATA = 0x04
 RELEASE_RQ = 0x05
 ABORT = 0x07
 _PDU_HEADER = struct.Struct(">BxI")
 _PDV_HEADER = struct.Struct(">IBB")
+RELEASE_RP = 0x06
+_RELEASE_RQ = bytes([RELEASE_RQ, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _RELEASE_RP = bytes([0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+_SEND_CHUNK = 1 << 20  # dataset fragment size when the peer sets no maximum
 _MAX_ASSOCIATE_RQ = 1 << 20
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
@@ -56,6 +64,10 @@ class ProtocolError(Exception):
 
 class PeerGone(Exception):
     """The peer aborted or closed the connection."""
+
+
+class AssociationRejected(Exception):
+    """The peer answered our A-ASSOCIATE-RQ with A-ASSOCIATE-RJ."""
 
 
 @dataclass
@@ -217,7 +229,70 @@ class Connection:
                     self._pending = bytes(body[position:])
                     return message
 
+    def request(
+        self, calling_ae: str, called_ae: str, contexts: list[PresentationContext], implementation: tuple[str, str]
+    ) -> tuple[dict[int, PresentationContext], int]:
+        """Propose an association (requestor side); the accepted contexts by ID and the peer's
+        maximum PDU length (0: unlimited). AssociationRejected, PeerGone or ProtocolError otherwise."""
+        for number, context in enumerate(contexts):
+            context.context_id = 2 * number + 1
+        maximum = MaximumLengthNotification()
+        maximum.maximum_length_received = self.max_pdu
+        class_uid = ImplementationClassUIDNotification()
+        class_uid.implementation_class_uid = implementation[0]
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = implementation[1]
+        primitive = A_ASSOCIATE()
+        primitive.application_context_name = APPLICATION_CONTEXT
+        primitive.calling_ae_title = calling_ae
+        primitive.called_ae_title = called_ae
+        primitive.presentation_context_definition_list = contexts
+        primitive.user_information = [maximum, class_uid, version]
+        pdu = A_ASSOCIATE_RQ()
+        pdu.from_primitive(primitive)
+        self.sock.sendall(pdu.encode())
+        kind, body = self.read_pdu()
+        if kind == ASSOCIATE_RJ:
+            raise AssociationRejected(f"association rejected (result, source, reason = {tuple(body[1:4])})")
+        if kind == ABORT:
+            raise PeerGone("association aborted by the peer")
+        if kind != ASSOCIATE_AC:
+            raise ProtocolError(f"expected A-ASSOCIATE-AC, got PDU type 0x{kind:02x}")
+        answer = A_ASSOCIATE_AC()
+        try:
+            answer.decode(bytes(self._header) + bytes(body))
+            accepted = answer.to_primitive()
+        except Exception as error:  # pynetdicom raises several types for a malformed PDU
+            raise ProtocolError(f"malformed A-ASSOCIATE-AC: {error}", ABORT_INVALID_PARAMETER) from error
+        proposed = {int(cx.context_id): cx for cx in contexts}
+        result = {}
+        for cx in accepted.presentation_context_definition_results_list:
+            if cx.result == 0x00 and int(cx.context_id) in proposed:
+                chosen = PresentationContext()
+                chosen.context_id = int(cx.context_id)
+                chosen.abstract_syntax = proposed[int(cx.context_id)].abstract_syntax
+                chosen.transfer_syntax = [cx.transfer_syntax[0]]
+                result[chosen.context_id] = chosen
+        return result, int(accepted.maximum_length_received or 0)
+
+    def release(self) -> None:
+        """A-RELEASE-RQ, then wait for the peer's A-RELEASE-RP (requestor side)."""
+        self.sock.sendall(_RELEASE_RQ)
+        kind, _ = self.read_pdu()
+        if kind != RELEASE_RP:
+            raise ProtocolError(f"expected A-RELEASE-RP, got PDU type 0x{kind:02x}")
+
+    def send_message(self, context_id: int, command: bytes, dataset: memoryview, peer_max_pdu: int) -> None:
+        """A command set and its dataset, the dataset in fragments that fit the peer's maximum PDU."""
+        self.send_command(context_id, command)
+        chunk = (peer_max_pdu - 6) if peer_max_pdu else _SEND_CHUNK
+        for start in range(0, len(dataset), chunk):
+            fragment = dataset[start : start + chunk]
+            control = 0x02 if start + chunk >= len(dataset) else 0x00
+            header = _PDU_HEADER.pack(P_DATA, len(fragment) + 6) + _PDV_HEADER.pack(len(fragment) + 2, context_id, control)
+            self.sock.sendall(header + bytes(fragment))
+
     def send_command(self, context_id: int, encoded: bytes) -> None:
-        """A whole command set in one P-DATA PDU (responses are small)."""
+        """A whole command set in one P-DATA PDU (command sets are small)."""
         item = _PDV_HEADER.pack(len(encoded) + 2, context_id, 0x03) + encoded
         self.sock.sendall(_PDU_HEADER.pack(P_DATA, len(item)) + item)
