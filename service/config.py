@@ -23,25 +23,42 @@ def check_ae_title(value: str) -> str:
     return value.strip()
 
 
+RESULT_CATEGORIES = ("seg", "sr", "summary", "maps", "values")
+"""What a destination can be sent: the SEG, the SR, the summary image, the colour map series and
+the map values (Parametric Maps)."""
+
+
 class Destination(BaseModel):
-    """A DICOM node results are sent to by C-STORE."""
+    """A DICOM node results are sent to by C-STORE, and which of the results it gets."""
 
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    send: list[str] = Field(default_factory=lambda: list(RESULT_CATEGORIES), min_length=1)
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
         return check_ae_title(value)
 
+    @field_validator("send")
+    @classmethod
+    def _send(cls, values: list[str]) -> list[str]:
+        unknown = sorted(set(values) - set(RESULT_CATEGORIES))
+        if unknown:
+            raise ValueError(f"cannot send {unknown}: choose from {', '.join(RESULT_CATEGORIES)}")
+        return values
+
     @classmethod
     def parse(cls, text: str) -> Destination:
-        """``AE@host:port``, e.g. ``PACS@10.0.0.5:104``."""
-        match = re.fullmatch(r"(?P<ae>[^@]+)@(?P<host>[^:@]+):(?P<port>\d+)", text.strip())
+        """``AE@host:port``, e.g. ``PACS@10.0.0.5:104``, optionally ``?send=seg+sr+summary``."""
+        match = re.fullmatch(
+            r"(?P<ae>[^@]+)@(?P<host>[^:@]+):(?P<port>\d+)(\?send=(?P<send>[a-z+]+))?", text.strip()
+        )
         if not match:
-            raise ValueError(f"destination must look like AE@host:port, got {text!r}")
-        return cls(ae_title=match["ae"], host=match["host"], port=int(match["port"]))
+            raise ValueError(f"destination must look like AE@host:port[?send=seg+sr+...], got {text!r}")
+        send = match["send"].split("+") if match["send"] else list(RESULT_CATEGORIES)
+        return cls(ae_title=match["ae"], host=match["host"], port=int(match["port"]), send=send)
 
     @property
     def name(self) -> str:

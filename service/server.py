@@ -49,7 +49,7 @@ class StrokeGate:
         self.workers = Workers(
             self.db, settings.spool_dir, settings.results_dir,
             AnalysisParameters.from_settings(settings),
-            [d.name for d in settings.destinations], settings.job_lease_s, settings.job_max_attempts,
+            {d.name: frozenset(d.send) for d in settings.destinations}, settings.job_lease_s, settings.job_max_attempts,
             count=settings.workers, on_results=self.sender.wake,
         )
         self._running = False

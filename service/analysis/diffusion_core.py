@@ -134,6 +134,7 @@ def analyse_diffusion_core(
         measurements={"core_volume_ml": core.volume_ml},
         qc_flags=flags,
         parameters={"adc_threshold": float(adc_threshold), "min_lesion_ml": float(min_lesion_ml)},
+        maps={"adc": np.where(brain, adc, 0.0).astype(np.float32)},
         timings_s=timings,
     )
 

@@ -31,8 +31,10 @@ from service.imaging.classify import classify
 from service.imaging.volumes import group_series
 from service.ops import metrics
 from service.perfusion.thresholds import Defuse3Criteria
+from service.results.maps import MAP_STYLES, build_colour_series, build_parametric_map
 from service.results.seg import build_seg
 from service.results.sr import build_sr
+from service.results.summary import build_summary
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -67,7 +69,7 @@ class AnalysisParameters:
 @dataclass
 class StudyOutcome:
     findings: Findings
-    objects: list[tuple[str, Dataset]]  # (kind, dataset): "SEG", "SR"
+    objects: list[tuple[str, Dataset]]  # (kind, dataset): "SEG", "SR", "SUMMARY", "MAP-cbf-001" (colour, per slice), "PM-cbf" (values)
 
 
 @dataclass
@@ -110,11 +112,24 @@ def analyse_study(paths: list[Path], version: int, parameters: AnalysisParameter
     findings.timings_s = {"classify": classified, **findings.timings_s}
     started = time.perf_counter()
     seg = build_seg(findings)
-    sr = build_sr(findings, seg)
+    objects = [("SEG", seg), ("SR", build_sr(findings, seg)), *reader_series(findings)]
     findings.timings_s["results"] = time.perf_counter() - started
     for stage, seconds in findings.timings_s.items():
         metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
-    return StudyOutcome(findings, [("SEG", seg), ("SR", sr)])
+    return StudyOutcome(findings, objects)
+
+
+def reader_series(findings: Findings) -> list[tuple[str, Dataset]]:
+    """What a radiologist reads in any viewer: the summary image and, per map, its colour series
+    (one image per slice) and its values (Parametric Map)."""
+    objects: list[tuple[str, Dataset]] = [("SUMMARY", build_summary(findings))]
+    for name in sorted(findings.maps):
+        if name not in MAP_STYLES:
+            continue
+        colour = build_colour_series(findings, name)
+        objects += [(f"MAP-{name}-{index:03d}", image) for index, image in enumerate(colour, start=1)]
+        objects.append((f"PM-{name}", build_parametric_map(findings, name)))
+    return objects
 
 
 def dispatch(series: StudySeries, version: int, parameters: AnalysisParameters, study_uid: str | None) -> Findings:

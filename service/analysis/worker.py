@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Collection
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +31,7 @@ class Workers:
         spool_dir: Path,
         results_dir: Path,
         parameters: AnalysisParameters,
-        destinations: list[str],
+        destinations: dict[str, Collection[str]],
         lease_s: float,
         max_attempts: int,
         count: int = 1,

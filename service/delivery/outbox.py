@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,8 +36,19 @@ class ResultFile:
     path: str  # relative to the results folder
 
 
-def enqueue(session: Session, job: Job, results: list[ResultFile], destinations: list[str]) -> None:
-    """Add a job's result objects and one pending delivery per destination (idempotent)."""
+def result_category(kind: str) -> str:
+    """The ``RESULT_CATEGORIES`` entry of a result kind ("SEG", "SR", "SUMMARY", "MAP-cbf-001" for a
+    colour map slice, "PM-cbf" for map values), by which destinations choose what they get."""
+    if kind.startswith("MAP-"):
+        return "maps"
+    if kind.startswith("PM-"):
+        return "values"
+    return kind.lower()
+
+
+def enqueue(session: Session, job: Job, results: list[ResultFile], destinations: dict[str, Collection[str]]) -> None:
+    """Add a job's result objects and one pending delivery per destination that wants them
+    (``destinations``: name -> result categories); idempotent."""
     for result in results:
         row = session.scalar(select(ResultObject).where(ResultObject.sop_uid == result.sop_uid))
         if row is None:
@@ -44,8 +56,8 @@ def enqueue(session: Session, job: Job, results: list[ResultFile], destinations:
             session.add(row)
             session.flush()
         have = set(session.scalars(select(Delivery.destination).where(Delivery.result_id == row.id)))
-        for destination in destinations:
-            if destination not in have:
+        for destination, categories in destinations.items():
+            if destination not in have and result_category(result.kind) in categories:
                 session.add(Delivery(result_id=row.id, destination=destination))
 
 

@@ -28,7 +28,11 @@ def test_demo_sends_a_patient_and_receives_seg_and_sr(tmp_path: Path) -> None:
     measured = float(re.search(r"ischaemic core \(ADC < 620 e-6 mm2/s\)\s*│\s*([\d.]+) mL", out).group(1))
     truth = float(re.search(r"ground truth core\s*│\s*([\d.]+) mL", out).group(1))
     assert abs(measured - truth) <= 0.1 * truth
-    assert len(list((tmp_path / "pacs").glob("*.dcm"))) == 2
+    received = [pydicom.dcmread(p, stop_before_pixels=True) for p in (tmp_path / "pacs").glob("*.dcm")]
+    assert {"SEG", "SR", "OT"} <= {ds.Modality for ds in received}  # OT: summary and colour maps
+    assert any(ds.SOPClassUID == pydicom.uid.ParametricMapStorage for ds in received)
+    summary = Path(re.search(r"summary image: (\S+\.dcm)", out).group(1))
+    assert summary.exists() and summary.with_suffix(".png").exists()
 
 
 def test_process_analyses_a_folder_offline(tmp_path: Path) -> None:

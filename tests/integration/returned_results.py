@@ -133,7 +133,7 @@ def round_trip(root: Path, study_dir: Path, instances: int) -> RoundTrip:
             found = {}
             for path in pacs.files():
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
-                if f" v{version} " in f" {ds.SeriesDescription} ":
+                if f" v{version} " in f" {ds.SeriesDescription} " and ds.Modality in ("SEG", "SR"):
                     found[ds.Modality] = path
             return found if set(found) == {"SEG", "SR"} else None
 

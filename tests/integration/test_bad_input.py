@@ -45,7 +45,7 @@ def variant(dwi: Path, folder: Path, name: str, change=None, keep=None) -> str: 
 
 def test_bad_studies_fail_with_reasons_and_good_ones_still_succeed(tmp_path: Path, dwi: Path) -> None:
     pacs = StoreSCP(tmp_path / "pacs").start()
-    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [pacs.address]).start()
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [f"{pacs.address}?send=seg+sr"]).start()
     try:
         def no_pixels(ds, index):  # noqa: ANN001, ANN202
             del ds.PixelData

@@ -111,7 +111,7 @@ def _exactly_once(pacs: StoreSCP, service: Service) -> None:
 
 def test_kill_during_analysis_retries_the_job_and_delivers_once(tmp_path: Path, patient: Path) -> None:
     pacs = StoreSCP(tmp_path / "pacs").start()
-    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [pacs.address]).start()
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [f"{pacs.address}?send=seg+sr"]).start()
     try:
         _send_and_kill_when(
             service, patient, lambda: any(j["state"] == "running" for j in service.get("/api/jobs")), "a running job"
@@ -127,7 +127,7 @@ def test_kill_during_analysis_retries_the_job_and_delivers_once(tmp_path: Path, 
 
 def test_kill_with_results_in_the_outbox_delivers_them_after_restart_once(tmp_path: Path, patient: Path) -> None:
     pacs = StoreSCP(tmp_path / "pacs")  # down: results wait in the outbox, retrying
-    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [pacs.address]).start()
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [f"{pacs.address}?send=seg+sr"]).start()
     try:
         _send_and_kill_when(
             service, patient,

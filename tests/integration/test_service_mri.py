@@ -42,7 +42,7 @@ def seg_volume_ml(path: Path, source_dir: Path) -> float:
 
 def run_dwi_study(tmp_path: Path, database_url: str, mri_patient: Path) -> None:
     pacs = StoreSCP(tmp_path / "pacs").start()
-    service = Service(tmp_path / "gate", database_url, [pacs.address])
+    service = Service(tmp_path / "gate", database_url, [f"{pacs.address}?send=seg+sr"])
     try:
         service.start()
         storescu(mri_patient / "dicom" / "MR" / "dwi", service.port, "STROKEGATE")
@@ -88,7 +88,7 @@ def test_dwi_study_comes_back_as_valid_seg_and_sr_postgresql(tmp_path: Path, mri
 
 def test_results_arrive_when_the_destination_comes_back(tmp_path: Path, mri_patient: Path) -> None:
     pacs = StoreSCP(tmp_path / "pacs")  # not started: the PACS is down
-    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [pacs.address]).start()
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [f"{pacs.address}?send=seg+sr"]).start()
     try:
         storescu(mri_patient / "dicom" / "MR" / "dwi", service.port, "STROKEGATE")
         wait_for(lambda: service.metric("strokegate_delivery_failures_total") >= 4, 90, "failed delivery attempts")
@@ -145,7 +145,7 @@ def test_flags_and_failure_reasons_reach_the_api_and_the_sr(tmp_path: Path, mri_
         ds.StudyInstanceUID = "2.25.4242"
         ds.save_as(refused / path.name)
     pacs = StoreSCP(tmp_path / "pacs").start()
-    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [pacs.address]).start()
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [f"{pacs.address}?send=seg+sr"]).start()
     try:
         storescu(flagged, service.port, "STROKEGATE")
         storescu(refused, service.port, "STROKEGATE")

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service.config import Destination, load_settings
+from service.config import RESULT_CATEGORIES, Destination, load_settings
 from service.delivery.outbox import ResultFile, backoff, enqueue
 from service.errors import InputError
 from service.ingest.scp import ReceivedInstance
@@ -161,9 +161,25 @@ def test_outbox_rows_are_written_once_per_object_and_destination(db: Database) -
     files = [ResultFile("SEG", "9.1", "1.2.840.10008.5.1.4.1.1.66.4", "a/SEG.dcm"), ResultFile("SR", "9.2", "1.2.840.10008.5.1.4.1.1.88.34", "a/SR.dcm")]
     for _ in range(2):
         with db.session() as s:
-            enqueue(s, s.get(Job, job_id), files, ["PACS@h:1", "VNA@h:2"])
+            enqueue(s, s.get(Job, job_id), files, {"PACS@h:1": RESULT_CATEGORIES, "VNA@h:2": RESULT_CATEGORIES})
     with db.session() as s:
         assert s.query(Delivery).count() == 4
+
+
+def test_each_destination_gets_only_the_results_it_asks_for(db: Database) -> None:
+    viewer = Destination.parse("VIEWER@h:3?send=summary+maps")
+    assert viewer.send == ["summary", "maps"] and viewer.name == "VIEWER@h:3"
+    with pytest.raises(ValueError, match="cannot send"):
+        Destination.parse("X@h:4?send=seg+pixels")
+    job_id = queued_job(db)
+    files = [ResultFile(kind, f"7.{n}", "1.2", f"b/{kind}.dcm") for n, kind in
+             enumerate(["SEG", "SR", "SUMMARY", "MAP-cbf-001", "PM-cbf"])]
+    with db.session() as s:
+        enqueue(s, s.get(Job, job_id), files, {viewer.name: viewer.send, "PACS@h:1": RESULT_CATEGORIES})
+    with db.session() as s:
+        kinds = {(d.destination, d.result.kind) for d in s.query(Delivery)}
+    assert {k for d, k in kinds if d == "VIEWER@h:3"} == {"SUMMARY", "MAP-cbf-001"}
+    assert len({k for d, k in kinds if d == "PACS@h:1"}) == 5
 
 
 def test_http_api_health_metrics_and_studies(db: Database) -> None:
@@ -207,6 +223,6 @@ def test_our_own_results_coming_back_do_not_start_a_new_version(db: Database, tm
         record_instances(s, [instance("6.1")], t0)
     job_id = tracker.tick(t0 + timedelta(seconds=2))[0]
     with db.session() as s:
-        enqueue(s, s.get(Job, job_id), [ResultFile("SEG", "6.9", "1.2.840.10008.5.1.4.1.1.66.4", "x/SEG.dcm")], [])
+        enqueue(s, s.get(Job, job_id), [ResultFile("SEG", "6.9", "1.2.840.10008.5.1.4.1.1.66.4", "x/SEG.dcm")], {})
         assert record_instances(s, [instance("6.9", series="1.2.9.901")], t0 + timedelta(seconds=3)) == 0
         assert s.get(Study, 1).state == StudyState.QUEUED
