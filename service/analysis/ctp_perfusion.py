@@ -126,6 +126,7 @@ def analyse_ctp(
         parameters={"core_rcbf": parameters.core_rcbf, "tmax_threshold_s": parameters.tmax_threshold_s,
                     "min_lesion_ml": parameters.min_lesion_ml, "aif_partial_volume_scale": result.aif_scale,
                     "reference_cbf": result.reference_cbf},
+        maps=result.maps,
         timings_s={"load": loaded, **result.timings_s},
     )
 
