@@ -61,10 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.interpolate import PchipInterpolator
 
-try:  # installed with scikit-learn (a dependency of nilearn)
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover
-    threadpool_limits = None
+from threadpoolctl import threadpool_limits
 
 RHO = 1.04
 """Brain tissue density, g/mL (the phantom uses the same value)."""
@@ -291,9 +288,6 @@ def resample_uniform(times: np.ndarray, curves: np.ndarray, dt: float | None = N
 def single_threaded_lapack() -> Iterator[None]:
     """Run small LAPACK factorisations on one thread: OpenBLAS's threaded SVD of an 80 x 80
     matrix took 150 ms instead of 1 ms on a loaded 2-core machine (measured)."""
-    if threadpool_limits is None:
-        yield
-        return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
 
