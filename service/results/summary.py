@@ -29,9 +29,9 @@ VERMILLION = (213 / 255, 94 / 255, 0.0)
 SKY_BLUE = (86 / 255, 180 / 255, 233 / 255)
 SEGMENT_COLOURS = {"core": VERMILLION, "penumbra": SKY_BLUE}
 SEGMENT_LEGEND = {"core": "Ischemic core", "penumbra": "Hypoperfused beyond the core (penumbra)"}
-BACKGROUND = {"ct-perfusion": "cbf", "vendor-maps": "cbf"}  # otherwise the diffusion map
+BACKGROUND = {"ct-perfusion": "cbf", "vendor-perfusion-maps": "cbf"}  # otherwise the diffusion map
 LINES = [  # core and penumbra volumes are in the legend
-    ("hypoperfused_volume_ml", "Hypoperfused (Tmax > 6 s)", "{:.1f} mL"),
+    ("hypoperfused_volume_ml", "Hypoperfused (Tmax > {tmax:g} s)", "{:.1f} mL"),
     ("mismatch_volume_ml", "Mismatch volume", "{:.1f} mL"),
     ("mismatch_ratio", "Mismatch ratio", "{:.1f}"),
     ("hypoperfusion_intensity_ratio", "HIR (Tmax>10 s / Tmax>6 s)", "{:.2f}"),
@@ -67,7 +67,8 @@ def montage_slices(volume: np.ndarray, masks: list[np.ndarray], count: int = MAX
 def text_lines(findings: Findings) -> list[str]:
     """The measurements, verdict, QC flags and provenance, in reading order."""
     m = findings.measurements
-    lines = [label + ": " + fmt.format(m[key]) for key, label, fmt in LINES if key in m]
+    tmax = findings.parameters.get("tmax_threshold_s", 6.0)
+    lines = [label.format(tmax=tmax) + ": " + fmt.format(m[key]) for key, label, fmt in LINES if key in m]
     if "target_mismatch" in m:
         lines.append("Target mismatch (DEFUSE 3): " + ("YES" if m["target_mismatch"] >= 0.5 else "NO"))
     lines.append("")
@@ -104,7 +105,7 @@ def render_summary(findings: Findings) -> np.ndarray:
         axes.text(0.02, 0.98, left_marker, transform=axes.transAxes, color="white", fontsize=11, va="top")
         axes.text(0.98, 0.98, right_marker, transform=axes.transAxes, color="white", fontsize=11, va="top", ha="right")
         axes.text(0.02, 0.02, f"{k + 1}", transform=axes.transAxes, color="white", fontsize=9)
-    title = {"ct-perfusion": "CT perfusion", "vendor-maps": "Perfusion maps"}.get(findings.analysis, "MRI")
+    title = {"ct-perfusion": "CT perfusion", "vendor-perfusion-maps": "Perfusion maps"}.get(findings.analysis, "MRI")
     figure.text(0.64, 0.90, f"StrokeGate - {title}", color="white", fontsize=22, weight="bold", va="top")
     figure.text(0.64, 0.85, f"background: {name.upper()} ({MAP_UNITS.get(name, '')})", color="white", fontsize=13, va="top")
     y = 0.80
