@@ -100,17 +100,7 @@ def analyse_ctp(
     loaded = time.perf_counter() - clock
     result = analyse_ctp_series(series.frames, series.times_s, series.geometry, parameters)
     summary = result.summary
-    measurements = {
-        "core_volume_ml": summary.core_ml,
-        "penumbra_volume_ml": summary.penumbra_ml,
-        "hypoperfused_volume_ml": summary.hypoperfused_ml,
-        "mismatch_volume_ml": summary.mismatch_ml,
-        "target_mismatch": float(summary.target_mismatch),
-    }
-    if summary.mismatch_ratio is not None:
-        measurements["mismatch_ratio"] = summary.mismatch_ratio
-    if summary.hypoperfusion_intensity_ratio is not None:
-        measurements["hypoperfusion_intensity_ratio"] = summary.hypoperfusion_intensity_ratio
+    measurements = summary.measurements()
     return Findings(
         study_uid=study,
         version=version,

@@ -183,17 +183,7 @@ def add_mismatch(core: Findings, maps: DscMaps, parameters: MriPerfusionParamete
     if summary.core_ml > 0 and outside > 0.5 * summary.core_ml:
         flags.append(f"diffusion core largely outside the Tmax lesion ({outside:.1f} of {summary.core_ml:.1f} mL)")
 
-    measurements = {
-        "core_volume_ml": summary.core_ml,
-        "penumbra_volume_ml": summary.penumbra_ml,
-        "hypoperfused_volume_ml": summary.hypoperfused_ml,
-        "mismatch_volume_ml": summary.mismatch_ml,
-        "target_mismatch": float(summary.target_mismatch),
-    }
-    if summary.mismatch_ratio is not None:
-        measurements["mismatch_ratio"] = summary.mismatch_ratio
-    if summary.hypoperfusion_intensity_ratio is not None:
-        measurements["hypoperfusion_intensity_ratio"] = summary.hypoperfusion_intensity_ratio
+    measurements = summary.measurements()
     segments = [Segment("core", core_segment.label, core_mask, summary.core_ml)]
     if penumbra.any():
         segments.append(Segment("penumbra", "Penumbra", penumbra, summary.penumbra_ml))

@@ -100,17 +100,7 @@ def analyse_vendor_maps(
     study = str(headers[0].StudyInstanceUID)
     if study_uid is not None and study != study_uid:
         raise InputError(f"the vendor maps belong to study {study}, not {study_uid}")
-    measurements = {
-        "core_volume_ml": summary.core_ml,
-        "penumbra_volume_ml": summary.penumbra_ml,
-        "hypoperfused_volume_ml": summary.hypoperfused_ml,
-        "mismatch_volume_ml": summary.mismatch_ml,
-        "target_mismatch": float(summary.target_mismatch),
-    }
-    if summary.mismatch_ratio is not None:
-        measurements["mismatch_ratio"] = summary.mismatch_ratio
-    if summary.hypoperfusion_intensity_ratio is not None:
-        measurements["hypoperfusion_intensity_ratio"] = summary.hypoperfusion_intensity_ratio
+    measurements = summary.measurements()
     segments = [Segment("core", "Ischemic core", core, summary.core_ml)]
     if penumbra.any():
         segments.append(Segment("penumbra", "Penumbra", penumbra, summary.penumbra_ml))

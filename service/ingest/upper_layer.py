@@ -148,12 +148,6 @@ class Connection:
             if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
         }
         results, role_replies = negotiate_as_acceptor(rq.presentation_context_definition_list, supported, roles)
-        maximum = MaximumLengthNotification()
-        maximum.maximum_length_received = self.max_pdu
-        class_uid = ImplementationClassUIDNotification()
-        class_uid.implementation_class_uid = implementation[0]
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = implementation[1]
         primitive = A_ASSOCIATE()
         primitive.application_context_name = APPLICATION_CONTEXT
         primitive.calling_ae_title = rq.calling_ae_title
@@ -161,11 +155,21 @@ class Connection:
         primitive.result = 0x00
         primitive.result_source = 0x01
         primitive.presentation_context_definition_results_list = results
-        primitive.user_information = [maximum, class_uid, version, *role_replies]
+        primitive.user_information = [*self._user_information(implementation), *role_replies]
         pdu = A_ASSOCIATE_AC()
         pdu.from_primitive(primitive)
         self.sock.sendall(pdu.encode())
         return {int(cx.context_id): cx for cx in results if cx.result == 0x00}
+
+    def _user_information(self, implementation: tuple[str, str]) -> list:
+        """Our maximum PDU length and implementation class UID and version name."""
+        maximum = MaximumLengthNotification()
+        maximum.maximum_length_received = self.max_pdu
+        class_uid = ImplementationClassUIDNotification()
+        class_uid.implementation_class_uid = implementation[0]
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = implementation[1]
+        return [maximum, class_uid, version]
 
     def reject(self, request: AssociationRequest, reason: tuple[int, int, int]) -> None:
         primitive = A_ASSOCIATE()
@@ -236,18 +240,12 @@ class Connection:
         maximum PDU length (0: unlimited). AssociationRejected, PeerGone or ProtocolError otherwise."""
         for number, context in enumerate(contexts):
             context.context_id = 2 * number + 1
-        maximum = MaximumLengthNotification()
-        maximum.maximum_length_received = self.max_pdu
-        class_uid = ImplementationClassUIDNotification()
-        class_uid.implementation_class_uid = implementation[0]
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = implementation[1]
         primitive = A_ASSOCIATE()
         primitive.application_context_name = APPLICATION_CONTEXT
         primitive.calling_ae_title = calling_ae
         primitive.called_ae_title = called_ae
         primitive.presentation_context_definition_list = contexts
-        primitive.user_information = [maximum, class_uid, version]
+        primitive.user_information = self._user_information(implementation)
         pdu = A_ASSOCIATE_RQ()
         pdu.from_primitive(primitive)
         self.sock.sendall(pdu.encode())

@@ -123,6 +123,22 @@ class PerfusionSummary:
     unmet_criteria: tuple[str, ...]
     criteria: Defuse3Criteria
 
+    def measurements(self) -> dict[str, float]:
+        """The Findings measurements (names as in ``analysis.findings.MEASUREMENT_UNITS``); ratios
+        that are undefined (no core, no hypoperfusion) are left out."""
+        values = {
+            "core_volume_ml": self.core_ml,
+            "penumbra_volume_ml": self.penumbra_ml,
+            "hypoperfused_volume_ml": self.hypoperfused_ml,
+            "mismatch_volume_ml": self.mismatch_ml,
+            "target_mismatch": float(self.target_mismatch),
+        }
+        if self.mismatch_ratio is not None:
+            values["mismatch_ratio"] = self.mismatch_ratio
+        if self.hypoperfusion_intensity_ratio is not None:
+            values["hypoperfusion_intensity_ratio"] = self.hypoperfusion_intensity_ratio
+        return values
+
     def as_dict(self) -> dict[str, object]:
         """Plain Python values only (floats, bools, None, lists, dicts)."""
         out = asdict(self)
