@@ -5,7 +5,9 @@ storescu with TCP_NODELAY=1 (the peer at its best settings); each is timed `--ru
 medians compared. StrokeGate runs on its embedded defaults (SQLite), once as shipped (each instance
 fdatasync'd into the receive journal before Success) and once with `receive_sync: false` (journal
 written before Success, synced within 10 ms). storescp never syncs. The runs alternate between the
-receivers so that the machine's background load falls on all of them alike.
+receivers so that the machine's background load falls on all of them alike; every run starts
+after os.sync(), and nothing is deleted until the end (freeing blocks mid-benchmark slowed whichever
+receiver allocated new blocks next, i.e. storescp).
 
     .venv/bin/python benchmarks/ingest.py [--runs 5]
 """
@@ -91,7 +93,6 @@ def main() -> None:
             finally:
                 gate.terminate()
                 gate.wait(30)
-            shutil.rmtree(gate_dir, ignore_errors=True)
 
         port = free_port()
         out = work / "storescp"
@@ -102,7 +103,7 @@ def main() -> None:
             wait_port(port)
             for run in range(args.runs):
                 times["storescp"].append(send(folder, port, "PEER"))
-                shutil.rmtree(out)
+                out.rename(work / f"storescp{run}")  # deleted at the end: freeing blocks mid-run slows the next writer
                 out.mkdir()
                 strokegate(run, "strokegate", {})
                 strokegate(run, "strokegate-async", {"STROKEGATE_RECEIVE_SYNC": "false"})
