@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 

@@ -235,7 +235,6 @@ def analyse_ctp_series(
     )
     core &= hypoperfused  # core is hypoperfused tissue; low flow with a normal Tmax is CSF or noise
     summary = thresholds.summarise(core, hypoperfused, maps["tmax"], brain, voxel_ml)
-    penumbra = hypoperfused & ~core
     lap("thresholds")
     if factor > 1:
         in_plane = full_geometry.shape[1:]

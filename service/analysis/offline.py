@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from service.analysis.pipeline import AnalysisParameters, analyse_study, write_results
+from service.analysis.pipeline import AnalysisParameters, analyse_study
 from service.config import Settings
 from service.errors import InputError
 from service.imaging.discover import studies_in
