@@ -173,12 +173,14 @@ def _report(console: Console, findings: dict, patient: Path, pacs: StandInPacs, 
     table.add_row("difference", f"{error:+.1f} mL ({100 * error / truth_ml:+.1f} %)" if truth_ml else f"{error:+.1f} mL")
     summary_line = ""
     series: dict[str, list[Path]] = {}
+    modality: dict[str, str] = {}
     for path in pacs.received:
-        series.setdefault(str(dcmread(path, stop_before_pixels=True).SeriesDescription), []).append(path)
+        ds = dcmread(path, stop_before_pixels=True)
+        series.setdefault(str(ds.SeriesDescription), []).append(path)
+        modality[str(ds.SeriesDescription)] = str(ds.Modality)
     for description, paths in sorted(series.items()):
-        kind = str(dcmread(paths[0], stop_before_pixels=True).Modality)
         where = str(paths[0]) if len(paths) == 1 else f"{len(paths)} images in {paths[0].parent}"
-        table.add_row(f"received by PACS: {kind}", f"{description} -> {where}")
+        table.add_row(f"received by PACS: {modality[description]}", f"{description} -> {where}")
         if description.startswith("StrokeGate summary"):
             summary_png = paths[0].with_suffix(".png")
             plt.imsave(summary_png, dcmread(paths[0]).pixel_array)

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections import deque
-from datetime import datetime, timezone
+from datetime import datetime
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -60,7 +60,7 @@ from pynetdicom.sop_class import (
 
 import service
 from service.errors import InputError
-from service.ingest.dimse import C_ECHO_RQ, C_STORE_RQ, Command, encode_response
+from service.ingest.dimse import C_ECHO_RQ, C_STORE_RQ, encode_response
 from service.ingest.journal import Journal, JournalEntry
 from service.ingest.spool import Spool, check_uid, part10_header
 from service.ingest.upper_layer import (
@@ -72,6 +72,7 @@ from service.ingest.upper_layer import (
     ProtocolError,
 )
 from service.ops import metrics
+from service.store.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -352,22 +353,22 @@ class Receiver:
                 context = contexts[message.context_id]
                 entry = JournalEntry(command.sop_class_uid, command.sop_instance_uid, str(context.transfer_syntax[0]),
                                      calling_ae, message.dataset)
-                status, segment = self._journal(entry, command, str(context.abstract_syntax))
+                status, segment = self._journal(entry, str(context.abstract_syntax))
                 connection.send_command(message.context_id, encode_response(command, status))
                 if segment is not None:
                     self._hand_to_filer(segment, entry)
             else:
                 raise ProtocolError(f"DIMSE command 0x{command.command_field:04x} is not supported here")
 
-    def _journal(self, entry: JournalEntry, command: Command, abstract_syntax: str) -> tuple[int, int | None]:
+    def _journal(self, entry: JournalEntry, abstract_syntax: str) -> tuple[int, int | None]:
         """Make the instance durable: its status, and its journal segment when it was accepted."""
         try:
-            check_uid(command.sop_instance_uid, "Affected SOP Instance UID")
+            check_uid(entry.sop_instance_uid, "Affected SOP Instance UID")
         except InputError as error:
             metrics.INSTANCES_REJECTED.labels(reason="invalid").inc()
             log.warning("refused an instance from %r: %s", entry.calling_ae, error)
             return STATUS_CANNOT_UNDERSTAND, None
-        if command.sop_class_uid != abstract_syntax:
+        if entry.sop_class_uid != abstract_syntax:
             metrics.INSTANCES_REJECTED.labels(reason="invalid").inc()
             log.warning("refused an instance from %r: its SOP class is not its presentation context's", entry.calling_ae)
             return STATUS_SOP_CLASS_MISMATCH, None
@@ -391,7 +392,7 @@ class Receiver:
                 self._backlog_changed.wait(1)
             if not self._backlog or self._backlog_bytes > FILING_BACKLOG_BYTES // 2:
                 self._backlog_changed.notify_all()  # else the filer is awake already, waiting for a pause
-            self._backlog.append((segment, entry, datetime.now(timezone.utc).replace(tzinfo=None)))
+            self._backlog.append((segment, entry, utcnow()))
             self._backlog_bytes += len(entry.dataset)
             self._last_received = time.monotonic()
 
@@ -413,7 +414,7 @@ class Receiver:
                     if self._backlog and (
                         not busy
                         or self._backlog_bytes > FILING_BACKLOG_BYTES // 2
-                        or (datetime.now(timezone.utc).replace(tzinfo=None) - self._backlog[0][2]).total_seconds()
+                        or (utcnow() - self._backlog[0][2]).total_seconds()
                         > FILING_MAX_LAG_S
                     ):
                         break

@@ -209,8 +209,9 @@ class Tracker:
             receiving = session.scalars(
                 select(Study).where(Study.state == StudyState.RECEIVING).options(selectinload(Study.series))
             ).all()
+            unsettled = self.unsettled_since()
             for study in receiving:
-                if not self._complete(study, now):
+                if not self._complete(study, now, unsettled):
                     continue
                 study.versions += 1
                 study.state = StudyState.QUEUED
@@ -230,8 +231,7 @@ class Tracker:
             self.purge(now)
         return created
 
-    def _complete(self, study: Study, now: datetime) -> bool:
-        unsettled = self.unsettled_since()
+    def _complete(self, study: Study, now: datetime, unsettled: datetime | None) -> bool:
         if study.last_received_at <= now - self.series_idle and (
             unsettled is None or unsettled >= study.last_received_at + self.series_idle
         ):

@@ -124,18 +124,22 @@ class Connection:
         kind, body = self.read_pdu()
         if kind != ASSOCIATE_RQ:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{kind:02x}")
-        pdu = A_ASSOCIATE_RQ()
-        try:
-            pdu.decode(bytes(self._header) + bytes(body))
-            primitive = pdu.to_primitive()
-        except Exception as error:  # pynetdicom raises several types for a malformed PDU
-            raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {error}", ABORT_INVALID_PARAMETER) from error
+        primitive = self._decode(A_ASSOCIATE_RQ(), body)
         return AssociationRequest(
             calling_ae=str(primitive.calling_ae_title).strip(),
             called_ae=str(primitive.called_ae_title).strip(),
             peer_max_pdu=int(primitive.maximum_length_received or 0),
             primitive=primitive,
         )
+
+    def _decode(self, pdu: A_ASSOCIATE_RQ | A_ASSOCIATE_AC, body: memoryview) -> A_ASSOCIATE:
+        """The primitive of the association PDU just read (pynetdicom's decoder); ProtocolError if malformed."""
+        try:
+            pdu.decode(bytes(self._header) + bytes(body))
+            return pdu.to_primitive()
+        except Exception as error:  # pynetdicom raises several types for a malformed PDU
+            name = type(pdu).__name__.replace("_", "-")
+            raise ProtocolError(f"malformed {name}: {error}", ABORT_INVALID_PARAMETER) from error
 
     def accept(
         self, request: AssociationRequest, supported: list[PresentationContext], implementation: tuple[str, str]
@@ -256,12 +260,7 @@ class Connection:
             raise PeerGone("association aborted by the peer")
         if kind != ASSOCIATE_AC:
             raise ProtocolError(f"expected A-ASSOCIATE-AC, got PDU type 0x{kind:02x}")
-        answer = A_ASSOCIATE_AC()
-        try:
-            answer.decode(bytes(self._header) + bytes(body))
-            accepted = answer.to_primitive()
-        except Exception as error:  # pynetdicom raises several types for a malformed PDU
-            raise ProtocolError(f"malformed A-ASSOCIATE-AC: {error}", ABORT_INVALID_PARAMETER) from error
+        accepted = self._decode(A_ASSOCIATE_AC(), body)
         proposed = {int(cx.context_id): cx for cx in contexts}
         result = {}
         for cx in accepted.presentation_context_definition_results_list:
