@@ -1,13 +1,17 @@
 """C-STORE throughput of `strokegate serve` against dcmtk storescp, same study, same run, loopback.
 
-Both receivers get the same synthetic CT perfusion study (16 x 40 instances, 256x256) from dcmtk
+Every receiver gets the same synthetic CT perfusion study (16 x 40 instances, 256x256) from dcmtk
 storescu with TCP_NODELAY=1 (the peer at its best settings); each is timed `--runs` times and the
 medians compared. StrokeGate runs on its embedded defaults (SQLite), once as shipped (each instance
 fdatasync'd into the receive journal before Success) and once with `receive_sync: false` (journal
-written before Success, synced within 10 ms). storescp never syncs. The runs alternate between the
-receivers so that the machine's background load falls on all of them alike; every run starts
-after os.sync(), and nothing is deleted until the end (freeing blocks mid-benchmark slowed whichever
-receiver allocated new blocks next, i.e. storescp).
+written before Success, synced within 10 ms); storescp never syncs. All three receivers run for
+the whole benchmark, as they would in a hospital: StrokeGate gets one untimed study first (its
+start-up and the preparation of its first journal segments are not what a PACS waits for), then
+each run sends a copy of the study with new UIDs, so every run is new data. The runs alternate
+between the receivers, storescp first in one run and last in the next, so that the machine's
+background load falls on all of them alike; each run starts once the previous receiver is idle
+(StrokeGate: its process used no CPU for 0.5 s) and after os.sync(), and nothing is deleted until the end
+(freeing blocks mid-benchmark slowed whichever receiver allocated new blocks next).
 
     .venv/bin/python benchmarks/ingest.py [--runs 5]
 """
@@ -25,6 +29,9 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import generate_uid
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -45,6 +52,17 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
+def wait_ready(http_port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("strokegate did not become ready")
+
+
 def send(folder: Path, port: int, ae: str) -> float:
     os.sync()  # every receiver starts with no earlier run's data still being written back
     started = time.perf_counter()
@@ -53,12 +71,74 @@ def send(folder: Path, port: int, ae: str) -> float:
     return time.perf_counter() - started
 
 
+def copy_with_new_uids(source: Path, target: Path) -> None:
+    """The study in ``source`` as a new study: same pixels, new study, series and instance UIDs."""
+    target.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    for path in sorted(source.glob("*.dcm")):
+        dataset = dcmread(path)
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        dataset.save_as(target / path.name, enforce_file_format=True)
+
+
+class Gate:
+    """One `strokegate serve`, running for the whole benchmark."""
+
+    def __init__(self, cli: Path, folder: Path, environment: dict[str, str]) -> None:
+        self.folder = folder
+        self.port, self.http = free_port(), free_port()
+        self.process = subprocess.Popen(
+            [str(cli), "serve", "--host", "127.0.0.1", "--port", str(self.port), "--http-port", str(self.http),
+             "--database-url", f"sqlite:///{folder / 'db.sqlite'}", "--spool-dir", str(folder / "spool"),
+             "--results-dir", str(folder / "results")],
+            env={**ENV, "STROKEGATE_SERIES_IDLE_S": "600", **environment},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_ready(self.http)
+
+    def send(self, study: Path, expected_total: int) -> tuple[float, float]:
+        """Seconds for storescu to send ``study``, and until all of it was filed into the spool."""
+        started = time.perf_counter()
+        seconds = send(study, self.port, "STROKEGATE")
+        deadline = time.monotonic() + 120
+        while self.spooled() < expected_total and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.spooled() != expected_total:
+            raise RuntimeError(f"strokegate spooled {self.spooled()} of {expected_total} instances")
+        filed = time.perf_counter() - started
+        self.settle()
+        return seconds, filed
+
+    def settle(self, quiet_s: float = 0.5, timeout_s: float = 60) -> None:
+        """Until the service has used no CPU for ``quiet_s``: recording the study in the database and
+        syncing the spool come after filing, and must not fall into the next receiver's run."""
+        stat = Path(f"/proc/{self.process.pid}/stat")
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            used = sum(int(v) for v in stat.read_text().rsplit(")", 1)[1].split()[11:13])  # utime + stime
+            if used == last:
+                return
+            last = used
+            time.sleep(quiet_s)
+
+    def spooled(self) -> int:
+        return len(list((self.folder / "spool").glob("*/*/*.dcm")))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="strokegate-ingest-"))
     cli = Path(sys.executable).parent / "strokegate"
+    gates: dict[str, Gate] = {}
+    peer: subprocess.Popen | None = None
     try:
         subprocess.run([str(cli), "phantom", "--kind", "ctp", "--out", str(work / "study"), "--seed", "4242"],
                        check=True, stdout=subprocess.DEVNULL)
@@ -68,48 +148,28 @@ def main() -> None:
         times: dict[str, list[float]] = {"storescp": [], "strokegate": [], "strokegate-async": []}
         filed: list[float] = []
 
-        def strokegate(run: int, name: str, environment: dict[str, str]) -> None:
-            gate_dir = work / f"{name}{run}"
-            port, http = free_port(), free_port()
-            gate = subprocess.Popen(
-                [str(cli), "serve", "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http),
-                 "--database-url", f"sqlite:///{gate_dir / 'db.sqlite'}", "--spool-dir", str(gate_dir / "spool"),
-                 "--results-dir", str(gate_dir / "results")],
-                env={**ENV, "STROKEGATE_SERIES_IDLE_S": "600", **environment},
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            try:
-                wait_port(port)
-                started = time.perf_counter()
-                times[name].append(send(folder, port, "STROKEGATE"))
-                deadline = time.monotonic() + 120
-                while len(list((gate_dir / "spool").glob("*/*/*.dcm"))) < len(files) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                stored = len(list((gate_dir / "spool").glob("*/*/*.dcm")))
-                if stored != len(files):
-                    raise RuntimeError(f"strokegate spooled {stored} of {len(files)} instances")
-                filed.append(time.perf_counter() - started)
-                urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=5).read()
-            finally:
-                gate.terminate()
-                gate.wait(30)
-
         port = free_port()
         out = work / "storescp"
         out.mkdir()
         peer = subprocess.Popen(["storescp", "-aet", "PEER", "-od", str(out), str(port)], env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_port(port)
-            for run in range(args.runs):
-                times["storescp"].append(send(folder, port, "PEER"))
-                out.rename(work / f"storescp{run}")  # deleted at the end: freeing blocks mid-run slows the next writer
-                out.mkdir()
-                strokegate(run, "strokegate", {})
-                strokegate(run, "strokegate-async", {"STROKEGATE_RECEIVE_SYNC": "false"})
-        finally:
-            peer.terminate()
-            peer.wait()
+        wait_port(port)
+        gates["strokegate"] = Gate(cli, work / "strokegate", {})
+        gates["strokegate-async"] = Gate(cli, work / "strokegate-async", {"STROKEGATE_RECEIVE_SYNC": "false"})
+        for gate in gates.values():
+            gate.send(folder, len(files))  # untimed: the service's first study
+        for run in range(args.runs):
+            study = work / f"copy{run}"
+            copy_with_new_uids(folder, study)
+            order = ["storescp", *gates] if run % 2 == 0 else [*gates, "storescp"]
+            for name in order:
+                if name == "storescp":
+                    times[name].append(send(study, port, "PEER"))
+                    continue
+                seconds, until_filed = gates[name].send(study, (run + 2) * len(files))
+                times[name].append(seconds)
+                if name == "strokegate":
+                    filed.append(until_filed)
 
         print(f"study: {len(files)} CT instances, {megabytes:.1f} MB, storescu with TCP_NODELAY=1, {args.runs} runs each")
         medians = {}
@@ -122,6 +182,11 @@ def main() -> None:
               f"(sync before each Success), {medians['storescp'] / medians['strokegate-async']:.2f}x with receive_sync "
               "false; target >= 0.8x")
     finally:
+        for gate in gates.values():
+            gate.stop()
+        if peer is not None:
+            peer.terminate()
+            peer.wait()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -40,6 +40,8 @@ _MAGIC = b"SGJ1"
 _RECORD = struct.Struct("<4sQIQI")  # magic, segment, header length, payload length, CRC-32
 _ZEROS = bytes(1 << 20)
 _SPARES = 2  # segments kept ready (and recycled ones kept) so a switch never waits on the disk
+_QUIET_S = 0.2  # heavy upkeep (zero-filling a new segment, syncfs) waits for a pause in appends this long,
+_MAX_DEFER_S = 5.0  # or at most this long: run during a study, it slows every append's fdatasync
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Journal:
         self._segment = 0
         self._offset = 0
         self._outstanding: dict[int, int] = {}  # appended but not yet filed, per segment
+        self._last_append = 0.0
         self._spares: list[Future[Path]] = []
         self._maintenance = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
 
@@ -139,6 +142,7 @@ class Journal:
                 self._unsynced.set()
             self._offset += size
             self._outstanding[self._segment] += 1
+            self._last_append = time.monotonic()
             return self._segment
 
     def filed(self, segment: int) -> None:
@@ -198,6 +202,7 @@ class Journal:
         if free:
             os.replace(free[0], path)
         else:
+            self._wait_for_quiet()
             temporary = path.with_suffix(".new")
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
@@ -212,9 +217,20 @@ class Journal:
 
     def _retire(self, segment: int) -> None:
         """Make the spool files filed from ``segment`` durable, then recycle the segment."""
+        self._wait_for_quiet()
         _sync_filesystem(self.folder)
         self._retire_file(segment)
         fsync_folder(self.folder)
+
+    def _wait_for_quiet(self) -> None:
+        """Until appends have paused for _QUIET_S, as long as a spare segment is ready: with none,
+        the next switch would make the receiver wait, so the upkeep runs at once."""
+        deadline = time.monotonic() + _MAX_DEFER_S
+        while (now := time.monotonic()) < deadline and any(spare.done() for spare in list(self._spares)):
+            idle = now - self._last_append
+            if idle >= _QUIET_S:
+                return
+            time.sleep(min(_QUIET_S - idle, deadline - now))
 
     def _retire_file(self, segment: int) -> None:
         if len(list(self.folder.glob("*.free"))) < _SPARES:

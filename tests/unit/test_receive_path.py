@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pynetdicom.dsutils import decode, encode
 
 from service.errors import InputError
 from service.ingest.dimse import C_ECHO_RQ, C_STORE_RQ, decode_command, encode_response
+from service.ingest import journal as journal_module
 from service.ingest.journal import Journal, JournalEntry
 from service.ingest.spool import part10_header
 from service.ingest.upper_layer import Connection, PeerGone, ProtocolError
@@ -117,6 +119,24 @@ def test_journal_recycles_filed_segments_without_replaying_their_old_records(tmp
     restarted.close()
     assert [e.sop_instance_uid for _, e in Journal(tmp_path).replay()] == ["1.2.3.99"]
     assert len(os.listdir(tmp_path)) <= 5  # current + spares + recycled, not one file per segment ever used
+
+
+def test_journal_prepares_a_new_segment_in_a_pause_while_a_spare_is_ready(tmp_path: Path, monkeypatch) -> None:
+    """Zero-filling a segment during a study would slow every fdatasync of the receive path."""
+    monkeypatch.setattr(journal_module, "_QUIET_S", 1.0)
+    journal = Journal(tmp_path, segment_bytes=64 << 10)
+    journal.open()  # segment 1, spares 2 and 3 ready
+    for i in range(4):
+        journal.append(entry(i, 20_000))  # the fourth switches to segment 2: segment 4 is now due
+    assert not (tmp_path / f"{4:016d}.wal").exists()  # deferred: segment 3 is ready
+    deadline = time.monotonic() + 10
+    while not (tmp_path / f"{4:016d}.wal").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / f"{4:016d}.wal").exists()  # prepared once the appends paused
+    for i in range(4, 10):  # on through segments 3 and 4
+        journal.append(entry(i, 20_000))
+    journal.close()
+    assert len(list(Journal(tmp_path).replay())) == 10
 
 
 def pdv(context_id: int, control: int, data: bytes) -> bytes:
