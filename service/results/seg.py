@@ -16,6 +16,7 @@ from pydicom.sr.coding import Code
 
 from service.analysis.findings import Findings
 from service.results import identity
+from service.results.coding import INFARCT, PENUMBRA, scheme_declarations
 
 POSITION_TOLERANCE_MM = 0.05
 
@@ -29,16 +30,14 @@ class SegmentType:
     rgb: tuple[int, int, int]
 
 
-INFARCT = Code("55641003", "SCT", "Infarct")
-ISCHEMIA = Code("52674009", "SCT", "Ischemia")
-
 SEGMENT_TYPES: dict[str, SegmentType] = {
     # Ischemic core: tissue already infarcted.
     "core": SegmentType(codes.SCT.MorphologicallyAbnormalStructure, INFARCT, (255, 0, 0)),
-    # Penumbra: hypoperfused, still viable tissue.
-    "penumbra": SegmentType(codes.SCT.MorphologicallyAbnormalStructure, ISCHEMIA, (0, 255, 0)),
+    # Penumbra: hypoperfused, still viable tissue; SNOMED CT has no concept for it (coding.py).
+    "penumbra": SegmentType(codes.SCT.MorphologicallyAbnormalStructure, PENUMBRA, (0, 255, 0)),
 }
-"""Coded property category and type per ``Segment.key``; SNOMED CT morphologic abnormalities."""
+"""Coded property category and type per ``Segment.key``: SNOMED CT morphologic abnormalities,
+99SGATE where SNOMED CT has none."""
 
 
 def segment_masks(findings: Findings) -> np.ndarray:
@@ -147,7 +146,7 @@ def build_seg(findings: Findings) -> Dataset:
     """
     pixel_array = segment_masks(findings)
     keys = [s.key for s in findings.segments]
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=findings.source_images,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -167,3 +166,7 @@ def build_seg(findings: Findings) -> Dataset:
         institution_name=identity.INSTITUTION_NAME,
         content_qualification=hd.ContentQualificationValues.RESEARCH,
     )
+    local_schemes = scheme_declarations(SEGMENT_TYPES[key].property_type for key in keys)
+    if local_schemes:
+        seg.CodingSchemeIdentificationSequence = local_schemes
+    return seg

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import highdicom as hd
-from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -22,11 +21,9 @@ from pydicom.uid import SegmentationStorage
 
 from service.analysis.findings import MEASUREMENT_UNITS, Findings
 from service.results import identity
+from service.results.coding import QC_FLAG, TARGET_MISMATCH, local_code, scheme_declarations
 from service.results.seg import SEGMENT_TYPES, tracking_uid
 
-LOCAL_SCHEME = "99SGATE"
-QC_FLAG = Code("QCFLAG", LOCAL_SCHEME, "Quality control flag")
-TARGET_MISMATCH = Code("TARGETMISMATCH", LOCAL_SCHEME, "DEFUSE 3 target mismatch")
 VERDICT_MEASUREMENT = "target_mismatch"
 """The measurement (1 = met, 0 = not) reported as the TARGET_MISMATCH qualitative evaluation."""
 
@@ -106,25 +103,6 @@ def _algorithm(findings: Findings) -> hd.sr.AlgorithmIdentification:
     )
 
 
-MEASUREMENT_CODES: dict[str, Code] = {
-    "core_volume_ml": Code("COREVOL", LOCAL_SCHEME, "Ischemic core volume"),
-    "penumbra_volume_ml": Code("PENUMBRAVOL", LOCAL_SCHEME, "Penumbra volume"),
-    "hypoperfused_volume_ml": Code("HYPOPERFVOL", LOCAL_SCHEME, "Hypoperfused volume (Tmax above threshold)"),
-    "mismatch_volume_ml": Code("MISMATCHVOL", LOCAL_SCHEME, "Mismatch volume (hypoperfused minus core)"),
-    "mismatch_ratio": Code("MISMATCHRATIO", LOCAL_SCHEME, "Mismatch ratio (hypoperfused / core)"),
-    "hypoperfusion_intensity_ratio": Code("HIR", LOCAL_SCHEME, "Hypoperfusion intensity ratio"),
-}
-"""99SGATE codes (values within the 16 characters of a Code Value) of the study measurements."""
-
-
-def _local_code(name: str) -> Code:
-    """The 99SGATE code of a measurement: ``MEASUREMENT_CODES``, else one made from the name
-    (e.g. "mismatch_ratio" -> "Mismatch ratio")."""
-    if name in MEASUREMENT_CODES:
-        return MEASUREMENT_CODES[name]
-    return Code(name, LOCAL_SCHEME, name.replace("_", " ").capitalize()[:64])
-
-
 def _segment_groups(findings: Findings, seg: Dataset) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
     algorithm = _algorithm(findings)
     # ReferencedSegment.from_segmentation (highdicom 0.28) misses the Segment Identification
@@ -162,7 +140,7 @@ def _segment_groups(findings: Findings, seg: Dataset) -> list[hd.sr.VolumetricRO
 def _study_group(findings: Findings) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
     volumes = _volume_measurement_names(findings)
     measurements = [
-        hd.sr.Measurement(name=_local_code(name), value=float(value), unit=UCUM_UNITS[MEASUREMENT_UNITS[name]])
+        hd.sr.Measurement(name=local_code(name), value=float(value), unit=UCUM_UNITS[MEASUREMENT_UNITS[name]])
         for name, value in findings.measurements.items()
         if name not in volumes and name != VERDICT_MEASUREMENT
     ]
@@ -202,14 +180,11 @@ def build_sr(findings: Findings, seg: Dataset) -> Dataset:
     _check(findings, seg)
     groups: list = _segment_groups(findings, seg)
     study_group = _study_group(findings)
-    local_schemes = None  # declared only when used: dciodvfy warns about any 99-prefixed scheme
+    used = [SEGMENT_TYPES[s.key].property_type for s in findings.segments]
     if study_group is not None:
         groups.append(study_group)
-        local_schemes = [
-            CodingSchemeIdentificationItem(
-                designator=LOCAL_SCHEME, name="StrokeGate local codes", responsible_organization=identity.MANUFACTURER
-            )
-        ]
+        used += [QC_FLAG, TARGET_MISMATCH, *(local_code(name) for name in findings.measurements)]
+    local_schemes = scheme_declarations(used)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=identity.DEVICE_OBSERVER_UID,
         name=identity.MANUFACTURER_MODEL_NAME,

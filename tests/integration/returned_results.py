@@ -16,7 +16,7 @@ from pydicom.sr.codedict import codes
 from dicom_tools import dciodvfy_errors, storescu
 
 from service.phantom.truth_files import read_nifti
-from service.results.sr import MEASUREMENT_CODES, QC_FLAG, TARGET_MISMATCH
+from service.results.coding import MEASUREMENT_CODES, QC_FLAG, TARGET_MISMATCH
 from service_harness import Service, StoreSCP, wait_for
 
 

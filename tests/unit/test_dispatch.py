@@ -19,8 +19,9 @@ from service.errors import InputError
 from service.perfusion.thresholds import Defuse3Criteria
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
+from service.results.coding import MEASUREMENT_CODES, QC_FLAG, TARGET_MISMATCH
 from service.results.seg import build_seg
-from service.results.sr import MEASUREMENT_CODES, QC_FLAG, TARGET_MISMATCH, build_sr
+from service.results.sr import build_sr
 
 SMALL = PhantomOptions(ct_matrix=96, ct_slices=8, ct_frames=16, noise_hu=0.0, mr_matrix=64, mr_slices=10, mr_snr=40.0)
 

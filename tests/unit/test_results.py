@@ -19,7 +19,8 @@ from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
 from service.phantom.truth_files import read_nifti
 from service.results import identity
-from service.results.seg import INFARCT, build_seg
+from service.results.coding import INFARCT, LOCAL_SCHEME, PENUMBRA
+from service.results.seg import build_seg
 from service.results.sr import MILLILITER, build_sr
 
 OPTIONS = PhantomOptions(mr_matrix=64, mr_slices=8, mr_frames=6)
@@ -178,6 +179,23 @@ def test_seg_two_segments(patient: Path) -> None:
         np.testing.assert_array_equal(pixels[..., k].astype(bool), segment.mask)
     sr = hd.sr.Comprehensive3DSR.from_dataset(write_and_read(build_sr(findings, build_seg(findings))))
     assert len(sr.content.get_volumetric_roi_measurement_groups()) == 2
+
+
+def test_penumbra_has_a_declared_local_code_and_the_core_stays_snomed(patient: Path) -> None:
+    findings = make_findings(patient, keys=("core", "penumbra"))
+    seg = write_and_read(build_seg(findings))
+    back = hd.seg.Segmentation.from_dataset(seg)
+    assert back.get_segment_description(1).segmented_property_type == INFARCT
+    assert back.get_segment_description(2).segmented_property_type == PENUMBRA
+    assert [item.CodingSchemeDesignator for item in seg.CodingSchemeIdentificationSequence] == [LOCAL_SCHEME]
+    sr = write_and_read(build_sr(findings, build_seg(findings)))
+    assert LOCAL_SCHEME in [item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence]
+    types = {g.finding_type for g in hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_volumetric_roi_measurement_groups()}
+    assert types == {INFARCT, PENUMBRA}
+
+
+def test_a_core_only_seg_declares_no_local_scheme(seg: Dataset) -> None:
+    assert "CodingSchemeIdentificationSequence" not in write_and_read(seg)
 
 
 def _bytes(ds: Dataset) -> bytes:
