@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
@@ -28,13 +28,27 @@ RESULT_CATEGORIES = ("seg", "sr", "summary", "maps", "values")
 the map values (Parametric Maps)."""
 
 
+class SeriesLabel(BaseModel):
+    """How a destination wants one category of result series numbered and described; an unset
+    field keeps StrokeGate's own. For "maps" and "values", which hold one series per map, the number
+    is the first map's (CBF) and each map keeps its place after it (CBV +1, MTT +2, TTP +3, Tmax +4,
+    ADC +5); the description gets the map's name appended, or put where it says ``{map}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    number: int | None = Field(None, ge=1, le=99999)
+    description: str | None = Field(None, min_length=1, max_length=56)
+
+
 class Destination(BaseModel):
-    """A DICOM node results are sent to by C-STORE, and which of the results it gets."""
+    """A DICOM node results are sent to by C-STORE, which of the results it gets and how their
+    series are labelled there."""
 
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
     send: list[str] = Field(default_factory=lambda: list(RESULT_CATEGORIES), min_length=1)
+    series: dict[str, SeriesLabel] = Field(default_factory=dict)
 
     @field_validator("ae_title")
     @classmethod
@@ -47,6 +61,14 @@ class Destination(BaseModel):
         unknown = sorted(set(values) - set(RESULT_CATEGORIES))
         if unknown:
             raise ValueError(f"cannot send {unknown}: choose from {', '.join(RESULT_CATEGORIES)}")
+        return values
+
+    @field_validator("series")
+    @classmethod
+    def _series(cls, values: dict[str, SeriesLabel]) -> dict[str, SeriesLabel]:
+        unknown = sorted(set(values) - set(RESULT_CATEGORIES))
+        if unknown:
+            raise ValueError(f"no result series called {unknown}: choose from {', '.join(RESULT_CATEGORIES)}")
         return values
 
     @classmethod

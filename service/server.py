@@ -45,7 +45,8 @@ class StrokeGate:
         )
         self.tracker = Tracker(self.db, self.spool, settings.series_idle_s, settings.retention_hours,
                                unsettled_since=self._unsettled_since)
-        self.sender = Sender(self.db, settings.results_dir, settings.ae_title, settings.delivery_backoff_s, settings.delivery_backoff_max_s)
+        self.sender = Sender(self.db, settings.results_dir, settings.ae_title, settings.delivery_backoff_s,
+                             settings.delivery_backoff_max_s, settings.destinations)
         self.workers = Workers(
             self.db, settings.spool_dir, settings.results_dir,
             AnalysisParameters.from_settings(settings),

@@ -19,9 +19,10 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from service.config import Destination
+from service.config import Destination, SeriesLabel
 from service.delivery.scu import send_files
 from service.ops import metrics
+from service.results.maps import MAP_STYLES
 from service.store.database import Database
 from service.store.models import Delivery, DeliveryState, Job, ResultObject, utcnow
 
@@ -44,6 +45,22 @@ def result_category(kind: str) -> str:
     if kind.startswith("PM-"):
         return "values"
     return kind.lower()
+
+
+def series_label(destination: Destination, kind: str) -> SeriesLabel | None:
+    """The series number and description ``destination`` wants on a result of ``kind`` (None: as
+    written). A map series keeps its place after the first map's number and gets its name."""
+    label = destination.series.get(result_category(kind))
+    if label is None or not kind.startswith(("MAP-", "PM-")):
+        return label
+    style = MAP_STYLES[kind.split("-")[1]]
+    number = description = None
+    if label.number is not None:
+        number = label.number + style.colour_series_number - MAP_STYLES["cbf"].colour_series_number
+    if label.description is not None:
+        description = (label.description.replace("{map}", style.title) if "{map}" in label.description
+                       else f"{label.description} {style.title}")
+    return SeriesLabel(number=number, description=description)
 
 
 def enqueue(session: Session, job: Job, results: list[ResultFile], destinations: dict[str, Collection[str]]) -> None:
@@ -69,8 +86,12 @@ def backoff(attempts: int, first_s: float, max_s: float) -> timedelta:
 class Sender:
     """Sends due deliveries, one association per destination per round, on a background thread."""
 
-    def __init__(self, db: Database, results_dir: Path, calling_ae: str, backoff_s: float, backoff_max_s: float, interval_s: float = 0.5) -> None:
+    def __init__(
+        self, db: Database, results_dir: Path, calling_ae: str, backoff_s: float, backoff_max_s: float,
+        destinations: Collection[Destination] = (), interval_s: float = 0.5,
+    ) -> None:
         self.db = db
+        self.destinations = {d.name: d for d in destinations}
         self.results_dir = results_dir
         self.calling_ae = calling_ae
         self.backoff_s = backoff_s
@@ -108,21 +129,23 @@ class Sender:
                 select(Delivery).where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
                 .options(selectinload(Delivery.result)).order_by(Delivery.id).limit(200)
             ).all()
-            batches: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+            batches: dict[str, list[tuple[int, Path, str]]] = defaultdict(list)
             for d in due:
-                batches[d.destination].append((d.id, self.results_dir / d.result.path))
+                batches[d.destination].append((d.id, self.results_dir / d.result.path, d.result.kind))
         delivered = 0
-        for destination, items in batches.items():
-            outcomes = send_files(Destination.parse(destination), [p for _, p in items], self.calling_ae)
-            delivered += self._record(items, outcomes, destination)
+        for name, items in batches.items():
+            destination = self.destinations.get(name) or Destination.parse(name)  # one no longer configured
+            labels = [series_label(destination, kind) for _, _, kind in items]
+            outcomes = send_files(destination, [path for _, path, _ in items], self.calling_ae, labels=labels)
+            delivered += self._record(items, outcomes, name)
         return delivered
 
-    def _record(self, items: list[tuple[int, Path]], outcomes: list, destination: str) -> int:
+    def _record(self, items: list[tuple[int, Path, str]], outcomes: list, destination: str) -> int:
         delivered = 0
         finished_jobs: set[int] = set()
         with self.db.session() as session:
             now = utcnow()
-            for (delivery_id, _), outcome in zip(items, outcomes, strict=True):
+            for (delivery_id, _, _), outcome in zip(items, outcomes, strict=True):
                 row = session.get(Delivery, delivery_id)
                 row.attempts += 1
                 if outcome.delivered:

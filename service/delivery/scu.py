@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pynetdicom.presentation import build_context
 
-from service.config import Destination
+from service.config import Destination, SeriesLabel
 from service.ingest.dimse import C_STORE_RSP, encode_store_request
 from service.ingest.scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, no_delay
 from service.ingest.upper_layer import AssociationRejected, Connection, PeerGone, ProtocolError
@@ -46,8 +49,26 @@ def dataset_bytes(data: bytes) -> memoryview:
     return memoryview(data)[144 + group_length :]
 
 
-def send_files(destination: Destination, paths: list[Path], calling_ae: str, timeout_s: float = 30.0) -> list[SendOutcome]:
-    """C-STORE every file to ``destination`` over one association; one outcome per file."""
+def relabelled(data: bytes, label: SeriesLabel) -> memoryview:
+    """The encoded dataset of a DICOM file with the series number and description a destination
+    wants; its UIDs stay (the same object, labelled as that PACS asks, as routers' tag morphing does)."""
+    dataset = dcmread(BytesIO(data))
+    if label.number is not None:
+        dataset.SeriesNumber = label.number
+    if label.description is not None:
+        dataset.SeriesDescription = label.description
+    with BytesIO() as out:
+        dataset.save_as(out, enforce_file_format=True)
+        return dataset_bytes(out.getvalue())
+
+
+def send_files(
+    destination: Destination, paths: list[Path], calling_ae: str, timeout_s: float = 30.0,
+    labels: Sequence[SeriesLabel | None] | None = None,
+) -> list[SendOutcome]:
+    """C-STORE every file to ``destination`` over one association; one outcome per file.
+    ``labels``, one per file, relabel its series on the way (None: sent as written)."""
+    labels = labels or [None] * len(paths)
     metas = [read_file_meta_info(p) for p in paths]
     keys = sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas})
     contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in keys]
@@ -63,13 +84,15 @@ def send_files(destination: Destination, paths: list[Path], calling_ae: str, tim
             calling_ae, destination.ae_title, contexts, (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION)
         )
         by_key = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): cid for cid, cx in accepted.items()}
-        for message_id, (path, meta) in enumerate(zip(paths, metas, strict=True), start=1):
+        for message_id, (path, meta, label) in enumerate(zip(paths, metas, labels, strict=True), start=1):
             key = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
             if key not in by_key:
                 outcomes.append(SendOutcome(path, None, f"no accepted presentation context for {key[0]} in {key[1]}"))
                 continue
             command = encode_store_request(message_id, key[0], str(meta.MediaStorageSOPInstanceUID))
-            connection.send_message(by_key[key], command, dataset_bytes(path.read_bytes()), peer_max_pdu)
+            data = path.read_bytes()
+            dataset = dataset_bytes(data) if label is None else relabelled(data, label)
+            connection.send_message(by_key[key], command, dataset, peer_max_pdu)
             response = connection.read_message(accepted)
             if response is None or response.command.command_field != C_STORE_RSP:
                 raise ProtocolError("expected a C-STORE response")

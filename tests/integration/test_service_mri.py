@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -166,3 +167,43 @@ def test_flags_and_failure_reasons_reach_the_api_and_the_sr(tmp_path: Path, mri_
     finally:
         service.stop()
         pacs.stop()
+
+
+@requires_dciodvfy
+def test_each_destination_gets_its_own_objects_under_its_own_series_labels(tmp_path: Path, mri_patient: Path) -> None:
+    """Configured in the environment as an operator would (JSON): the PACS gets SEG, SR and the
+    colour maps with its own series numbers and descriptions; a viewer gets only the summary image,
+    labelled as written. The objects stay the same (same UIDs) at both."""
+    pacs = StoreSCP(tmp_path / "pacs", ae_title="PACS").start()
+    viewer = StoreSCP(tmp_path / "viewer", ae_title="VIEWER").start()
+    destinations = [
+        {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port, "send": ["seg", "sr", "maps"],
+         "series": {"seg": {"number": 1901, "description": "AI stroke core"},
+                    "maps": {"number": 2911, "description": "AI {map} colour"}}},
+        {"ae_title": "VIEWER", "host": "127.0.0.1", "port": viewer.port, "send": ["summary"]},
+    ]
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [],
+                      env={"STROKEGATE_DESTINATIONS": json.dumps(destinations)}).start()
+    try:
+        storescu(mri_patient / "dicom" / "MR" / "dwi", service.port, "STROKEGATE")
+        source = pydicom.dcmread(next((mri_patient / "dicom" / "MR" / "dwi").glob("*.dcm")), stop_before_pixels=True)
+        wait_for(lambda: service.get(f"/api/studies/{source.StudyInstanceUID}", {}).get("state") == "done", 120, "the analysis")
+        deliveries = wait_for(lambda: (d := service.get("/api/deliveries?limit=1000")) and all(x["state"] == "sent" for x in d)
+                              and d, 60, "every delivery sent")
+        at_pacs = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs.files()]
+        at_viewer = [pydicom.dcmread(p, stop_before_pixels=True) for p in viewer.files()]
+        assert len(at_pacs) + len(at_viewer) == len(deliveries)
+        labels = {(ds.Modality, int(ds.SeriesNumber), ds.SeriesDescription) for ds in at_pacs}
+        assert ("SEG", 1901, "AI stroke core") in labels
+        assert ("SR", 902, "StrokeGate report v1 - research use only") in labels  # no label set: as written
+        maps = {(n, d) for m, n, d in labels if m not in ("SEG", "SR")}
+        assert maps == {(2916, "AI ADC colour")}  # ADC is the sixth map: 2911 + 5
+        assert not any(ds.SeriesDescription.startswith("StrokeGate summary") for ds in at_pacs)
+        (summary,) = at_viewer
+        assert int(summary.SeriesNumber) == 903 and summary.SeriesDescription.startswith("StrokeGate summary")
+        assert len({ds.SOPInstanceUID for ds in at_pacs + at_viewer}) == len(deliveries)  # each object once
+        assert dciodvfy_errors(next(p for p in pacs.files() if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG")) == []
+    finally:
+        service.stop()
+        pacs.stop()
+        viewer.stop()

@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service.config import RESULT_CATEGORIES, Destination, load_settings
-from service.delivery.outbox import ResultFile, backoff, enqueue
+from service.config import RESULT_CATEGORIES, Destination, SeriesLabel, load_settings
+from service.delivery.outbox import ResultFile, backoff, enqueue, series_label
 from service.errors import InputError
 from service.ingest.scp import ReceivedInstance
 from service.ingest.spool import Spool
@@ -180,6 +180,25 @@ def test_each_destination_gets_only_the_results_it_asks_for(db: Database) -> Non
         kinds = {(d.destination, d.result.kind) for d in s.query(Delivery)}
     assert {k for d, k in kinds if d == "VIEWER@h:3"} == {"SUMMARY", "MAP-cbf-001"}
     assert len({k for d, k in kinds if d == "PACS@h:1"}) == 5
+
+
+def test_a_destination_labels_each_result_series_its_own_way(tmp_path: Path) -> None:
+    config = tmp_path / "strokegate.yaml"
+    config.write_text(
+        "destinations:\n"
+        "  - {ae_title: PACS, host: pacs, port: 104, series: {seg: {number: 1901}, maps: {number: 2911, description: 'AI {map}'},"
+        " values: {description: AI values}}}\n"
+    )
+    (pacs,) = load_settings(config).destinations
+    assert series_label(pacs, "SEG") == SeriesLabel(number=1901)
+    assert series_label(pacs, "SR") is None  # not set: sent as written
+    assert series_label(pacs, "MAP-cbf-004") == SeriesLabel(number=2911, description="AI CBF")
+    assert series_label(pacs, "MAP-tmax-001") == SeriesLabel(number=2915, description="AI Tmax")  # keeps its place
+    assert series_label(pacs, "PM-cbv") == SeriesLabel(description="AI values CBV")
+    with pytest.raises(ValidationError, match="no result series called"):
+        Destination(ae_title="X", host="h", port=1, series={"pixels": {"number": 5}})
+    with pytest.raises(ValidationError):
+        Destination(ae_title="X", host="h", port=1, series={"seg": {"number": 0}})
 
 
 def test_http_api_health_metrics_and_studies(db: Database) -> None:
