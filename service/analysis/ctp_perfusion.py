@@ -53,6 +53,10 @@ class CtpParameters:
     bias_smoothing_mm: float = 8.0
     bias_split: bool = True  # smooth the bias fields separately inside and outside Tmax > 6 s
     denoising: str = "tips"  # "tips" (edge-preserving, time-intensity profile similarity) or "gaussian"
+    # TIPS's spatial width. Measured on phantom patients 101-103: 5 mm raised core and penumbra
+    # Dice over 3 mm at 5 and 10 HU (e.g. core 0.70 -> 0.78 on 102 at 10 HU) with CBF correlation
+    # unchanged; 7 mm gained a little more there but lost penumbra Dice on one patient at 20 HU.
+    denoising_sigma_mm: float = 5.0
 
 
 def ctp_series(paths: Sequence[Path | str | Dataset]) -> list[str] | None:
@@ -196,7 +200,7 @@ def analyse_ctp_series(
     lap("aif")
 
     if parameters.denoising == "tips":
-        smooth = ctp.denoise_tips(concentration, geometry.spacing, brain)
+        smooth = ctp.denoise_tips(concentration, geometry.spacing, brain, parameters.denoising_sigma_mm)
     else:
         smooth = ctp.denoise(concentration, geometry.spacing, brain)
     tissue, arterial = smooth[:, brain], (aif.curve * scale).astype(np.float64)
