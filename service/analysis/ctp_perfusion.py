@@ -159,9 +159,9 @@ def analyse_ctp_series(
     motion = correct_motion(frames, geometry.spacing)
     # Registration itself is accurate to well under 1 mm (tests/unit/test_ctp_preprocessing.py),
     # but a head moving across thick slices changes their partial volumes, which resampling cannot
-    # undo: on phantom patient 2 at 10 HU (5 mm slices), motion up to 0.9 mm left the core as
-    # without motion (17.5 vs 17.7 mL, Dice 0.76 vs 0.77), 1.2 mm shrank it to 14.1 mL (Dice 0.63)
-    # and 1.7 mm to 12.7 mL (0.52). Beyond 1 mm the answer would be wrong, so the study fails
+    # undo: on phantom patient 2 at 10 HU (5 mm slices), motion up to 0.9 mm left the core about
+    # as without motion (21.0 vs 21.9 mL, Dice 0.84 vs 0.85), 1.2 mm shrank it to 16.6 mL (Dice
+    # 0.70) and 1.7 mm to 15.1 mL (0.58). Beyond 1 mm the answer would be wrong, so the study fails
     # with the reason; a flag alone would leave a wrong core on the radiologist's screen.
     limit = min(ctp.EXCESSIVE_MOTION_MM, CORRECTABLE_MOTION_MM, 0.5 * geometry.spacing[0])
     moved = ctp.excessive_motion(motion.max_displacement_mm, motion.similarity, limit_mm=limit)
