@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
@@ -55,20 +55,12 @@ class Destination(BaseModel):
     def _ae(cls, value: str) -> str:
         return check_ae_title(value)
 
-    @field_validator("send")
+    @field_validator("send", "series")
     @classmethod
-    def _send(cls, values: list[str]) -> list[str]:
+    def _categories(cls, values: list[str] | dict[str, SeriesLabel], info: ValidationInfo) -> Any:
         unknown = sorted(set(values) - set(RESULT_CATEGORIES))
         if unknown:
-            raise ValueError(f"cannot send {unknown}: choose from {', '.join(RESULT_CATEGORIES)}")
-        return values
-
-    @field_validator("series")
-    @classmethod
-    def _series(cls, values: dict[str, SeriesLabel]) -> dict[str, SeriesLabel]:
-        unknown = sorted(set(values) - set(RESULT_CATEGORIES))
-        if unknown:
-            raise ValueError(f"no result series called {unknown}: choose from {', '.join(RESULT_CATEGORIES)}")
+            raise ValueError(f"{info.field_name}: no result category {unknown}; choose from {', '.join(RESULT_CATEGORIES)}")
         return values
 
     @classmethod
