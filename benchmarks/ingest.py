@@ -5,7 +5,7 @@ storescu with TCP_NODELAY=1 (the peer at its best settings); each is timed `--ru
 medians compared. StrokeGate runs on its embedded defaults (SQLite), once as shipped (each instance
 fdatasync'd into the receive journal before Success) and once with `receive_sync: false` (journal
 written before Success, synced within 10 ms); storescp never syncs. All three receivers run for
-the whole benchmark, as they would in a hospital: StrokeGate gets one untimed study first (its
+the whole benchmark, as they would in a hospital: each gets one untimed study first (StrokeGate's
 start-up and the preparation of its first journal segments are not what a PACS waits for), then
 each run sends a copy of the study with new UIDs, so every run is new data. The runs alternate
 between the receivers, storescp first in one run and last in the next, so that the machine's
@@ -99,14 +99,14 @@ class Gate:
 
     def send(self, study: Path, expected_total: int) -> tuple[float, float]:
         """Seconds for storescu to send ``study``, and until all of it was filed into the spool."""
-        started = time.perf_counter()
         seconds = send(study, self.port, "STROKEGATE")
+        sent = time.perf_counter()
         deadline = time.monotonic() + 120
         while self.spooled() < expected_total and time.monotonic() < deadline:
             time.sleep(0.02)
         if self.spooled() != expected_total:
             raise RuntimeError(f"strokegate spooled {self.spooled()} of {expected_total} instances")
-        filed = time.perf_counter() - started
+        filed = seconds + time.perf_counter() - sent
         self.settle()
         return seconds, filed
 
@@ -156,8 +156,9 @@ def main() -> None:
         wait_port(port)
         gates["strokegate"] = Gate(cli, work / "strokegate", {})
         gates["strokegate-async"] = Gate(cli, work / "strokegate-async", {"STROKEGATE_RECEIVE_SYNC": "false"})
+        send(folder, port, "PEER")  # untimed, like each service's first study
         for gate in gates.values():
-            gate.send(folder, len(files))  # untimed: the service's first study
+            gate.send(folder, len(files))
         for run in range(args.runs):
             study = work / f"copy{run}"
             copy_with_new_uids(folder, study)
