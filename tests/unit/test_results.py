@@ -19,7 +19,7 @@ from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
 from service.phantom.truth_files import read_nifti
 from service.results import identity
-from service.results.coding import INFARCT, LOCAL_SCHEME, PENUMBRA
+from service.results.coding import INFARCT, LOCAL_CODES, LOCAL_SCHEME, PENUMBRA
 from service.results.seg import build_seg
 from service.results.sr import MILLILITER, build_sr
 
@@ -196,6 +196,13 @@ def test_penumbra_has_a_declared_local_code_and_the_core_stays_snomed(patient: P
 
 def test_a_core_only_seg_declares_no_local_scheme(seg: Dataset) -> None:
     assert "CodingSchemeIdentificationSequence" not in write_and_read(seg)
+
+
+def test_readme_documents_every_local_code() -> None:
+    """A reader who meets a 99SGATE code in a SEG or SR finds its meaning in the README."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    missing = [code.value for code in LOCAL_CODES if f"| `{code.value}` |" not in readme]
+    assert missing == []
 
 
 def _bytes(ds: Dataset) -> bytes:
