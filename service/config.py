@@ -32,12 +32,13 @@ class SeriesLabel(BaseModel):
     """How a destination wants one category of result series numbered and described; an unset
     field keeps StrokeGate's own. For "maps" and "values", which hold one series per map, the number
     is the first map's (CBF) and each map keeps its place after it (CBV +1, MTT +2, TTP +3, Tmax +4,
-    ADC +5); the description gets the map's name appended, or put where it says ``{map}``."""
+    ADC +5); the description gets the map's name appended, or put where it says ``{map}``, and
+    " (RESEARCH)" unless it says "research" already."""
 
     model_config = ConfigDict(extra="forbid")
 
     number: int | None = Field(None, ge=1, le=99999)
-    description: str | None = Field(None, min_length=1, max_length=56)
+    description: str | None = Field(None, min_length=1, max_length=48)  # + map name + mark <= 64
 
 
 class Destination(BaseModel):

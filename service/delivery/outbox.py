@@ -19,8 +19,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from service.config import Destination, SeriesLabel
-from service.delivery.scu import send_files
+from service.config import Destination
+from service.delivery.scu import SeriesRelabel, send_files
 from service.ops import metrics
 from service.results.maps import MAP_STYLES
 from service.store.database import Database
@@ -47,20 +47,28 @@ def result_category(kind: str) -> str:
     return kind.lower()
 
 
-def series_label(destination: Destination, kind: str) -> SeriesLabel | None:
+RESEARCH_MARK = " (RESEARCH)"
+"""Appended to a destination's own series description unless it says "research" already: a site may
+rename our series, not hide that they come from research software."""
+
+
+def series_label(destination: Destination, kind: str) -> SeriesRelabel | None:
     """The series number and description ``destination`` wants on a result of ``kind`` (None: as
     written). A map series keeps its place after the first map's number and gets its name."""
     label = destination.series.get(result_category(kind))
-    if label is None or not kind.startswith(("MAP-", "PM-")):
-        return label
-    style = MAP_STYLES[kind.split("-")[1]]
-    number = description = None
-    if label.number is not None:
-        number = label.number + style.colour_series_number - MAP_STYLES["cbf"].colour_series_number
-    if label.description is not None:
-        description = (label.description.replace("{map}", style.title) if "{map}" in label.description
-                       else f"{label.description} {style.title}")
-    return SeriesLabel(number=number, description=description)
+    if label is None:
+        return None
+    number, description = label.number, label.description
+    if kind.startswith(("MAP-", "PM-")):
+        style = MAP_STYLES[kind.split("-")[1]]
+        if number is not None:
+            number += style.colour_series_number - MAP_STYLES["cbf"].colour_series_number
+        if description is not None:
+            description = (description.replace("{map}", style.title) if "{map}" in description
+                           else f"{description} {style.title}")
+    if description is not None and "research" not in description.lower():
+        description += RESEARCH_MARK
+    return SeriesRelabel(number, description)
 
 
 def enqueue(session: Session, job: Job, results: list[ResultFile], destinations: dict[str, Collection[str]]) -> None:

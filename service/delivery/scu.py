@@ -19,7 +19,7 @@ from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pynetdicom.presentation import build_context
 
-from service.config import Destination, SeriesLabel
+from service.config import Destination
 from service.ingest.dimse import C_STORE_RSP, encode_store_request
 from service.ingest.scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, no_delay
 from service.ingest.upper_layer import AssociationRejected, Connection, PeerGone, ProtocolError
@@ -49,7 +49,15 @@ def dataset_bytes(data: bytes) -> memoryview:
     return memoryview(data)[144 + group_length :]
 
 
-def relabelled(data: bytes, label: SeriesLabel) -> memoryview:
+@dataclass(frozen=True)
+class SeriesRelabel:
+    """The series number and description one destination wants on one object (None: as written)."""
+
+    number: int | None = None
+    description: str | None = None
+
+
+def relabelled(data: bytes, label: SeriesRelabel) -> memoryview:
     """The encoded dataset of a DICOM file with the series number and description a destination
     wants; its UIDs stay (the same object, labelled as that PACS asks, as routers' tag morphing does)."""
     dataset = dcmread(BytesIO(data))
@@ -64,7 +72,7 @@ def relabelled(data: bytes, label: SeriesLabel) -> memoryview:
 
 def send_files(
     destination: Destination, paths: list[Path], calling_ae: str, timeout_s: float = 30.0,
-    labels: Sequence[SeriesLabel | None] | None = None,
+    labels: Sequence[SeriesRelabel | None] | None = None,
 ) -> list[SendOutcome]:
     """C-STORE every file to ``destination`` over one association; one outcome per file.
     ``labels``, one per file, relabel its series on the way (None: sent as written)."""

@@ -194,10 +194,10 @@ def test_each_destination_gets_its_own_objects_under_its_own_series_labels(tmp_p
         at_viewer = [pydicom.dcmread(p, stop_before_pixels=True) for p in viewer.files()]
         assert len(at_pacs) + len(at_viewer) == len(deliveries)
         labels = {(ds.Modality, int(ds.SeriesNumber), ds.SeriesDescription) for ds in at_pacs}
-        assert ("SEG", 1901, "AI stroke core") in labels
+        assert ("SEG", 1901, "AI stroke core (RESEARCH)") in labels
         assert ("SR", 902, "StrokeGate report v1 - research use only") in labels  # no label set: as written
         maps = {(n, d) for m, n, d in labels if m not in ("SEG", "SR")}
-        assert maps == {(2916, "AI ADC colour")}  # ADC is the sixth map: 2911 + 5
+        assert maps == {(2916, "AI ADC colour (RESEARCH)")}  # ADC is the sixth map: 2911 + 5
         assert not any(ds.SeriesDescription.startswith("StrokeGate summary") for ds in at_pacs)
         (summary,) = at_viewer
         assert int(summary.SeriesNumber) == 903 and summary.SeriesDescription.startswith("StrokeGate summary")

@@ -11,8 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service.config import RESULT_CATEGORIES, Destination, SeriesLabel, load_settings
+from service.config import RESULT_CATEGORIES, Destination, load_settings
 from service.delivery.outbox import ResultFile, backoff, enqueue, series_label
+from service.delivery.scu import SeriesRelabel
 from service.errors import InputError
 from service.ingest.scp import ReceivedInstance
 from service.ingest.spool import Spool
@@ -187,18 +188,21 @@ def test_a_destination_labels_each_result_series_its_own_way(tmp_path: Path) -> 
     config.write_text(
         "destinations:\n"
         "  - {ae_title: PACS, host: pacs, port: 104, series: {seg: {number: 1901}, maps: {number: 2911, description: 'AI {map}'},"
-        " values: {description: AI values}}}\n"
+        " values: {description: AI values}, summary: {description: Research summary}}}\n"
     )
     (pacs,) = load_settings(config).destinations
-    assert series_label(pacs, "SEG") == SeriesLabel(number=1901)
+    assert series_label(pacs, "SEG") == SeriesRelabel(number=1901)
     assert series_label(pacs, "SR") is None  # not set: sent as written
-    assert series_label(pacs, "MAP-cbf-004") == SeriesLabel(number=2911, description="AI CBF")
-    assert series_label(pacs, "MAP-tmax-001") == SeriesLabel(number=2915, description="AI Tmax")  # keeps its place
-    assert series_label(pacs, "PM-cbv") == SeriesLabel(description="AI values CBV")
+    assert series_label(pacs, "SUMMARY") == SeriesRelabel(description="Research summary")  # says it already
+    assert series_label(pacs, "MAP-cbf-004") == SeriesRelabel(number=2911, description="AI CBF (RESEARCH)")
+    assert series_label(pacs, "MAP-tmax-001") == SeriesRelabel(number=2915, description="AI Tmax (RESEARCH)")  # its place
+    assert series_label(pacs, "PM-cbv") == SeriesRelabel(description="AI values CBV (RESEARCH)")
     with pytest.raises(ValidationError, match="series: no result category"):
         Destination(ae_title="X", host="h", port=1, series={"pixels": {"number": 5}})
     with pytest.raises(ValidationError):
         Destination(ae_title="X", host="h", port=1, series={"seg": {"number": 0}})
+    longest = Destination(ae_title="X", host="h", port=1, series={"maps": {"description": "x" * 48}})
+    assert len(series_label(longest, "MAP-tmax-001").description) <= 64  # LO: the DICOM limit
 
 
 def test_http_api_health_metrics_and_studies(db: Database) -> None:
