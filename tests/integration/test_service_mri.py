@@ -173,7 +173,7 @@ def test_flags_and_failure_reasons_reach_the_api_and_the_sr(tmp_path: Path, mri_
 def test_each_destination_gets_its_own_objects_under_its_own_series_labels(tmp_path: Path, mri_patient: Path) -> None:
     """Configured in the environment as an operator would (JSON): the PACS gets SEG, SR and the
     colour maps with its own series numbers and descriptions; a viewer gets only the summary image,
-    labelled as written. The objects stay the same (same UIDs) at both."""
+    labelled as written. Relabelled objects keep the UIDs of the objects StrokeGate wrote."""
     pacs = StoreSCP(tmp_path / "pacs", ae_title="PACS").start()
     viewer = StoreSCP(tmp_path / "viewer", ae_title="VIEWER").start()
     destinations = [
@@ -201,7 +201,10 @@ def test_each_destination_gets_its_own_objects_under_its_own_series_labels(tmp_p
         assert not any(ds.SeriesDescription.startswith("StrokeGate summary") for ds in at_pacs)
         (summary,) = at_viewer
         assert int(summary.SeriesNumber) == 903 and summary.SeriesDescription.startswith("StrokeGate summary")
-        assert len({ds.SOPInstanceUID for ds in at_pacs + at_viewer}) == len(deliveries)  # each object once
+        received = {ds.SOPInstanceUID for ds in at_pacs + at_viewer}
+        assert len(received) == len(deliveries)  # each object once
+        written = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (tmp_path / "gate" / "results").rglob("*.dcm")}
+        assert received <= written
         assert dciodvfy_errors(next(p for p in pacs.files() if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG")) == []
     finally:
         service.stop()
