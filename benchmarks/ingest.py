@@ -102,10 +102,10 @@ class Gate:
         seconds = send(study, self.port, "STROKEGATE")
         sent = time.perf_counter()
         deadline = time.monotonic() + 120
-        while self.spooled() < expected_total and time.monotonic() < deadline:
+        while (stored := self.spooled()) < expected_total and time.monotonic() < deadline:
             time.sleep(0.02)
-        if self.spooled() != expected_total:
-            raise RuntimeError(f"strokegate spooled {self.spooled()} of {expected_total} instances")
+        if stored != expected_total:
+            raise RuntimeError(f"strokegate spooled {stored} of {expected_total} instances")
         filed = seconds + time.perf_counter() - sent
         self.settle()
         return seconds, filed

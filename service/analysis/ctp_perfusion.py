@@ -163,7 +163,7 @@ def analyse_ctp_series(
     # as without motion (21.0 vs 21.9 mL, Dice 0.84 vs 0.85), 1.2 mm shrank it to 16.6 mL (Dice
     # 0.70) and 1.7 mm to 15.1 mL (0.58). Beyond 1 mm the answer would be wrong, so the study fails
     # with the reason; a flag alone would leave a wrong core on the radiologist's screen.
-    limit = min(ctp.EXCESSIVE_MOTION_MM, CORRECTABLE_MOTION_MM, 0.5 * geometry.spacing[0])
+    limit = min(CORRECTABLE_MOTION_MM, 0.5 * geometry.spacing[0])
     moved = ctp.excessive_motion(motion.max_displacement_mm, motion.similarity, limit_mm=limit)
     if moved:
         raise InputError(f"cannot analyse: {moved}; motion between frames across {geometry.spacing[0]:g} mm slices "
@@ -227,8 +227,8 @@ def analyse_ctp_series(
         for part in parts:
             inside = part[brain]
             if inside.any():
-                log_ratio[inside] = _smooth_in(part, log_ratio[inside], geometry, parameters.bias_smoothing_mm)
-                late[inside] = _smooth_in(part, late[inside], geometry, parameters.bias_smoothing_mm)
+                log_ratio[inside] = ctp.denoise_values(log_ratio[inside], part, geometry.spacing, parameters.bias_smoothing_mm)
+                late[inside] = ctp.denoise_values(late[inside], part, geometry.spacing, parameters.bias_smoothing_mm)
         fit = apply_bias(fit, np.exp(log_ratio), late)
     perfusion = perfusion_parameters(fit, tissue, arterial, dt)
     maps = {name: np.zeros(geometry.shape, dtype=np.float32) for name in ("cbf", "cbv", "mtt", "tmax")}
@@ -252,14 +252,6 @@ def analyse_ctp_series(
         maps = {name: ctp.block_expand(volume, factor, in_plane) for name, volume in maps.items()}
         brain, core, hypoperfused = (ctp.block_expand(mask, factor, in_plane) for mask in (brain, core, hypoperfused))
     return CtpResult(maps, brain, core, hypoperfused, summary, reference.cbf, scale, flags, timings)
-
-
-
-def _smooth_in(mask: np.ndarray, values: np.ndarray, geometry: Geometry, sigma_mm: float) -> np.ndarray:
-    """``values`` of the mask's voxels, smoothed in-plane over the mask (masked Gaussian)."""
-    volume = np.zeros(mask.shape, dtype=np.float32)
-    volume[mask] = values
-    return ctp.denoise(volume, geometry.spacing, mask, sigma_mm)[mask].astype(np.float64)
 
 
 def _working_geometry(geometry: Geometry, factor: int, shape: tuple[int, ...]) -> Geometry:

@@ -31,7 +31,7 @@ from service.imaging.perfusion_series import load_dsc
 from service.imaging.volumes import Source
 from service.perfusion import dsc, thresholds
 from service.perfusion.aif import partial_volume_scale, select_aif, select_vof
-from service.perfusion.ctp import denoise, truncated_bolus
+from service.perfusion.ctp import denoise, denoise_values, truncated_bolus
 from service.perfusion.deconvolution import (
     apply_bias,
     bias_of,
@@ -133,8 +133,8 @@ def dsc_maps(series: Sequence[Source], parameters: MriPerfusionParameters = MriP
     fit = deconvolve(curves[:, 1:], curves[:, 0], dt, parameters.method)
     if parameters.bias_correction:
         ratio, late = bias_of(fit, calibrate_bias(curves[:, 0], dt, parameters.method))
-        log_ratio = _smooth_in(brain, np.log(ratio), geometry, parameters.bias_smoothing_mm)
-        fit = apply_bias(fit, np.exp(log_ratio), _smooth_in(brain, late, geometry, parameters.bias_smoothing_mm))
+        log_ratio = denoise_values(np.log(ratio), brain, geometry.spacing, parameters.bias_smoothing_mm)
+        fit = apply_bias(fit, np.exp(log_ratio), denoise_values(late, brain, geometry.spacing, parameters.bias_smoothing_mm))
     perfusion = perfusion_parameters(fit, curves[:, 1:], curves[:, 0], dt)
     maps = {name: np.zeros(geometry.shape, dtype=np.float32) for name in ("cbf", "cbv", "mtt", "tmax")}
     for name, values in maps.items():
@@ -206,13 +206,6 @@ def add_mismatch(core: Findings, maps: DscMaps, parameters: MriPerfusionParamete
         },
         timings_s=timings,
     )
-
-
-def _smooth_in(mask: np.ndarray, values: np.ndarray, geometry: Geometry, sigma_mm: float) -> np.ndarray:
-    """Per-voxel ``values`` (over ``mask``) smoothed in-plane within the mask."""
-    volume = np.zeros(mask.shape, dtype=np.float32)
-    volume[mask] = values
-    return denoise(volume, geometry.spacing, mask, sigma_mm)[mask].astype(np.float64)
 
 
 def _same_grid(a: Geometry, b: Geometry) -> bool:

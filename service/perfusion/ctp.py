@@ -368,6 +368,14 @@ def block_expand(data: np.ndarray, factor: int, shape: tuple[int, int]) -> np.nd
     return np.pad(out, pad, mode="edge") if any(p[1] for p in pad) else out
 
 
+def denoise_values(values: np.ndarray, mask: np.ndarray, spacing_mm: Sequence[float], sigma_mm: float) -> np.ndarray:
+    """``values`` of the voxels of ``mask`` (in its order), smoothed in-plane over the mask as by
+    ``denoise``; float64, for per-voxel fields such as the bias corrections."""
+    volume = np.zeros(mask.shape, dtype=np.float32)
+    volume[mask] = values
+    return denoise(volume, spacing_mm, mask, sigma_mm)[mask].astype(np.float64)
+
+
 def denoise_tips(
     concentration: np.ndarray,
     spacing_mm: Sequence[float],
