@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     tmax_threshold_s: float = Field(
         6.0, gt=0, lt=10, description="hypoperfused: Tmax above this, s (below the 10 s of the HIR numerator)"
     )
+    vessel_cbv_threshold: float = Field(
+        8.0, gt=0, description="CT perfusion: voxels with CBV above this, mL/100 g, are vessels and left out"
+    )
     target_max_core_ml: float = Field(70.0, gt=0, description="DEFUSE 3 target mismatch: core below this, mL")
     target_min_mismatch_ratio: float = Field(
         1.8, gt=0, description="DEFUSE 3 target mismatch: hypoperfused / core at least this"

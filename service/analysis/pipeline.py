@@ -48,6 +48,7 @@ class AnalysisParameters:
     min_lesion_ml: float = 0.3  # connected components smaller than this are removed
     core_rcbf: float = 0.30  # CT (and vendor map) core: CBF below this fraction of contralateral normal
     tmax_threshold_s: float = 6.0  # hypoperfused: Tmax above this
+    vessel_cbv: float = 8.0  # CT perfusion: voxels above this CBV (mL/100 g) are vessels, not tissue
     criteria: Defuse3Criteria = field(default_factory=Defuse3Criteria)  # target-mismatch profile
 
     @classmethod
@@ -58,6 +59,7 @@ class AnalysisParameters:
             min_lesion_ml=settings.min_lesion_ml,
             core_rcbf=settings.core_rcbf_threshold,
             tmax_threshold_s=settings.tmax_threshold_s,
+            vessel_cbv=settings.vessel_cbv_threshold,
             criteria=Defuse3Criteria(
                 max_core_ml=settings.target_max_core_ml,
                 min_ratio=settings.target_min_mismatch_ratio,
@@ -184,7 +186,7 @@ def _analyse_ctp(series: StudySeries, version: int, parameters: AnalysisParamete
         chosen, study_uid=study_uid, version=version,
         parameters=CtpParameters(
             core_rcbf=parameters.core_rcbf, tmax_threshold_s=parameters.tmax_threshold_s,
-            min_lesion_ml=parameters.min_lesion_ml,
+            min_lesion_ml=parameters.min_lesion_ml, vessel_cbv=parameters.vessel_cbv,
         ),
     )
     criteria = parameters.criteria
