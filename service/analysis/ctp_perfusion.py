@@ -5,7 +5,8 @@ motion (fail beyond 1 mm of displacement); find the baseline, mask the brain, co
 concentration; select the AIF (fail on a truncated bolus) and the VOF (partial-volume scaling);
 denoise inside the brain with the edge-preserving TIPS filter; deconvolve every brain voxel with
 oSVD and correct SVD's biases (late Tmax, low fast flow) with a calibration on the study's own
-AIF; take vessels (CBV above 8 mL/100 g) out of the brain; threshold
+AIF; take vessels (CBV above 8 mL/100 g) out of the brain; put the grey/white matter structure
+that the denoising smoothed away back into CBF and CBV from the temporal mean image; threshold
 (core rCBF < 30 % of the contralateral normal tissue within Tmax > 6 s, hypoperfusion Tmax > 6 s),
 remove specks, summarise with the DEFUSE 3 verdict; masks back on the acquired grid.
 """
@@ -27,7 +28,7 @@ from service.imaging.classify import classify
 from service.imaging.geometry import Geometry
 from service.imaging.perfusion_series import load_ctp
 from service.imaging.volumes import group_series
-from service.perfusion import ctp, thresholds
+from service.perfusion import anatomy, ctp, thresholds
 from service.perfusion.aif import FLAG_TRUNCATED, partial_volume_scale, select_aif, select_vof
 from service.perfusion.deconvolution import apply_bias, bias_of, calibrate_bias, deconvolve, perfusion_parameters, resample_uniform
 from service.perfusion.motion import correct_motion
@@ -60,6 +61,9 @@ class CtpParameters:
     # Voxels above this CBV (mL/100 g) are vessels: normal grey matter is 4-6, a voxel partly
     # filled by a small artery takes its share of the AIF's area (a tenth of a voxel: ~7 more).
     vessel_cbv: float = 8.0
+    # Grey/white matter structure of CBF and CBV finer than 3 mm from the temporal mean of the
+    # frames (service.perfusion.anatomy); the denoising has smoothed it away.
+    anatomy_detail: bool = True
 
 
 def ctp_series(paths: Sequence[Path | str | Dataset]) -> list[str] | None:
@@ -252,6 +256,13 @@ def analyse_ctp_series(
     brain = tissue_only
     lap("deconvolution")
 
+    if parameters.anatomy_detail:
+        guide = anatomy.temporal_mean_guide(frames, brain, geometry.spacing)
+        delayed = brain & (maps["tmax"] > parameters.tmax_threshold_s)
+        (maps["cbf"], maps["cbv"]), _ = anatomy.restore_detail([maps["cbf"], maps["cbv"]], guide, [brain & ~delayed, delayed], geometry.spacing)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            maps["mtt"] = np.where(maps["cbf"] > 0, 60.0 * maps["cbv"] / maps["cbf"], 0.0).astype(np.float32)
+        lap("anatomy")
 
     voxel_ml = geometry.voxel_volume_ml
     reference = thresholds.contralateral_reference(maps["cbf"], brain, maps["tmax"])
