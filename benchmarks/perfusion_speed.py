@@ -90,7 +90,7 @@ def main(runs: int = typer.Option(3, help="timed runs"), workdir: Path | None = 
     maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     median_stages = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
     print()
-    print(f"analyse_ctp (load 640 DICOM files + motion + mask + AIF + denoising + deconvolution + thresholds): "
+    print(f"analyse_ctp (load 640 DICOM files + motion + mask + AIF + denoising + deconvolution + anatomy-guided detail + thresholds): "
           f"median {statistics.median(totals):.2f} s over {runs} runs (min {min(totals):.2f}, max {max(totals):.2f})")
     print("  median per stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in median_stages.items()))
     print(f"deconvolution alone (oSVD + bias correction, {brain_voxels} brain voxels of the 0.94 mm working grid, 40 frames): "

@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     vessel_cbv_threshold: float = Field(
         8.0, gt=0, description="CT perfusion: voxels with CBV above this, mL/100 g, are vessels and left out"
     )
+    ctp_anatomy_detail: bool = Field(
+        True, description="CT perfusion: grey/white matter detail of CBF and CBV from the temporal mean image"
+    )
     target_max_core_ml: float = Field(70.0, gt=0, description="DEFUSE 3 target mismatch: core below this, mL")
     target_min_mismatch_ratio: float = Field(
         1.8, gt=0, description="DEFUSE 3 target mismatch: hypoperfused / core at least this"

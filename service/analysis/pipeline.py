@@ -49,6 +49,7 @@ class AnalysisParameters:
     core_rcbf: float = 0.30  # CT (and vendor map) core: CBF below this fraction of contralateral normal
     tmax_threshold_s: float = 6.0  # hypoperfused: Tmax above this
     vessel_cbv: float = 8.0  # CT perfusion: voxels above this CBV (mL/100 g) are vessels, not tissue
+    anatomy_detail: bool = True  # CT perfusion: grey/white detail of CBF and CBV from the temporal mean
     criteria: Defuse3Criteria = field(default_factory=Defuse3Criteria)  # target-mismatch profile
 
     @classmethod
@@ -60,6 +61,7 @@ class AnalysisParameters:
             core_rcbf=settings.core_rcbf_threshold,
             tmax_threshold_s=settings.tmax_threshold_s,
             vessel_cbv=settings.vessel_cbv_threshold,
+            anatomy_detail=settings.ctp_anatomy_detail,
             criteria=Defuse3Criteria(
                 max_core_ml=settings.target_max_core_ml,
                 min_ratio=settings.target_min_mismatch_ratio,
@@ -187,6 +189,7 @@ def _analyse_ctp(series: StudySeries, version: int, parameters: AnalysisParamete
         parameters=CtpParameters(
             core_rcbf=parameters.core_rcbf, tmax_threshold_s=parameters.tmax_threshold_s,
             min_lesion_ml=parameters.min_lesion_ml, vessel_cbv=parameters.vessel_cbv,
+            anatomy_detail=parameters.anatomy_detail,
         ),
     )
     criteria = parameters.criteria
