@@ -134,9 +134,11 @@ def test_a_study_with_nothing_to_analyse_is_refused_with_what_it_holds(small_mri
 def test_parameters_come_from_the_settings() -> None:
     assert AnalysisParameters.from_settings(Settings()) == AnalysisParameters()
     settings = Settings(core_rcbf_threshold=0.2, tmax_threshold_s=8, target_max_core_ml=50,
-                        target_min_mismatch_ratio=2, target_min_mismatch_ml=10, adc_core_threshold=600)
+                        target_min_mismatch_ratio=2, target_min_mismatch_ml=10, adc_core_threshold=600,
+                        vessel_cbv_threshold=10, ctp_anatomy_detail=False)
     assert AnalysisParameters.from_settings(settings) == AnalysisParameters(
-        adc_threshold=600, core_rcbf=0.2, tmax_threshold_s=8, criteria=Defuse3Criteria(50, 2, 10)
+        adc_threshold=600, core_rcbf=0.2, tmax_threshold_s=8, vessel_cbv=10, anatomy_detail=False,
+        criteria=Defuse3Criteria(50, 2, 10),
     )
     with pytest.raises(ValueError):
         Settings(tmax_threshold_s=12)  # must stay below the 10 s of the HIR numerator
