@@ -253,9 +253,13 @@ def perfusion_parameters(fit: ResidueFit, concentration: np.ndarray, aif: np.nda
         raise ValueError(f"aif must have a positive area, got {aif_area}")
     cbf = K_H / RHO * 6000.0 * fit.flow_scaled
     cbv = K_H / RHO * 100.0 * np.trapezoid(conc, dx=dt, axis=0) / aif_area
+    return PerfusionParameters(cbf, cbv, mean_transit_time(cbf, cbv), fit.tmax_s.copy())
+
+
+def mean_transit_time(cbf: np.ndarray, cbv: np.ndarray) -> np.ndarray:
+    """MTT in s = CBV / CBF (central volume principle; mL/100 g over mL/100 g/min), 0 where CBF is 0."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        mtt = np.where(cbf > 0, 60.0 * cbv / cbf, 0.0)
-    return PerfusionParameters(cbf, cbv, mtt, fit.tmax_s.copy())
+        return np.where(cbf > 0, 60.0 * cbv / cbf, 0.0)
 
 
 def resample_uniform(times: np.ndarray, curves: np.ndarray, dt: float | None = None) -> tuple[np.ndarray, np.ndarray]:
