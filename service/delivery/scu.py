@@ -1,7 +1,7 @@
 """Sending result objects to one destination by C-STORE, over one association.
 
 The files are sent as written (their encoded dataset after the file meta, in their own transfer
-syntax), with the upper layer the receiver uses (``ingest/upper_layer.py`` says why not
+syntax), with the upper layer the receiver uses (``dicomnet/upper_layer.py`` says why not
 pynetdicom's requestor): association negotiation by pynetdicom's PDU classes, our P-DATA path.
 """
 
@@ -20,9 +20,16 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom.presentation import build_context
 
 from service.config import Destination
-from service.ingest.dimse import C_STORE_RSP, encode_store_request
-from service.ingest.scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, no_delay
-from service.ingest.upper_layer import AssociationRejected, Connection, PeerGone, ProtocolError
+from service.dicomnet.dimse import C_STORE_RSP, encode_store_request
+from service.dicomnet.upper_layer import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+    AssociationRejected,
+    Connection,
+    PeerGone,
+    ProtocolError,
+    no_delay,
+)
 
 log = logging.getLogger(__name__)
 

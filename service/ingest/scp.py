@@ -24,7 +24,6 @@ from io import BytesIO
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    generate_uid,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -58,18 +57,20 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-import service
 from service.errors import InputError
-from service.ingest.dimse import C_ECHO_RQ, C_STORE_RQ, encode_response
+from service.dicomnet.dimse import C_ECHO_RQ, C_STORE_RQ, encode_response
 from service.ingest.journal import Journal, JournalEntry
 from service.ingest.spool import Spool, check_uid, part10_header
-from service.ingest.upper_layer import (
+from service.dicomnet.upper_layer import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
     REJECT_CALLING_AE,
     REJECT_TOO_MANY,
     AssociationRequest,
     Connection,
     PeerGone,
     ProtocolError,
+    no_delay,
 )
 from service.ops import metrics
 from service.store.models import utcnow
@@ -116,8 +117,6 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
-IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["StrokeGate DICOM implementation"])
-IMPLEMENTATION_VERSION = f"STROKEGATE_{service.__version__}"[:16]
 FILING_BACKLOG_BYTES = 256 << 20  # journalled but not yet filed; beyond it, receiving waits for the filer
 FILING_QUIET_S = 0.05  # the filer works when receiving pauses this long, or when the backlog is full,
 FILING_MAX_LAG_S = 1.0  # or when its oldest instance was received this long ago
@@ -156,12 +155,6 @@ class ReceiverConfig:
     network_timeout_s: float
     sync_each: bool = True  # fdatasync the journal before each Success
     sync_interval_s: float = 0.01  # otherwise, at most this long after it
-
-
-def no_delay(sock: socket.socket) -> None:
-    """Send small PDUs at once: without it, Nagle's algorithm and the peer's delayed ACK stall
-    each request-response exchange by up to 40 ms."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def parse_header(file_bytes: bytes) -> Dataset:

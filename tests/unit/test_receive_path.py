@@ -15,11 +15,11 @@ from pydicom.filewriter import write_file_meta_info
 from pynetdicom.dsutils import decode, encode
 
 from service.errors import InputError
-from service.ingest.dimse import C_ECHO_RQ, C_STORE_RQ, decode_command, encode_response
+from service.dicomnet.dimse import C_ECHO_RQ, C_STORE_RQ, decode_command, encode_response
 from service.ingest import journal as journal_module
 from service.ingest.journal import Journal, JournalEntry
 from service.ingest.spool import part10_header
-from service.ingest.upper_layer import Connection, PeerGone, ProtocolError
+from service.dicomnet.upper_layer import Connection, PeerGone, ProtocolError
 
 
 def store_request(sop_uid: str = "1.2.826.0.1.3680043.8.498.1") -> bytes:

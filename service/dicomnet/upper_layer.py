@@ -24,10 +24,16 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
+from pydicom.uid import generate_uid
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+import service
+
 from service.errors import InputError
-from service.ingest.dimse import Command, decode_command
+from service.dicomnet.dimse import Command, decode_command
+
+IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["StrokeGate DICOM implementation"])
+IMPLEMENTATION_VERSION = f"STROKEGATE_{service.__version__}"[:16]
 
 ASSOCIATE_RQ = 0x01
 ASSOCIATE_AC = 0x02
@@ -52,6 +58,12 @@ REJECT_TOO_MANY = (0x02, 0x03, 0x02)
 ABORT_UNEXPECTED_PDU = 0x02
 ABORT_INVALID_PARAMETER = 0x06
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+
+
+def no_delay(sock: socket.socket) -> None:
+    """Send small PDUs at once: without it, Nagle's algorithm and the peer's delayed ACK stall
+    each request-response exchange by up to 40 ms."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class ProtocolError(Exception):
