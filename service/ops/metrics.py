@@ -6,7 +6,7 @@ import re
 import threading
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -48,12 +48,13 @@ class Reading(Collector):
     """A gauge for a reading taken now and then (free disk space): exported only once a value was
     read, so that an alert never sees a zero that nobody measured."""
 
-    def __init__(self, name: str, documentation: str) -> None:
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry = REGISTRY) -> None:
         self.name = name
         self.documentation = documentation
+        self.registry = registry
         self._value: float | None = None
         self._lock = threading.Lock()
-        REGISTRY.register(self)
+        registry.register(self)
 
     def set(self, value: float) -> None:
         with self._lock:
