@@ -11,12 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
 SCHEMAS = DEPLOY / "schemas"
+KUBERNETES_VERSION = "1.30.0"  # the oldest Kubernetes release the manifests must work on
 RULES = DEPLOY / "prometheus" / "rules" / "strokegate.rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "strokegate.json"
 
@@ -65,3 +68,36 @@ def crd_schemas() -> dict[tuple[str, str], dict]:
         for version in crd["spec"]["versions"]:
             schemas[(f"{group}/{version['name']}", kind)] = strict(version["schema"]["openAPIV3Schema"])
     return schemas
+
+
+def validate_object(obj: dict, crds: dict[tuple[str, str], dict]) -> None:
+    """Raise if ``obj`` is not a valid object of its kind: built-in kinds against the Kubernetes
+    schemas (strict), the Prometheus Operator's kinds against ``crds`` (from crd_schemas())."""
+    key = (obj["apiVersion"], obj["kind"])
+    if key in crds:
+        # Not checked as a schema first: the CRDs' patterns are Go regular expressions, a few of
+        # which Python's re cannot compile (they are used only when their field is present).
+        jsonschema.Draft7Validator(crds[key]).validate(obj)
+    else:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
+    """The objects of one kind, by name."""
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def kustomize(overlay: str) -> list[dict]:
+    """`kubectl kustomize` (or a standalone `kustomize build`) of an overlay, as objects."""
+    folder = str(DEPLOY / "kubernetes" / "overlays" / overlay)
+    kubectl, standalone = find_tool("kubectl"), find_tool("kustomize")
+    if kubectl:
+        command = [kubectl, "kustomize", folder]
+    elif standalone:
+        command = [standalone, "build", folder]
+    else:
+        pytest.skip("neither kubectl nor kustomize installed (`bash deploy/setup.sh --test` installs kubectl on x86_64)")
+    result = run(command)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stderr}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]

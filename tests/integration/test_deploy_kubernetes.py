@@ -12,48 +12,19 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deploy_checks import DEPLOY, crd_schemas, find_tool, run
+from deploy_checks import DEPLOY, by_kind, crd_schemas, kustomize, run
+from deploy_checks import validate_object as validate
 
 pytestmark = pytest.mark.integration
 
 KUBERNETES = DEPLOY / "kubernetes"
 OVERLAYS = ("ingest", "workers")
-KUBERNETES_VERSION = "1.30.0"  # the oldest release the manifests must work on
 EXTERNAL_SECRETS = {"strokegate-database", "strokegate-tls", "strokegate-api-tokens", "strokegate-broker"}
-
-
-def render(overlay: str) -> list[dict]:
-    """`kubectl kustomize` (or a standalone `kustomize build`) of an overlay, as objects."""
-    kubectl, kustomize = find_tool("kubectl"), find_tool("kustomize")
-    if kubectl:
-        command = [kubectl, "kustomize", str(KUBERNETES / "overlays" / overlay)]
-    elif kustomize:
-        command = [kustomize, "build", str(KUBERNETES / "overlays" / overlay)]
-    else:
-        pytest.skip("neither kubectl nor kustomize installed (`bash deploy/setup.sh --test` installs kubectl on x86_64)")
-    result = run(command)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
 def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict]]:
-    return request.param, render(request.param)
-
-
-def validate(obj: dict, crds: dict) -> None:
-    """Raise if ``obj`` is not a valid object of its kind."""
-    key = (obj["apiVersion"], obj["kind"])
-    if key in crds:
-        # Not checked as a schema first: the CRDs' patterns are Go regular expressions, a few of
-        # which Python's re cannot compile (they are used only when their field is present).
-        jsonschema.Draft7Validator(crds[key]).validate(obj)
-    else:
-        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-
-
-def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
-    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+    return request.param, kustomize(request.param)
 
 
 def test_every_rendered_object_is_valid(rendered: tuple[str, list[dict]]) -> None:
@@ -122,7 +93,7 @@ def test_ingest_is_one_replica_replaced_not_rolled(rendered: tuple[str, list[dic
 
 
 def test_the_workers_overlay_adds_gpu_workers_on_shared_volumes() -> None:
-    objects = render("workers")
+    objects = kustomize("workers")
     worker = by_kind(objects, "Deployment")["strokegate-worker"]
     container = worker["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == ["worker"]
@@ -131,7 +102,7 @@ def test_the_workers_overlay_adds_gpu_workers_on_shared_volumes() -> None:
     assert all(c["spec"]["accessModes"] == ["ReadWriteMany"] for c in by_kind(objects, "PersistentVolumeClaim").values())
     config = next(iter(by_kind(objects, "ConfigMap").values()))
     assert config["data"]["STROKEGATE_JOB_QUEUE"] == "celery"
-    ingest = render("ingest")
+    ingest = kustomize("ingest")
     assert "strokegate-worker" not in by_kind(ingest, "Deployment")
     assert next(iter(by_kind(ingest, "ConfigMap").values()))["data"]["STROKEGATE_JOB_QUEUE"] == "database"
 
