@@ -65,3 +65,6 @@ def test_the_chart_renders_the_same_ingest_as_kustomize() -> None:
     assert [v["name"] for v in kustomized["volumes"]] == [v["name"] for v in charted["volumes"]]
     kustomize_config = next(iter(by_kind(kustomize("ingest"), "ConfigMap").values()))["data"]
     assert kustomize_config == by_kind(template(), "ConfigMap")["strokegate-config"]["data"]
+    for name in ("strokegate", "strokegate-dicom"):
+        a, b = by_kind(kustomize("ingest"), "Service")[name]["spec"], by_kind(template(), "Service")[name]["spec"]
+        assert (a.get("type"), a["ports"]) == (b.get("type"), b["ports"]), name

@@ -75,11 +75,17 @@ def test_references_resolve_and_secrets_are_the_documented_ones(rendered: tuple[
                 secrets.add(volume["secret"]["secretName"])
     assert secrets <= EXTERNAL_SECRETS
     assert {"strokegate-database", "strokegate-tls", "strokegate-api-tokens"} <= secrets
+    dicom = by_kind(objects, "Service")["strokegate-dicom"]
     ingest = by_kind(objects, "Deployment")["strokegate-ingest"]
-    assert service["spec"]["selector"].items() <= ingest["spec"]["template"]["metadata"]["labels"].items()
+    pod_labels = ingest["spec"]["template"]["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= pod_labels and dicom["spec"]["selector"].items() <= pod_labels
+    # The API stays inside the cluster; only DICOM is offered to the PACS outside.
+    assert "type" not in service["spec"] and [p["name"] for p in service["spec"]["ports"]] == ["http"]
+    assert dicom["spec"]["type"] == "LoadBalancer" and [p["port"] for p in dicom["spec"]["ports"]] == [11112]
     monitor = by_kind(objects, "ServiceMonitor")["strokegate"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert not monitor["spec"]["selector"]["matchLabels"].items() <= dicom["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
 
 
 def test_ingest_is_one_replica_replaced_not_rolled(rendered: tuple[str, list[dict]]) -> None:
