@@ -7,7 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+test_packages=""
+if [ "${1:-}" = "--test" ]; then
+    extras="[test]"
+    test_packages="prometheus openssl"  # prometheus + promtool for the alert-rule and scrape tests
+fi
 
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -15,7 +19,7 @@ if command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing dcmtk, dicom3tools and orthanc (apt-get)"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-        dcmtk dicom3tools orthanc >/dev/null
+        dcmtk dicom3tools orthanc $test_packages >/dev/null
 else
     echo "setup: no apt-get here; install dcmtk, dicom3tools and orthanc yourself" >&2
 fi
@@ -32,4 +36,5 @@ fi
 echo "setup: installing StrokeGate$extras into .venv (pip)"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".$extras"
+if [ -n "$extras" ]; then bash deploy/kube-tools.sh; fi  # kubectl + helm for the Kubernetes tests
 echo "setup: done"

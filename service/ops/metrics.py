@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+import re
+import threading
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 import service
 
@@ -36,4 +42,68 @@ LAST_INSTANCE_TO_ACK = Histogram(
 DELIVERY_ATTEMPTS = Counter("strokegate_delivery_attempts_total", "C-STORE attempts of result objects", ["result"])
 DELIVERY_FAILURES = Counter("strokegate_delivery_failures_total", "Failed C-STORE attempts of result objects")
 SPOOL_BYTES = Gauge("strokegate_spool_bytes", "Bytes of DICOM files in the spool")
-SPOOL_FREE_BYTES = Gauge("strokegate_spool_free_bytes", "Free bytes on the spool's file system")
+
+
+class Reading(Collector):
+    """A gauge for a reading taken now and then (free disk space): exported only once a value was
+    read, so that an alert never sees a zero that nobody measured."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry = REGISTRY) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.registry = registry
+        self._value: float | None = None
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._value = float(value)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            value = self._value
+        if value is not None:
+            yield GaugeMetricFamily(self.name, self.documentation, value=value)
+
+
+SPOOL_FREE_BYTES = Reading("strokegate_spool_free_bytes", "Free bytes on the spool's file system, as last read")
+
+LOOPS = ("dicom-receiver", "dicom-filer", "journal-flush", "recorder", "tracker", "sender", "worker", "http")
+"""The service's background loops, by the names of their threads (a pool's threads are NAME-0, NAME-1, ...)."""
+
+
+class LoopHealth(Collector):
+    """``strokegate_loop_up{loop}``: 1 while a background loop's thread is alive, 0 once a loop that
+    ran in this process has ended (it died, or the service is stopping). Read from the live threads at
+    each scrape, so a loop that dies by any path shows, with no code in the loop itself; a loop that is
+    alive but stuck does not (the backlog and delivery alerts catch that)."""
+
+    def __init__(self, loops: tuple[str, ...] = LOOPS) -> None:
+        self._pattern = re.compile(rf"(?:{'|'.join(re.escape(loop) for loop in loops)})(?:-\d+)?")
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        alive = {t.name for t in threading.enumerate() if t.is_alive() and self._pattern.fullmatch(t.name)}
+        with self._lock:
+            self._seen |= alive
+            seen = sorted(self._seen)
+        family = self._family()
+        for name in seen:
+            family.add_metric([name], 1.0 if name in alive else 0.0)
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("strokegate_loop_up", "1 while a background loop runs, 0 once it has ended", labels=["loop"])
+
+
+LOOP_HEALTH = LoopHealth()
+REGISTRY.register(LOOP_HEALTH)
