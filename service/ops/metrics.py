@@ -37,3 +37,9 @@ DELIVERY_ATTEMPTS = Counter("strokegate_delivery_attempts_total", "C-STORE attem
 DELIVERY_FAILURES = Counter("strokegate_delivery_failures_total", "Failed C-STORE attempts of result objects")
 SPOOL_BYTES = Gauge("strokegate_spool_bytes", "Bytes of DICOM files in the spool")
 SPOOL_FREE_BYTES = Gauge("strokegate_spool_free_bytes", "Free bytes on the spool's file system")
+INFERENCE_SECONDS = Histogram(
+    "strokegate_inference_seconds",
+    "Duration of one run of a learned model (one batch), by model name and inference backend",
+    ["model", "backend"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
