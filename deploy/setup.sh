@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install what StrokeGate needs on a fresh Debian/Ubuntu machine, into .venv at the repo root.
 #   bash deploy/setup.sh          the service and its command line
-#   bash deploy/setup.sh --test   the same, plus the test tools
+#   bash deploy/setup.sh --test   the same, plus the test tools and the training extra (torch==2.13.0,
+#                                 the CPU build, and onnx), so that the tests check torch against ONNX Runtime
 # System packages: dcmtk (storescu/storescp/dcmdump), dicom3tools (dciodvfy), orthanc (a PACS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+[ "${1:-}" = "--test" ] && extras="[test,train]"
 
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
