@@ -38,6 +38,8 @@ class OnnxRuntimeEngine(CheckedEngine):
             cache_dir.mkdir(parents=True, exist_ok=True)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads  # 0: one per core
+        # Idle threads sleep instead of spinning: the analysis and the receiver share these cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             self._session = onnxruntime.InferenceSession(
