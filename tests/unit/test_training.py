@@ -116,3 +116,16 @@ def test_a_few_training_steps_learn_and_the_export_agrees_with_torch(tmp_path: P
     inputs = {"maps": study.inputs[2:5], "brain": study.brain[2:5, None].astype(np.float32),
               "clinical": np.array([[0.2, 1.0], [0.0, 0.0], [0.9, 1.0]], np.float32)}
     assert parity(network, onnx_path, inputs) <= PARITY_TOLERANCE
+
+
+def test_the_same_seed_gives_the_same_weights(tmp_path: Path, small_family: str) -> None:
+    paths = build([SampleSpec(small_family, 2, 10.0, "train")], tmp_path / "data")
+    arrays = load(next(iter(paths.values())))
+    study = Study("s", arrays.pop("inputs"), arrays.pop("brain"), arrays.pop("labels"), int(arrays.pop("nihss")), arrays)
+    config = TrainConfig(epochs=1, steps_per_epoch=3, batch=2, crop=32, widths=(4, 8), seed=5)
+    first, _ = train([study], [], config, tmp_path / "a")
+    second, _ = train([study], [], config, tmp_path / "b")
+    other, _ = train([study], [], TrainConfig(epochs=1, steps_per_epoch=3, batch=2, crop=32, widths=(4, 8), seed=6), tmp_path / "c")
+    a, b, c = first.state_dict(), second.state_dict(), other.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
