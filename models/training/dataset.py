@@ -4,7 +4,7 @@ Each study is simulated as arrays (the phantom's frames, quantised to the intege
 stores, exactly what the DICOM path reads back) and analysed by ``analyse_ctp_series``, the
 function the service runs after loading DICOM; the model inputs are then made by
 ``service.inference.ctp_inputs``, as the service makes them. Writing and reading the DICOM files
-would cost ~7 s a study and change nothing (tests/unit/test_training_dataset.py checks that the
+would cost ~7 s a study and change nothing (tests/unit/test_training.py checks that the
 maps agree). One ``.npz`` per study is cached under the dataset folder (ignored by git).
 """
 
