@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what StrokeGate needs on a fresh Debian/Ubuntu machine, into .venv at the repo root.
 #   bash deploy/setup.sh          the service and its command line
-#   bash deploy/setup.sh --test   the same, plus the test tools
+#   bash deploy/setup.sh --test   the same, plus the test tools and the training extra (torch==2.13.0,
+#                                 the CPU build, and onnx), so that the tests check torch against ONNX Runtime
 # System packages: dcmtk (storescu/storescp/dcmdump), dicom3tools (dciodvfy), orthanc (a PACS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 extras=""
 test_packages=""
 if [ "${1:-}" = "--test" ]; then
-    extras="[test]"
+    extras="[test,train]"
     test_packages="prometheus openssl"  # prometheus + promtool for the alert-rule and scrape tests
 fi
 

@@ -175,3 +175,67 @@ def phantom(
         console.print(f"best achievable AUC for mRS 3-6 (true outcome model) on this cohort: {auc:.3f}")
     else:
         console.print("best achievable AUC for mRS 3-6: undefined (only one outcome class in this cohort)")
+
+
+@app.command()
+def models(
+    config: ConfigOption = None,
+    models_dir: Annotated[Path | None, typer.Option(help="Folder of model files and cards (default: the shipped models).")] = None,
+) -> None:
+    """List the shipped models and their cards, the inference backends available here, and check
+    each model on each backend against its bundled test input (parity)."""
+    from service.errors import ModelError
+    from service.inference.card import card_path, read_card
+    from service.inference.engine import available_backends, load_engine, shipped_models
+    from service.inference.parity import bundled_parity
+
+    settings = _settings(config, models_dir=models_dir)
+    backends = available_backends()
+    table = Table("backend", "here", "why", title="inference backends")
+    for state in backends:
+        table.add_row(state.backend.value, "yes" if state.available else "no", state.reason)
+    console.print(table)
+    found = shipped_models(settings.models_dir)
+    if not found:
+        console.print(f"[red]no model files with cards in {settings.models_dir}[/red]")
+        raise typer.Exit(1)
+    failed = False
+    for path in found:
+        try:
+            card = read_card(card_path(path))
+        except ModelError as error:
+            console.print(f"[red]refused:[/red] {error}")
+            failed = True
+            continue
+        t = card.training
+        console.print(f"\n[bold]{card.name} {card.version}[/bold] ({path.name}, {card.files.onnx.bytes / 1e6:.1f} MB): {card.task}")
+        console.print(f"  {card.intended_use}")
+        console.print(f"  inputs: {', '.join(f'{c.name} ({c.unit})' for c in card.inputs.channels)}; clinical: {', '.join(card.inputs.clinical)}")
+        console.print(f"  pixels {card.inputs.in_plane_spacing_mm.low:g}-{card.inputs.in_plane_spacing_mm.high:g} mm, slices "
+                      f"{card.inputs.slice_spacing_mm.low:g}-{card.inputs.slice_spacing_mm.high:g} mm; classes: {', '.join(card.outputs.classes)}")
+        console.print(f"  trained on families {', '.join(t.families)} (held out: {t.held_out_family or 'none'}), patients {t.counts}, "
+                      f"noise {', '.join(f'{n:g}' for n in t.noise_hu)} HU, {t.duration_s / 60:.0f} min: {t.command}")
+        rows = [m for m in card.metrics if m.noise_hu == 10.0 and m.method in ("model", "threshold")]
+        if rows:
+            metrics = Table("split", "family", "class", "method", "patients", "Dice", "HD95 mm", "|dV| mL", title="at 10 HU (medians)")
+            for m in rows:
+                metrics.add_row(m.split, m.family, m.cls, m.method, str(m.patients), f"{m.dice:.2f}",
+                                "-" if m.hd95_mm is None else f"{m.hd95_mm:.1f}", f"{m.volume_difference_ml:.1f}")
+            console.print(metrics)
+        for state in backends:
+            if not state.available:
+                continue
+            try:
+                engine = load_engine(path, state.backend, cache_dir=settings.engine_cache_dir)
+                result = bundled_parity(engine, path.parent)
+                engine.close()
+            except ModelError as error:
+                console.print(f"  parity on {state.backend.value}: [red]refused[/red]: {error}")
+                failed = True
+                continue
+            verdict = "[green]holds[/green]" if result.holds else "[red]FAILS[/red]"
+            console.print(f"  parity on {engine.identity.backend}: largest probability difference "
+                          f"{result.max_difference:.1e} (tolerance {result.tolerance:g}) {verdict}")
+            failed |= not result.holds
+    if failed:
+        raise typer.Exit(1)

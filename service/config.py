@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
@@ -136,6 +136,16 @@ class Settings(BaseSettings):
     target_min_mismatch_ml: float = Field(
         15.0, ge=0, description="DEFUSE 3 target mismatch: hypoperfused - core at least this, mL"
     )
+
+    # Learned models
+    inference_backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = Field(
+        "auto", description="engine for the learned models; auto: TensorRT where it runs, else ONNX Runtime (the choice is logged)"
+    )
+    models_dir: Path = Field(
+        Path(__file__).resolve().parent.parent / "models" / "weights",
+        description="folder of the model files (.onnx) and their cards (.card.json)",
+    )
+    engine_cache_dir: Path = Field(Path("engines"), description="TensorRT engines built from the ONNX files, cached per GPU")
 
     # Delivery
     destinations: list[Destination] = Field(default_factory=list)

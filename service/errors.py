@@ -11,3 +11,8 @@ class InputError(StrokeGateError):
 
 class DeliveryError(StrokeGateError):
     """A result could not be delivered to a destination; the send is retried."""
+
+
+class ModelError(StrokeGateError):
+    """A model file that cannot be used: missing, not matching its card, or its card not matching
+    what the service feeds it; or no inference backend that can run it. The reason is the message."""

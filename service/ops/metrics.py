@@ -107,3 +107,10 @@ class LoopHealth(Collector):
 
 LOOP_HEALTH = LoopHealth()
 REGISTRY.register(LOOP_HEALTH)
+
+INFERENCE_SECONDS = Histogram(
+    "strokegate_inference_seconds",
+    "Duration of one run of a learned model (one batch), by model name and inference backend",
+    ["model", "backend"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)

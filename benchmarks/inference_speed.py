@@ -1,0 +1,106 @@
+"""Speed of the CT perfusion core/penumbra model per study (256 x 256 x 16), by backend.
+
+    .venv/bin/python benchmarks/inference_speed.py            # 9 runs per backend, medians
+    .venv/bin/python benchmarks/inference_speed.py --runs 5
+
+Times ``predict_core_penumbra`` (normalisation, 16 slices in batches of 4, argmax) on the shipped
+model with ONNX Runtime on the CPU, against torch eager (the exported program, float32) in the same
+run, the runs alternating so that both see the same load; where a CUDA GPU and torch are present,
+also torch on the GPU in FP32 and FP16. Each backend is warmed up once first. Prints medians and
+the ratio; nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import typer
+
+from service.config import Settings
+from service.inference.card import ModelCard
+from service.inference.ctp_core_penumbra import predict_core_penumbra
+from service.inference.ctp_inputs import CTP_CONTRACT
+from service.inference.engine import Backend, load_engine
+
+app = typer.Typer(add_completion=False)
+
+SHAPE = (16, 256, 256)
+SPACING = (5.0, 0.9375, 0.9375)
+
+
+def study(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Maps of plausible values over an elliptical brain (the speed does not depend on the values)."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    brain = ((y - 128) / 90.0) ** 2 + ((x - 128) / 75.0) ** 2 <= 1.0
+    brain = np.broadcast_to(brain, SHAPE).copy()
+    maps = {"cbf": rng.uniform(5, 70, SHAPE), "cbv": rng.uniform(0.5, 6, SHAPE), "ttp": rng.uniform(15, 30, SHAPE),
+            "tmax": rng.uniform(0, 12, SHAPE)}
+    maps = {k: np.where(brain, v, 0).astype(np.float32) for k, v in maps.items()}
+    mip = np.where(brain, rng.uniform(30, 90, SHAPE), 1100.0).astype(np.float32)
+    return maps, mip, brain
+
+
+class GpuTorch:
+    """The exported program on a CUDA device, FP32 or FP16, behind the Engine's predict."""
+
+    def __init__(self, program_path: str, card: ModelCard, half: bool) -> None:
+        import torch
+
+        self.torch, self.card, self.half = torch, card, half
+        module = torch.export.load(program_path).module().to("cuda")
+        self.module = module.half() if half else module
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self.torch
+        dtype = torch.float16 if self.half else torch.float32
+        with torch.no_grad():
+            out = self.module(*(torch.from_numpy(inputs[t.name]).to("cuda", dtype) for t in CTP_CONTRACT.tensors))
+        return out.float().cpu().numpy()
+
+
+@app.command()
+def main(runs: int = typer.Option(9, help="timed runs per backend")) -> None:
+    model = Settings().models_dir / "ctp-core-penumbra.onnx"
+    maps, mip, brain = study()
+    engines: dict[str, object] = {"onnxruntime (CPU)": load_engine(model, Backend.ONNXRUNTIME, contract=CTP_CONTRACT)}
+    try:
+        engines["torch eager (CPU, float32)"] = load_engine(model, Backend.TORCH, contract=CTP_CONTRACT)
+        import torch
+
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        if torch.cuda.is_available():
+            card = engines["onnxruntime (CPU)"].card  # type: ignore[attr-defined]
+            program = str(model.with_name(card.files.exported_program.name))
+            engines[f"torch CUDA FP32 ({torch.cuda.get_device_name(0)})"] = GpuTorch(program, card, half=False)
+            engines["torch CUDA FP16"] = GpuTorch(program, card, half=True)
+    except Exception as error:  # torch absent or unusable: ONNX Runtime alone
+        print(f"torch not measured: {error}")
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    run: dict[str, Callable[[], object]] = {
+        name: (lambda e=engine: predict_core_penumbra(e, maps, mip, brain, 12, SPACING))  # type: ignore[misc]
+        for name, engine in engines.items()
+    }
+    for name in engines:
+        run[name]()  # warm-up
+    for k in range(runs):
+        order = list(engines) if k % 2 == 0 else list(reversed(engines))
+        for name in order:
+            started = time.perf_counter()
+            run[name]()
+            times[name].append(time.perf_counter() - started)
+    print(f"per study {SHAPE[0]} x {SHAPE[1]} x {SHAPE[2]}, {runs} runs, load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores")
+    base = statistics.median(times["onnxruntime (CPU)"])
+    print("| backend | median | range | ratio to ONNX Runtime |")
+    print("|---|---|---|---|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.2f} s | {min(values):.2f}-{max(values):.2f} s | {median / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,124 @@
+"""The training data: synthetic patients through the service's own CT perfusion analysis.
+
+Each study is simulated as arrays (the phantom's frames, quantised to the integer HU a scanner
+stores, exactly what the DICOM path reads back) and analysed by ``analyse_ctp_series``, the
+function the service runs after loading DICOM; the model inputs are then made by
+``service.inference.ctp_inputs``, as the service makes them. Writing and reading the DICOM files
+would cost ~7 s a study and change nothing (tests/unit/test_training.py checks that the
+maps agree). One ``.npz`` per study is cached under the dataset folder (ignored by git).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.training.cohort import FAMILIES, SampleSpec
+from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp_series
+from service.errors import InputError
+from service.imaging.geometry import Geometry
+from service.inference.ctp_inputs import normalise, temporal_mip, time_to_peak
+from service.phantom.patient import Truth, ct_geometry, ct_perfusion, make_patient, truth_on_grid
+
+CT_INTERCEPT, CT_BITS = -1024.0, 12
+"""How the phantom's CT perfusion series is stored as DICOM (service.phantom.generate)."""
+DATASET_VERSION = 1
+"""Bump when what a cached study holds changes."""
+
+
+@dataclass(frozen=True)
+class Simulated:
+    frames: np.ndarray  # [T, Z, Y, X] HU, integer-valued as stored
+    times_s: np.ndarray
+    geometry: Geometry
+    truth: Truth
+    nihss: int
+
+
+def simulate(spec: SampleSpec) -> Simulated:
+    """The CT perfusion study of ``spec`` as the service would read it from DICOM."""
+    patient = make_patient(spec.seed, FAMILIES[spec.family](spec.noise_hu))
+    geometry = ct_geometry(patient)
+    truth = truth_on_grid(patient, geometry)
+    series = ct_perfusion(patient, truth)
+    top = 2**CT_BITS - 1
+    frames = np.stack([np.clip(np.rint(frame - CT_INTERCEPT), 0, top) + CT_INTERCEPT for frame in series.frames]).astype(np.float32)
+    return Simulated(frames, np.asarray(series.times, dtype=np.float64), geometry, truth, int(patient.clinical.nihss))
+
+
+def analyse(simulated: Simulated, parameters: CtpParameters = CtpParameters()) -> dict[str, np.ndarray]:
+    """The service's analysis and model inputs of one simulated study, and its truth, as arrays."""
+    result = analyse_ctp_series(simulated.frames, simulated.times_s, simulated.geometry, parameters)
+    ttp = time_to_peak(simulated.frames, simulated.times_s, result.brain, simulated.geometry.spacing)
+    mip = temporal_mip(simulated.frames)
+    truth = simulated.truth
+    labels = np.zeros(result.brain.shape, dtype=np.uint8)
+    labels[truth.masks["penumbra"]] = 1
+    labels[truth.masks["core"]] = 2
+    return {
+        "inputs": normalise({**result.maps, "ttp": ttp}, mip, result.brain),
+        "brain": result.brain,
+        "labels": labels,  # truth: 0 healthy or outside, 1 penumbra, 2 core
+        "truth_brain": truth.brain,
+        "threshold_core": result.core,
+        "threshold_penumbra": result.penumbra,
+        "nihss": np.int16(simulated.nihss),
+        "spacing_mm": np.asarray(simulated.geometry.spacing, dtype=np.float64),
+    }
+
+
+def sample_path(folder: Path, spec: SampleSpec) -> Path:
+    return folder / f"v{DATASET_VERSION}" / f"{spec.key}.npz"
+
+
+def build_sample(spec: SampleSpec, folder: Path) -> tuple[SampleSpec, Path | None, float, str]:
+    """Build (or find cached) one study; returns (spec, path or None if the analysis refused it,
+    seconds, reason)."""
+    path = sample_path(folder, spec)
+    if path.is_file():
+        return spec, path, 0.0, "cached"
+    started = time.perf_counter()
+    try:
+        arrays = analyse(simulate(spec))
+    except InputError as error:
+        return spec, None, time.perf_counter() - started, str(error)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial.npz")
+    np.savez_compressed(partial, **arrays)
+    partial.replace(path)  # a crash leaves no half-written study behind
+    return spec, path, time.perf_counter() - started, "built"
+
+
+def build(specs: Iterable[SampleSpec], folder: Path, jobs: int = 1,
+          on_done: Callable[[SampleSpec, Path | None, float, str], None] | None = None) -> dict[SampleSpec, Path]:
+    """Build every study (``jobs`` processes); the studies the analysis refused are left out
+    (``on_done`` hears of each, with the reason)."""
+    specs = list(specs)
+    built: dict[SampleSpec, Path] = {}
+
+    def record(result: tuple[SampleSpec, Path | None, float, str]) -> None:
+        spec, path, seconds, reason = result
+        if path is not None:
+            built[spec] = path
+        if on_done is not None:
+            on_done(spec, path, seconds, reason)
+
+    if jobs <= 1:
+        for spec in specs:
+            record(build_sample(spec, folder))
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for future in as_completed([pool.submit(build_sample, spec, folder) for spec in specs]):
+                record(future.result())
+    return {spec: built[spec] for spec in specs if spec in built}
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}

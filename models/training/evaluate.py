@@ -1,0 +1,73 @@
+"""The model against the service's threshold method on the test and held-out studies: Dice, 95 %
+Hausdorff distance and volume difference per class, per family and noise level (medians over
+patients), both measured against the phantom's truth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.networks.slow_fusion import SlowFusionNet
+from models.training.cohort import SampleSpec
+from models.training.loop import Study, predict_study
+from models.training.metrics import dice, hausdorff_95, volume_difference_ml
+
+CLASSES = {"penumbra": 1, "core": 2}
+METHODS = ("model", "model, NIHSS unknown", "threshold")
+
+
+@dataclass(frozen=True)
+class Score:
+    spec: SampleSpec
+    method: str
+    cls: str
+    dice: float
+    hd95_mm: float | None
+    volume_difference_ml: float
+    true_ml: float
+
+
+def score_study(network: SlowFusionNet, spec: SampleSpec, study: Study) -> list[Score]:
+    spacing = tuple(float(v) for v in study.extra["spacing_mm"])
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    predictions = {
+        "model": predict_study(network, study, nihss_known=True).argmax(axis=1),
+        "model, NIHSS unknown": predict_study(network, study, nihss_known=False).argmax(axis=1),
+    }
+    scores = []
+    for cls, index in CLASSES.items():
+        truth = study.labels == index
+        masks = {name: classes == index for name, classes in predictions.items()}
+        masks["threshold"] = study.extra[f"threshold_{cls}"].astype(bool)
+        for method, mask in masks.items():
+            scores.append(Score(spec, method, cls, dice(mask, truth), hausdorff_95(mask, truth, spacing),
+                                volume_difference_ml(mask, truth, voxel_ml), float(truth.sum()) * voxel_ml))
+    return scores
+
+
+@dataclass(frozen=True)
+class Summary:
+    split: str
+    family: str
+    noise_hu: float
+    method: str
+    cls: str
+    patients: int
+    dice: float
+    hd95_mm: float | None
+    volume_difference_ml: float
+
+
+def summarise(scores: list[Score]) -> list[Summary]:
+    """Medians over patients per (split, family, noise, method, class)."""
+    groups: dict[tuple, list[Score]] = {}
+    for s in scores:
+        groups.setdefault((s.spec.split, s.spec.family, s.spec.noise_hu, s.method, s.cls), []).append(s)
+    out = []
+    for (split, family, noise, method, cls), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][4], METHODS.index(kv[0][3]))):
+        distances = [s.hd95_mm for s in group if s.hd95_mm is not None]
+        out.append(Summary(split, family, noise, method, cls, len(group), float(np.median([s.dice for s in group])),
+                           float(np.median(distances)) if distances else None,
+                           float(np.median([s.volume_difference_ml for s in group]))))
+    return out

@@ -1,0 +1,135 @@
+"""What the CT perfusion core/penumbra model is fed: the maps the analysis computes, the time to
+peak and the temporal maximum-intensity projection of the series, normalised per study.
+
+Pure functions over numpy arrays in the house contract (volumes ``[slice, row, column]``, series
+``[time, slice, row, column]`` HU, spacing ``(slice, row, column)`` mm). Training
+(``models.training``) calls the same functions, so the model sees in training exactly what the
+service gives it. ``CTP_CONTRACT`` is what the service feeds; a model whose card says otherwise is
+refused (``card.check_contract``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from service.inference.card import Contract, InputChannel, Normalisation, TensorSpec
+from service.perfusion.ctp import denoise
+
+CTP_TASK = "ct-perfusion-core-penumbra"
+CLASSES = ("healthy", "penumbra", "core")
+NIHSS_MAX = 42
+
+CTP_CHANNELS: tuple[InputChannel, ...] = (
+    # Flow and volume relative to the study's own brain median: absolute values differ between
+    # scanners, AIF choices and patients; what marks the core is flow relative to normal tissue.
+    InputChannel(name="cbf", unit="mL/100 g/min", normalisation=Normalisation.RATIO_TO_BRAIN_MEDIAN, clip=(0.0, 5.0), outside_brain="zero"),
+    InputChannel(name="cbv", unit="mL/100 g", normalisation=Normalisation.RATIO_TO_BRAIN_MEDIAN, clip=(0.0, 5.0), outside_brain="zero"),
+    # TTP depends on when the bolus was injected; relative to the brain's median it is a delay.
+    InputChannel(name="ttp", unit="s", normalisation=Normalisation.OFFSET_FROM_BRAIN_MEDIAN, scale=10.0, clip=(-3.0, 3.0), outside_brain="zero"),
+    InputChannel(name="tmax", unit="s", normalisation=Normalisation.SCALE, scale=10.0, clip=(0.0, 3.0), outside_brain="zero"),
+    # The MIP keeps the head around the brain (bone, vessels, CSF): the model sees where the brain ends.
+    InputChannel(name="mip", unit="HU", normalisation=Normalisation.OFFSET_FROM_BRAIN_MEDIAN, scale=50.0, clip=(-3.0, 5.0), outside_brain="kept"),
+)
+CLINICAL = ("nihss / 42 (0 when unknown)", "nihss known (1) or not (0)")
+
+CTP_CONTRACT = Contract(
+    task=CTP_TASK,
+    tensors=(
+        TensorSpec(name="maps", dtype="float32", shape=("batch", len(CTP_CHANNELS), "height", "width")),
+        TensorSpec(name="brain", dtype="float32", shape=("batch", 1, "height", "width")),
+        TensorSpec(name="clinical", dtype="float32", shape=("batch", len(CLINICAL))),
+    ),
+    channels=CTP_CHANNELS,
+    clinical=CLINICAL,
+    output=TensorSpec(name="probabilities", dtype="float32", shape=("batch", len(CLASSES), "height", "width")),
+    classes=CLASSES,
+)
+
+TTP_SMOOTHING_MM = 2.0
+"""In-plane Gaussian (inside the brain) over the curves before their peak is taken: at clinical noise
+a single voxel's peak jumps by frames."""
+
+
+def temporal_mip(frames: np.ndarray) -> np.ndarray:
+    """Maximum over time of a ``[T, Z, Y, X]`` series (HU): float32 ``[Z, Y, X]``."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4:
+        raise ValueError(f"frames must be [T, Z, Y, X], got shape {frames.shape}")
+    return frames.max(axis=0).astype(np.float32)
+
+
+def time_to_peak(frames: np.ndarray, times_s: Sequence[float] | np.ndarray, brain: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
+    """Time to peak (s after the first frame) of each brain voxel's curve, 0 outside ``brain``.
+
+    The curves are smoothed in-plane inside the brain (``TTP_SMOOTHING_MM``) and over three frames
+    in time; the peak is placed between frames by a parabola through the highest frame and its
+    neighbours. ``frames`` are aligned (motion-corrected) HU ``[T, Z, Y, X]``.
+    """
+    frames = np.asarray(frames)
+    times = np.asarray(times_s, dtype=np.float64)
+    brain = np.asarray(brain, dtype=bool)
+    if frames.ndim != 4 or times.shape != (frames.shape[0],) or brain.shape != frames.shape[1:]:
+        raise ValueError(f"frames {frames.shape}, times {times.shape} and brain {brain.shape} do not fit together")
+    ttp = np.zeros(brain.shape, dtype=np.float32)
+    if not brain.any():
+        return ttp
+    curves = denoise(frames, spacing_mm, brain, TTP_SMOOTHING_MM)[:, brain]  # (T, N)
+    curves = ndimage.uniform_filter1d(curves, 3, axis=0, mode="nearest")
+    peak = np.argmax(curves, axis=0)
+    inner = np.clip(peak, 1, len(times) - 2)
+    columns = np.arange(curves.shape[1])
+    before, at, after = curves[inner - 1, columns], curves[inner, columns], curves[inner + 1, columns]
+    bend = before - 2.0 * at + after
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift = np.where(bend < 0, 0.5 * (before - after) / bend, 0.0)
+    shift = np.where(peak == inner, np.clip(shift, -0.5, 0.5), 0.0)
+    step = np.where(shift >= 0, times[np.minimum(inner + 1, len(times) - 1)] - times[inner], times[inner] - times[inner - 1])
+    ttp[brain] = (times[peak] - times[0] + shift * step).astype(np.float32)
+    return ttp
+
+
+def normalise(maps: Mapping[str, np.ndarray], mip: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The image input: float32 ``[Z, channels, Y, X]`` in ``CTP_CHANNELS`` order.
+
+    ``maps`` holds ``cbf`` (mL/100 g/min), ``cbv`` (mL/100 g), ``ttp`` and ``tmax`` (s) as
+    ``[Z, Y, X]``; ``mip`` is HU; ``brain`` the analysis's brain mask (bool), whose median of
+    each map is the study's own reference.
+    """
+    brain = np.asarray(brain, dtype=bool)
+    if not brain.any():
+        raise ValueError("the brain mask is empty")
+    volumes = {**maps, "mip": mip}
+    missing = [c.name for c in CTP_CHANNELS if c.name not in volumes]
+    if missing:
+        raise ValueError(f"maps lack {', '.join(missing)}")
+    out = np.zeros((brain.shape[0], len(CTP_CHANNELS), *brain.shape[1:]), dtype=np.float32)
+    for index, channel in enumerate(CTP_CHANNELS):
+        volume = np.asarray(volumes[channel.name], dtype=np.float32)
+        if volume.shape != brain.shape:
+            raise ValueError(f"{channel.name} has shape {volume.shape}, the brain mask {brain.shape}")
+        median = float(np.median(volume[brain]))
+        if channel.normalisation is Normalisation.RATIO_TO_BRAIN_MEDIAN:
+            value = volume / max(median, 1e-6)
+        elif channel.normalisation is Normalisation.OFFSET_FROM_BRAIN_MEDIAN:
+            value = (volume - median) / channel.scale
+        else:
+            value = volume / channel.scale
+        value = np.clip(value, *channel.clip)
+        if channel.outside_brain == "zero":
+            value = np.where(brain, value, 0.0)
+        out[:, index] = value
+    return out
+
+
+def clinical_input(nihss: int | None, slices: int) -> np.ndarray:
+    """The clinical input for ``slices`` slices: ``[nihss / 42, known]`` per slice, float32."""
+    if nihss is None:
+        row = [0.0, 0.0]
+    else:
+        if not 0 <= nihss <= NIHSS_MAX:
+            raise ValueError(f"NIHSS must lie in 0-{NIHSS_MAX}, got {nihss}")
+        row = [nihss / NIHSS_MAX, 1.0]
+    return np.tile(np.asarray(row, dtype=np.float32), (slices, 1))
