@@ -11,3 +11,8 @@ class InputError(StrokeGateError):
 
 class DeliveryError(StrokeGateError):
     """A result could not be delivered to a destination; the send is retried."""
+
+
+class SetupError(StrokeGateError):
+    """The service cannot run as configured (a port in use, a database it cannot reach, a
+    certificate it cannot read): the message is one line saying what is wrong and what to do."""
