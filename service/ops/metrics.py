@@ -1,4 +1,8 @@
-"""Prometheus metrics: prefix ``strokegate_``, base units, no patient identifiers or UIDs in labels."""
+"""Prometheus metrics: prefix ``strokegate_``, base units, no patient identifiers or UIDs in labels.
+
+Every label value comes from a fixed set written here or in the code that counts, never from
+received data as such: a sender must not be able to make new time series.
+"""
 
 from __future__ import annotations
 
@@ -37,3 +41,14 @@ DELIVERY_ATTEMPTS = Counter("strokegate_delivery_attempts_total", "C-STORE attem
 DELIVERY_FAILURES = Counter("strokegate_delivery_failures_total", "Failed C-STORE attempts of result objects")
 SPOOL_BYTES = Gauge("strokegate_spool_bytes", "Bytes of DICOM files in the spool")
 SPOOL_FREE_BYTES = Gauge("strokegate_spool_free_bytes", "Free bytes on the spool's file system")
+
+
+MODALITY_LABELS = frozenset({"CT", "MR", "PT", "OT", "SEG", "SR"})
+"""The ``modality`` label values besides "other" and "unknown" (no Modality)."""
+
+
+def modality_label(modality: str | None) -> str:
+    """The ``modality`` label of a received instance's Modality: one of a fixed set."""
+    if not modality:
+        return "unknown"
+    return modality if modality in MODALITY_LABELS else "other"
