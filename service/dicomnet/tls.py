@@ -7,8 +7,10 @@ byte a peer sends: 0x16 opens a TLS handshake, 0x01 an A-ASSOCIATE-RQ.
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
+import time
 from pathlib import Path
 
 from service.dicomnet.upper_layer import PeerGone
@@ -62,7 +64,10 @@ def client_context(ca: Path | None, certificate: Path | None, key: Path | None, 
 def accept(sock: socket.socket, context: ssl.SSLContext, timeout_s: float) -> tuple[socket.socket, bool]:
     """An accepted connection ready for the upper layer, and whether it is encrypted: the TLS
     connection after a completed handshake when the peer opens one, else ``sock`` itself (plain
-    DICOM, for the caller to accept or refuse). A failed handshake raises ``ssl.SSLError``."""
+    DICOM, for the caller to accept or refuse). The first byte and the whole handshake must come
+    within ``timeout_s`` (TimeoutError), so that a slow peer cannot hold its thread; a failed
+    handshake raises ``ssl.SSLError``."""
+    deadline = time.monotonic() + timeout_s
     sock.settimeout(timeout_s)
     first = sock.recv(1, socket.MSG_PEEK)
     if not first:
@@ -71,7 +76,18 @@ def accept(sock: socket.socket, context: ssl.SSLContext, timeout_s: float) -> tu
         return sock, False
     secured = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     try:
-        secured.do_handshake()
+        secured.setblocking(False)
+        while True:
+            try:
+                secured.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                ready = select.select([secured], [], [], max(deadline - time.monotonic(), 0))[0]
+            except ssl.SSLWantWriteError:
+                ready = select.select([], [secured], [], max(deadline - time.monotonic(), 0))[1]
+            if not ready:
+                raise TimeoutError(f"TLS handshake not finished within {timeout_s:g} s")
+        secured.settimeout(timeout_s)
     except BaseException:
         secured.close()
         raise
