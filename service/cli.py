@@ -16,6 +16,8 @@ console = Console()
 
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+token_app = typer.Typer(help="Bearer tokens of the HTTP API (stored hashed; each shown once).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML configuration file.", exists=True, dir_okay=False)]
 
@@ -25,6 +27,12 @@ def main() -> None:
     """StrokeGate command line."""
 
 
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """End the command with one line on stderr: what is wrong and what to do."""
+    typer.echo(f"strokegate: {message}", err=True)
+    return typer.Exit(code)
+
+
 def _settings(config: Path | None, **overrides: object):  # noqa: ANN202
     from pydantic import ValidationError
 
@@ -32,9 +40,28 @@ def _settings(config: Path | None, **overrides: object):  # noqa: ANN202
 
     try:
         return load_settings(config, **overrides)
-    except (ValidationError, ValueError) as error:
-        console.print(f"[red]invalid configuration:[/red] {error}")
-        raise typer.Exit(2) from error
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in error.errors()
+        )
+        raise fail(f"invalid configuration: {problems}", 2) from None
+    except (ValueError, OSError) as error:
+        raise fail(f"invalid configuration: {error}", 2) from None
+
+
+def _database(url: str):  # noqa: ANN202
+    """The migrated database for a command that creates files: owner-only from here on."""
+    import os
+
+    from service.errors import SetupError
+    from service.ops.startup import open_database
+
+    os.umask(0o077)
+    try:
+        return open_database(url)
+    except SetupError as error:
+        raise fail(str(error)) from None
 
 
 @app.command()
@@ -47,27 +74,41 @@ def serve(
     spool_dir: Annotated[Path | None, typer.Option(help="Folder for received instances.")] = None,
     results_dir: Annotated[Path | None, typer.Option(help="Folder for result objects.")] = None,
     http_port: Annotated[int | None, typer.Option(help="HTTP port for /metrics, /healthz and the API.")] = None,
-    host: Annotated[str | None, typer.Option(help="Address the DICOM and HTTP servers bind.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address the DICOM receiver binds (default 127.0.0.1; 0.0.0.0: all).")] = None,
+    http_host: Annotated[str | None, typer.Option(help="Address the HTTP server binds (default 127.0.0.1).")] = None,
 ) -> None:
-    """Run the service until SIGTERM or Ctrl-C."""
+    """Run the service until SIGTERM or Ctrl-C. Everything it creates is readable by this user only."""
     import signal
     import threading
 
-    from service.ops.logging import configure
-    from service.server import StrokeGate
+    from service.errors import SetupError
+    from service.ops.logging import configure, tag_key
+    from service.ops.startup import private_folder
 
     settings = _settings(
         config, port=port, ae_title=ae_title, destinations=destination or None, database_url=database_url,
-        spool_dir=spool_dir, results_dir=results_dir, http_port=http_port, host=host,
-        http_host=host,
+        spool_dir=spool_dir, results_dir=results_dir, http_port=http_port, host=host, http_host=http_host,
     )
-    configure(settings.log_level)
-    gate = StrokeGate(settings)
+    try:
+        private_folder(settings.spool_dir, "spool", "spool_dir")
+        configure(settings.log_level, tag_key(settings.log_tag_key, settings.spool_dir))
+    except (SetupError, OSError) as error:
+        raise fail(str(error)) from None
+    db = _database(settings.database_url)  # before the heavy imports: a bad URL is told at once
+    from service.server import StrokeGate
+
+    try:
+        gate = StrokeGate(settings, db=db)
+        gate.start()
+    except SetupError as error:
+        raise fail(str(error)) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    gate.start()
-    console.print(f"StrokeGate listening: DICOM {settings.ae_title}@{settings.host}:{gate.dicom_port}, HTTP port {settings.http_port}")
+    dicom = {"plain": "DICOM", "tls": "DICOM TLS", "both": "DICOM and DICOM TLS"}[settings.dicom_transport.value]
+    http = "HTTPS" if settings.http_tls_certificate else "HTTP"
+    console.print(f"StrokeGate listening: {dicom} {settings.ae_title}@{settings.host}:{gate.dicom_port}, "
+                  f"{http} {settings.http_host}:{gate.http_port}", soft_wrap=True)
     stop.wait()
     gate.stop()
 
@@ -78,13 +119,89 @@ def db_upgrade(
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL.")] = None,
 ) -> None:
     """Create or migrate the database schema to the latest version."""
-    from service.store.database import Database
+    settings = _settings(config, database_url=database_url)
+    _database(settings.database_url).dispose()
+    console.print("database schema is up to date")
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Option(help="Who or what holds it, e.g. grafana, prometheus, jane.doe.")],
+    role: Annotated[str, typer.Option(help="reader (reads /api and /metrics) or operator (also re-runs studies, retries deliveries).")],
+    config: ConfigOption = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL.")] = None,
+) -> None:
+    """Create a token and print it once on stdout (only its hash is stored)."""
+    from service.store import tokens
+
+    if role not in {r.value for r in tokens.Role}:
+        raise fail(f"--role must be reader or operator, not {role!r}", 2)
+    settings = _settings(config, database_url=database_url)
+    db = _database(settings.database_url)
+    try:
+        token = tokens.create(db, name, tokens.Role(role))
+    except ValueError as error:
+        raise fail(str(error), 2) from None
+    finally:
+        db.dispose()
+    typer.echo(token)
+    typer.echo(f"token {name!r} ({role}) created; it is shown only this once: send it as 'Authorization: Bearer <token>'", err=True)
+
+
+@token_app.command("list")
+def token_list(
+    config: ConfigOption = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL.")] = None,
+) -> None:
+    """The tokens' names, roles and dates (never the tokens)."""
+    from service.store import tokens
 
     settings = _settings(config, database_url=database_url)
-    db = Database(settings.database_url)
-    db.upgrade()
+    db = _database(settings.database_url)
+    table = Table("name", "role", "created (UTC)", "revoked (UTC)")
+    for record in tokens.listing(db):
+        revoked = record.revoked_at.isoformat(timespec="seconds") if record.revoked_at else ""
+        table.add_row(record.name, record.role.value, record.created_at.isoformat(timespec="seconds"), revoked)
     db.dispose()
-    console.print("database schema is up to date")
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    name: Annotated[str, typer.Argument(help="The token's name.")],
+    config: ConfigOption = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL.")] = None,
+) -> None:
+    """Revoke a token: refused from the next request on."""
+    from service.store import tokens
+
+    settings = _settings(config, database_url=database_url)
+    db = _database(settings.database_url)
+    revoked = tokens.revoke(db, name)
+    db.dispose()
+    if not revoked:
+        raise fail(f"no active token named {name!r} (strokegate token list shows them)")
+    console.print(f"token {name!r} revoked")
+
+
+@app.command("log-tag")
+def log_tag(
+    uid: Annotated[str, typer.Argument(help="A study, series or SOP instance UID.")],
+    config: ConfigOption = None,
+    spool_dir: Annotated[Path | None, typer.Option(help="The service's spool folder (it keeps the tag key).")] = None,
+) -> None:
+    """Print the tag that stands for UID in this installation's logs, to find its lines (grep)."""
+    from service.ops.logging import TAG_KEY_FILE, uid_tag
+
+    settings = _settings(config, spool_dir=spool_dir)
+    key_file = settings.spool_dir / TAG_KEY_FILE
+    if settings.log_tag_key:
+        key = settings.log_tag_key.encode()
+    elif key_file.is_file():
+        key = key_file.read_text().strip().encode()
+    else:
+        raise fail(f"no tag key in {key_file}: give the service's --spool-dir (or its --config)")
+    typer.echo(uid_tag(uid.strip(), key))
 
 
 @app.command()

@@ -6,11 +6,12 @@ arguments.
 
 from __future__ import annotations
 
+import enum
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
@@ -41,6 +42,14 @@ class SeriesLabel(BaseModel):
     description: str | None = Field(None, min_length=1, max_length=48)  # + map name + mark <= 64
 
 
+class DicomTransport(str, enum.Enum):
+    """What the DICOM port speaks."""
+
+    PLAIN = "plain"  # unencrypted DICOM only
+    TLS = "tls"  # DICOM TLS only: a plain association request is rejected
+    BOTH = "both"  # either, told apart by the first byte the peer sends (while senders move to TLS)
+
+
 class Destination(BaseModel):
     """A DICOM node results are sent to by C-STORE, which of the results it gets and how their
     series are labelled there."""
@@ -50,6 +59,10 @@ class Destination(BaseModel):
     port: int = Field(ge=1, le=65535)
     send: list[str] = Field(default_factory=lambda: list(RESULT_CATEGORIES), min_length=1)
     series: dict[str, SeriesLabel] = Field(default_factory=dict)
+    tls: bool = Field(False, description="send over DICOM TLS (our tls_certificate is presented when the node asks)")
+    tls_ca: Path | None = Field(None, description="PEM CA file the node's certificate must chain to; default: tls_ca, "
+                                "else the system's trusted CAs")
+    tls_check_hostname: bool = Field(True, description="the node's certificate must name its host (DNS name or IP)")
 
     @field_validator("ae_title")
     @classmethod
@@ -66,14 +79,16 @@ class Destination(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        """``AE@host:port``, e.g. ``PACS@10.0.0.5:104``, optionally ``?send=seg+sr+summary``."""
-        match = re.fullmatch(
-            r"(?P<ae>[^@]+)@(?P<host>[^:@]+):(?P<port>\d+)(\?send=(?P<send>[a-z+]+))?", text.strip()
-        )
-        if not match:
-            raise ValueError(f"destination must look like AE@host:port[?send=seg+sr+...], got {text!r}")
-        send = match["send"].split("+") if match["send"] else list(RESULT_CATEGORIES)
-        return cls(ae_title=match["ae"], host=match["host"], port=int(match["port"]), send=send)
+        """``AE@host:port``, e.g. ``PACS@10.0.0.5:104``, optionally ``?send=seg+sr+summary`` and
+        ``&tls`` (or ``?tls``): DICOM TLS."""
+        match = re.fullmatch(r"(?P<ae>[^@]+)@(?P<host>[^:@?]+):(?P<port>\d+)(\?(?P<query>[a-z+=&]+))?", text.strip())
+        options = dict(item.partition("=")[::2] for item in match["query"].split("&")) if match and match["query"] else {}
+        if not match or set(options) - {"send", "tls"} or options.get("tls", "on") not in ("", "on", "off") \
+                or options.get("send") == "":
+            raise ValueError(f"destination must look like AE@host:port[?send=seg+sr+...][&tls], got {text!r}")
+        send = options["send"].split("+") if options.get("send") else list(RESULT_CATEGORIES)
+        return cls(ae_title=match["ae"], host=match["host"], port=int(match["port"]), send=send,
+                   tls=options.get("tls", "off") != "off")
 
     @property
     def name(self) -> str:
@@ -87,13 +102,20 @@ class Settings(BaseSettings):
 
     # DICOM receiver
     ae_title: str = "STROKEGATE"
-    host: str = "0.0.0.0"
+    host: str = Field("127.0.0.1", description="loopback by default: set the address the PACS reaches (0.0.0.0: all)")
     port: int = Field(11112, ge=0, le=65535)
     max_pdu: int = Field(4 * 1024 * 1024, ge=0, description="largest PDU we accept, bytes; 0 = unlimited")
     max_associations: int = Field(16, ge=1)
     allowed_calling_aets: list[str] = Field(default_factory=list, description="empty: any calling AE")
     allowed_hosts: list[str] = Field(default_factory=list, description="empty: any peer address")
     network_timeout_s: float = Field(60.0, gt=0)
+    dicom_transport: DicomTransport = DicomTransport.PLAIN
+    tls_certificate: Path | None = Field(None, description="PEM certificate (chain) of this node, for DICOM TLS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_certificate (unencrypted, owner-only)")
+    tls_ca: Path | None = Field(None, description="PEM CA certificates that issued the peers' certificates")
+    tls_require_client_certificate: bool = Field(
+        True, description="DICOM TLS senders must present a certificate issued by tls_ca"
+    )
 
     # Storage
     database_url: str = "sqlite:///strokegate.db"
@@ -153,9 +175,17 @@ class Settings(BaseSettings):
     delivery_backoff_max_s: float = Field(300.0, gt=0)
 
     # Operations
-    http_host: str = "0.0.0.0"
+    http_host: str = Field("127.0.0.1", description="loopback by default; set it for a Prometheus on another host")
     http_port: int = Field(8080, ge=0, le=65535)
+    http_tls_certificate: Path | None = Field(None, description="PEM certificate (chain): the API is served as HTTPS")
+    http_tls_key: Path | None = Field(None, description="PEM private key of http_tls_certificate")
+    api_auth: bool = Field(True, description="/api needs a bearer token (strokegate token create)")
+    metrics_auth: bool = Field(True, description="/metrics needs a bearer token too (false: open to any scraper)")
+    api_docs: bool = Field(False, description="serve /docs and /openapi.json (the API's shape, no data; unauthenticated)")
     log_level: str = "INFO"
+    log_tag_key: str | None = Field(
+        None, description="key of the tags that stand for UIDs in logs; default: one made at first start, kept in the spool"
+    )
 
     @field_validator("ae_title")
     @classmethod
@@ -166,6 +196,20 @@ class Settings(BaseSettings):
     @classmethod
     def _aes(cls, values: list[str]) -> list[str]:
         return [check_ae_title(v) for v in values]
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        if self.dicom_transport != DicomTransport.PLAIN:
+            if self.tls_certificate is None or self.tls_key is None:
+                raise ValueError(f"dicom_transport {self.dicom_transport.value} needs tls_certificate and tls_key")
+            if self.tls_require_client_certificate and self.tls_ca is None:
+                raise ValueError("tls_require_client_certificate needs tls_ca (the CA that issued the senders' "
+                                 "certificates); or set tls_require_client_certificate to false")
+        if self.port and self.port == self.http_port:
+            raise ValueError(f"port and http_port are both {self.port}: give the DICOM and HTTP servers a port each")
+        if (self.http_tls_certificate is None) != (self.http_tls_key is None):
+            raise ValueError("HTTPS needs both http_tls_certificate and http_tls_key")
+        return self
 
     @field_validator("destinations", mode="before")
     @classmethod

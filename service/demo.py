@@ -4,12 +4,12 @@ A synthetic MRI stroke patient is generated, sent over C-STORE to a StrokeGate r
 defaults (SQLite, temporary spool, CPU), analysed, and every result (SEG, SR, summary image,
 colour map series and Parametric Maps) is received by a real storage SCP standing in for the PACS.
 Prints the core volume against the ground truth, where the summary image is (and a PNG of it), and
-the time of every stage.
+the time of every stage. Everything stays in one folder (``--keep DIR``, else a new one in the
+system's temporary folder), named at the start and at the end, so the paths it prints exist.
 """
 
 from __future__ import annotations
 
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -80,17 +80,17 @@ def _send(paths: list[Path], port: int, called_ae: str, progress: Progress) -> N
 
 
 def run_demo(seed: int, keep: Path | None, console: Console) -> int:
-    """Run the demo; returns the exit code (0 when the SEG and SR arrived)."""
-    with tempfile.TemporaryDirectory(prefix="strokegate-demo-") as scratch:
-        root = keep or Path(scratch)
-        root.mkdir(parents=True, exist_ok=True)
-        return _run(seed, root, console)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Run the demo in ``keep`` (else a new temporary folder, kept); returns the exit code (0 when
+    the SEG and SR arrived)."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        root = keep
+    else:
+        root = Path(tempfile.mkdtemp(prefix="strokegate-demo-"))
+    console.print(f"the demo's files go to {root}", soft_wrap=True)
+    code = _run(seed, root, console)
+    console.print(f"everything the demo made is in {root}" + ("" if keep else " (delete it when done)"), soft_wrap=True)
+    return code
 
 
 def _run(seed: int, root: Path, console: Console) -> int:
@@ -99,7 +99,7 @@ def _run(seed: int, root: Path, console: Console) -> int:
     pacs = StandInPacs(root / "pacs")
     pacs_port = pacs.start()
     settings = Settings(
-        host="127.0.0.1", port=0, http_host="127.0.0.1", http_port=_free_port(),
+        host="127.0.0.1", port=0, http_host="127.0.0.1", http_port=0,
         database_url=f"sqlite:///{root / 'strokegate.db'}", spool_dir=root / "spool", results_dir=root / "results",
         destinations=[Destination(ae_title=pacs.ae_title, host="127.0.0.1", port=pacs_port)],
         series_idle_s=2.0, min_free_bytes=0,

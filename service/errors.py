@@ -16,3 +16,8 @@ class DeliveryError(StrokeGateError):
 class ModelError(StrokeGateError):
     """A model file that cannot be used: missing, not matching its card, or its card not matching
     what the service feeds it; or no inference backend that can run it. The reason is the message."""
+
+
+class SetupError(StrokeGateError):
+    """The service cannot run as configured (a port in use, a database it cannot reach, a
+    certificate it cannot read): the message is one line saying what is wrong and what to do."""

@@ -3,7 +3,10 @@ together. Everything is in-process; the state lives in the database and the spoo
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
+import ssl
 import threading
 from datetime import datetime
 
@@ -11,13 +14,16 @@ import uvicorn
 
 from service.analysis.pipeline import AnalysisParameters
 from service.analysis.worker import Workers
-from service.config import Settings
+from service.config import DicomTransport, Settings
 from service.delivery.outbox import Sender
+from service.dicomnet import tls
+from service.errors import SetupError
 from service.ingest.scp import Receiver, ReceiverConfig
 from service.ingest.spool import Spool
 from service.ingest.tracker import Recorder, Tracker, reconcile
 from service.ops.http import create_app
-from service.store import jobs
+from service.ops.startup import bind, open_database, port_problem, private_folder
+from service.store import jobs, tokens
 from service.store.database import Database
 
 log = logging.getLogger(__name__)
@@ -26,11 +32,15 @@ log = logging.getLogger(__name__)
 class StrokeGate:
     """One service instance built from ``settings``."""
 
-    def __init__(self, settings: Settings, http: bool = True) -> None:
+    def __init__(self, settings: Settings, http: bool = True, db: Database | None = None) -> None:
+        """Opens (and migrates) the database unless given ``db`` (open_database), creates the
+        folders owner-only and loads the TLS files; a SetupError says what to change when one of
+        them cannot be used."""
         self.settings = settings
-        self.db = Database(settings.database_url)
+        private_folder(settings.spool_dir, "spool", "spool_dir")
+        private_folder(settings.results_dir, "results", "results_dir")
+        self.db = db or open_database(settings.database_url)
         self.spool = Spool(settings.spool_dir)
-        settings.results_dir.mkdir(parents=True, exist_ok=True)
         self.recorder = Recorder(self.db)
         self.receiver = Receiver(
             ReceiverConfig(
@@ -39,6 +49,7 @@ class StrokeGate:
                 allowed_hosts=tuple(settings.allowed_hosts), min_free_bytes=settings.min_free_bytes,
                 network_timeout_s=settings.network_timeout_s, sync_each=settings.receive_sync,
                 sync_interval_s=settings.receive_sync_interval_s,
+                tls=_receiver_tls(settings), accept_plain=settings.dicom_transport != DicomTransport.TLS,
             ),
             self.spool,
             self.recorder.record,
@@ -46,7 +57,7 @@ class StrokeGate:
         self.tracker = Tracker(self.db, self.spool, settings.series_idle_s, settings.retention_hours,
                                unsettled_since=self._unsettled_since)
         self.sender = Sender(self.db, settings.results_dir, settings.ae_title, settings.delivery_backoff_s,
-                             settings.delivery_backoff_max_s, settings.destinations)
+                             settings.delivery_backoff_max_s, settings.destinations, tls=_destination_tls(settings))
         self.workers = Workers(
             self.db, settings.spool_dir, settings.results_dir,
             AnalysisParameters.from_settings(settings),
@@ -56,9 +67,19 @@ class StrokeGate:
         self._running = False
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
+        self._http_socket: socket.socket | None = None
         if http:
-            config = uvicorn.Config(create_app(self.db, lambda: self._running), host=settings.http_host,
-                                    port=settings.http_port, log_level="warning", lifespan="off")
+            app = create_app(self.db, lambda: self._running, api_auth=settings.api_auth, metrics_auth=settings.metrics_auth,
+                             docs=settings.api_docs, wake_sender=self.sender.wake)
+            config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
+                                    lifespan="off", log_config=None, ssl_certfile=settings.http_tls_certificate,
+                                    ssl_keyfile=settings.http_tls_key)
+            try:
+                config.load()
+            except (OSError, ssl.SSLError) as error:
+                raise SetupError(f"cannot load the HTTPS certificate {settings.http_tls_certificate} with key "
+                                 f"{settings.http_tls_key} ({error.strerror or error}): give PEM files readable by "
+                                 "this user, the key unencrypted and matching the certificate") from None
             self._http = uvicorn.Server(config)
 
     def _unsettled_since(self) -> datetime | None:
@@ -67,8 +88,10 @@ class StrokeGate:
         return min(times) if times else None
 
     def start(self) -> None:
-        """Migrate, recover what a crash left, then start every component."""
-        self.db.upgrade()
+        """Recover what a crash left, then start every component; the ports are bound before any
+        thread starts, so that a port in use ends the start (SetupError) with nothing running."""
+        if self._http is not None:
+            self._http_socket = bind(self.settings.http_host, self.settings.http_port, "HTTP", "--http-port")
         journalled = self.receiver.recover()
         if journalled:
             log.info("recovered after restart: %d journalled instances filed into the spool", journalled)
@@ -76,15 +99,40 @@ class StrokeGate:
         released = jobs.release_dead_leases(self.db)
         if recovered or released:
             log.info("recovered after restart: %d instances recorded, %d jobs requeued", recovered, released)
+        try:
+            self.receiver.start()
+        except OSError as error:
+            if self._http_socket is not None:
+                self._http_socket.close()
+            raise SetupError(port_problem(error, self.settings.host, self.settings.port, "DICOM", "--port")) from None
         self.recorder.start()
         self.tracker.start()
         self.workers.start()
         self.sender.start()
-        self.receiver.start()
         if self._http is not None:
-            self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
+            self._http_thread = threading.Thread(target=self._http.run, args=([self._http_socket],), name="http", daemon=True)
             self._http_thread.start()
         self._running = True
+        self._warn_about_exposure()
+
+    def _warn_about_exposure(self) -> None:
+        """Say at start what an operator may not have meant: no destination, a receiver open to
+        any sender, an API without tokens."""
+        settings = self.settings
+        if not settings.destinations:
+            log.warning("no destination set: results stay in %s and are sent nowhere; add --destination AE@host:port",
+                        settings.results_dir)
+        if _loopback(settings.host):
+            log.info("the DICOM receiver listens on %s only: a PACS on another machine reaches it once host is set "
+                     "to an address of this machine it can reach (--host)", settings.host)
+        elif not settings.allowed_calling_aets and not settings.allowed_hosts:
+            log.warning("any host may send studies to %s:%d: set allowed_hosts and allowed_calling_aets to your PACS",
+                        settings.host, self.dicom_port)
+        if not settings.api_auth:
+            log.warning("api_auth is false: anyone who reaches %s:%d may read /api and act as an operator",
+                        settings.http_host, settings.http_port)
+        elif self._http is not None and not tokens.any_active(self.db):
+            log.info("no API token yet: create one with strokegate token create --role operator --name NAME")
 
     @property
     def dicom_port(self) -> int:
@@ -92,9 +140,9 @@ class StrokeGate:
 
     @property
     def http_port(self) -> int | None:
-        if self._http is None or not self._http.started:
+        if self._http_socket is None:
             return None
-        return self._http.servers[0].sockets[0].getsockname()[1]
+        return self._http_socket.getsockname()[1]
 
     def stop(self) -> None:
         """Stop taking new work first, then let the rest finish."""
@@ -109,3 +157,26 @@ class StrokeGate:
             if self._http_thread is not None:
                 self._http_thread.join(timeout=10)
         self.db.dispose()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _receiver_tls(settings: Settings) -> ssl.SSLContext | None:
+    if settings.dicom_transport == DicomTransport.PLAIN:
+        return None
+    return tls.server_context(settings.tls_certificate, settings.tls_key, settings.tls_ca,
+                              settings.tls_require_client_certificate)
+
+
+def _destination_tls(settings: Settings) -> dict[str, ssl.SSLContext]:
+    """The TLS context of each destination sent to over DICOM TLS, by name."""
+    return {
+        d.name: tls.client_context(d.tls_ca or settings.tls_ca, settings.tls_certificate, settings.tls_key,
+                                   d.tls_check_hostname)
+        for d in settings.destinations if d.tls
+    }

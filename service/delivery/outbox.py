@@ -9,6 +9,7 @@ crash is a duplicate of the same object at the PACS, never a second one.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections import defaultdict
 from collections.abc import Collection
@@ -96,10 +97,12 @@ class Sender:
 
     def __init__(
         self, db: Database, results_dir: Path, calling_ae: str, backoff_s: float, backoff_max_s: float,
-        destinations: Collection[Destination] = (), interval_s: float = 0.5,
+        destinations: Collection[Destination] = (), interval_s: float = 0.5, tls: dict[str, ssl.SSLContext] | None = None,
     ) -> None:
+        """``tls``: the TLS context of each destination (by name) that is sent to over DICOM TLS."""
         self.db = db
         self.destinations = {d.name: d for d in destinations}
+        self.tls = tls or {}
         self.results_dir = results_dir
         self.calling_ae = calling_ae
         self.backoff_s = backoff_s
@@ -144,7 +147,8 @@ class Sender:
         for name, items in batches.items():
             destination = self.destinations.get(name) or Destination.parse(name)  # one no longer configured
             labels = [series_label(destination, kind) for _, _, kind in items]
-            outcomes = send_files(destination, [path for _, path, _ in items], self.calling_ae, labels=labels)
+            outcomes = send_files(destination, [path for _, path, _ in items], self.calling_ae, labels=labels,
+                                  tls=self.tls.get(name))
             delivered += self._record(items, outcomes, name)
         return delivered
 

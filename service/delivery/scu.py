@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,16 +80,19 @@ def relabelled(data: bytes, label: SeriesRelabel) -> memoryview:
 
 def send_files(
     destination: Destination, paths: list[Path], calling_ae: str, timeout_s: float = 30.0,
-    labels: Sequence[SeriesRelabel | None] | None = None,
+    labels: Sequence[SeriesRelabel | None] | None = None, tls: ssl.SSLContext | None = None,
 ) -> list[SendOutcome]:
     """C-STORE every file to ``destination`` over one association; one outcome per file.
-    ``labels``, one per file, relabel its series on the way (None: sent as written)."""
+    ``labels``, one per file, relabel its series on the way (None: sent as written); ``tls``: over
+    DICOM TLS with this context."""
     labels = labels or [None] * len(paths)
     metas = [read_file_meta_info(p) for p in paths]
     keys = sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas})
     contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in keys]
     try:
         sock = socket.create_connection((destination.host, destination.port), timeout=timeout_s)
+        if tls is not None:  # the handshake fails with an ssl.SSLError (an OSError) and closes the socket
+            sock = tls.wrap_socket(sock, server_hostname=destination.host)
     except OSError as error:
         return [SendOutcome(p, None, f"association not established: {error}") for p in paths]
     no_delay(sock)

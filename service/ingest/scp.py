@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -58,12 +59,14 @@ from pynetdicom.sop_class import (
 )
 
 from service.errors import InputError
+from service.dicomnet import tls
 from service.dicomnet.dimse import C_ECHO_RQ, C_STORE_RQ, encode_response
 from service.ingest.journal import Journal, JournalEntry
 from service.ingest.spool import Spool, check_uid, part10_header
 from service.dicomnet.upper_layer import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
+    REJECT_CALLED_AE,
     REJECT_CALLING_AE,
     REJECT_TOO_MANY,
     AssociationRequest,
@@ -155,6 +158,8 @@ class ReceiverConfig:
     network_timeout_s: float
     sync_each: bool = True  # fdatasync the journal before each Success
     sync_interval_s: float = 0.01  # otherwise, at most this long after it
+    tls: ssl.SSLContext | None = None  # DICOM TLS for peers that open with a TLS handshake
+    accept_plain: bool = True  # False: a plain association request is rejected
 
 
 def parse_header(file_bytes: bytes) -> Dataset:
@@ -284,12 +289,36 @@ class Receiver:
                 self._connections.add(sock)
             threading.Thread(target=self._associate, args=(sock, address[0]), name="dicom-association", daemon=True).start()
 
+    def _secure(self, sock: socket.socket, address: str) -> tuple[socket.socket, bool] | None:
+        """The connection the upper layer reads (TLS after the handshake when the peer opens one)
+        and whether it is encrypted; None when the handshake failed (the socket is closed)."""
+        if self.config.tls is None:
+            return sock, False
+        try:
+            secured, encrypted = tls.accept(sock, self.config.tls, self.config.network_timeout_s)
+        except (OSError, PeerGone) as error:  # ssl.SSLError and TimeoutError are OSErrors
+            log.warning("TLS handshake with %s failed: %s", address, error)
+            metrics.ASSOCIATIONS.labels(result="rejected").inc()
+            with self._lock:
+                self._connections.discard(sock)
+            sock.close()
+            return None
+        if encrypted:
+            with self._lock:
+                self._connections.discard(sock)
+                self._connections.add(secured)
+        return secured, encrypted
+
     def _associate(self, sock: socket.socket, address: str) -> None:
+        secured = self._secure(sock, address)
+        if secured is None:
+            return
+        sock, encrypted = secured
         connection = Connection(sock, self.config.network_timeout_s, self.config.max_pdu)
         holds_slot = established = False
         try:
             request = connection.read_association_request()
-            refusal = self._refusal(request, address)
+            refusal = self._refusal(request, address, encrypted)
             if refusal is not None:
                 connection.reject(request, refusal)
                 return
@@ -319,10 +348,14 @@ class Receiver:
                 metrics.ASSOCIATIONS_ACTIVE.dec()
             sock.close()
 
-    def _refusal(self, request: AssociationRequest, address: str) -> tuple[int, int, int] | None:
+    def _refusal(self, request: AssociationRequest, address: str, encrypted: bool = False) -> tuple[int, int, int] | None:
         """Why the association must be rejected (A-ASSOCIATE-RJ reason), or None to accept it."""
         allowed = [ae.strip() for ae in self.config.allowed_calling_aets]
-        if allowed and request.calling_ae not in allowed:
+        if not encrypted and not self.config.accept_plain:
+            reason, why = tls.REJECT_PLAIN, "plain DICOM on a TLS-only port (dicom_transport tls)"
+        elif request.called_ae != self.config.ae_title:
+            reason, why = REJECT_CALLED_AE, f"called AE title {request.called_ae!r} is not ours ({self.config.ae_title})"
+        elif allowed and request.calling_ae not in allowed:
             reason, why = REJECT_CALLING_AE, "calling AE title not in allowed_calling_aets"
         else:
             with self._lock:
@@ -447,7 +480,7 @@ class Receiver:
         self.on_instance(item)
         if not stored.existed:
             sop_class = _SOP_NAMES.get(item.sop_class_uid, "other")
-            metrics.INSTANCES_RECEIVED.labels(modality=item.modality or "unknown", sop_class=sop_class).inc()
+            metrics.INSTANCES_RECEIVED.labels(modality=metrics.modality_label(item.modality), sop_class=sop_class).inc()
             metrics.BYTES_RECEIVED.inc(stored.size_bytes)
             metrics.SPOOL_BYTES.inc(stored.size_bytes)
 

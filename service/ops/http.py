@@ -1,20 +1,27 @@
-"""HTTP for operators: /healthz, /readyz, /metrics and a read-only JSON API.
+"""HTTP for operators: /healthz, /readyz, /metrics, a JSON API and the operator's actions.
 
-The API shows database ids, states, times, volumes and reasons; study UIDs and accession numbers
-are shown because an operator needs them to find a study in the PACS, patient names never.
+``/healthz`` and ``/readyz`` are open (orchestrators probe them); ``/api`` needs a bearer token
+(``strokegate token create``): a reader token reads, an operator token also re-runs studies and
+retries deliveries; ``/metrics`` needs a token unless configured open. The API shows database ids,
+states, times, volumes and reasons; study UIDs and accession numbers are shown because an operator
+needs them to find a study in the PACS, patient names never.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import datetime
 
-from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import selectinload
 
 import service
+from service.ops.actions import ActionRefused, rerun_study, retry_deliveries
+from service.store import tokens
 from service.store.database import Database
 from service.store.models import Delivery, Job, Study
 
@@ -58,9 +65,44 @@ def _study(study: Study, detail: bool) -> dict:
     return out
 
 
-def create_app(db: Database, ready: Callable[[], bool]) -> FastAPI:
-    """The operator API over ``db``; ``ready`` says whether the DICOM receiver and workers run."""
-    app = FastAPI(title="StrokeGate", version=service.__version__, description="Research use only, not for diagnosis.")
+log = logging.getLogger(__name__)
+
+ANONYMOUS = tokens.Holder("(no token: api_auth is off)", tokens.Role.OPERATOR)
+
+
+def create_app(
+    db: Database, ready: Callable[[], bool], *, api_auth: bool = True, metrics_auth: bool = True, docs: bool = False,
+    wake_sender: Callable[[], None] = lambda: None,
+) -> FastAPI:
+    """The operator API over ``db``; ``ready`` says whether the DICOM receiver and workers run;
+    ``api_auth`` and ``metrics_auth``: whether /api and /metrics need a token; ``docs``: serve
+    /docs and /openapi.json; ``wake_sender`` makes the sender look for due deliveries now."""
+    app = FastAPI(
+        title="StrokeGate", version=service.__version__, description="Research use only, not for diagnosis.",
+        docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None,
+    )
+    bearer = HTTPBearer(auto_error=False, description="strokegate token create --role reader|operator --name NAME")
+
+    def holder(credentials: HTTPAuthorizationCredentials | None, needed: tokens.Role, required: bool) -> tokens.Holder:
+        if not required:
+            return ANONYMOUS
+        if credentials is None:
+            raise HTTPException(401, "a bearer token is required (strokegate token create)", headers={"WWW-Authenticate": "Bearer"})
+        found = tokens.authenticate(db, credentials.credentials)
+        if found is None:
+            raise HTTPException(401, "unknown or revoked token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        if not found.role.allows(needed):
+            raise HTTPException(403, f"this needs an {needed.value} token; {found.name!r} is a {found.role.value} token")
+        return found
+
+    def reader(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> tokens.Holder:
+        return holder(credentials, tokens.Role.READER, api_auth)
+
+    def operator(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> tokens.Holder:
+        return holder(credentials, tokens.Role.OPERATOR, api_auth)
+
+    def scraper(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> tokens.Holder:
+        return holder(credentials, tokens.Role.READER, metrics_auth)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -78,11 +120,13 @@ def create_app(db: Database, ready: Callable[[], bool]) -> FastAPI:
         response.status_code = 200 if ok else 503
         return {"status": "ready" if ok else "not ready", "database": database, "services": ready()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(scraper)])
     def metrics_endpoint() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/studies")
+    api = APIRouter(prefix="/api", dependencies=[Depends(reader)])
+
+    @api.get("/studies")
     def studies(limit: int = Query(100, ge=1, le=1000), state: str | None = None) -> list[dict]:
         with db.session() as session:
             query = select(Study).options(selectinload(Study.series), selectinload(Study.jobs)).order_by(Study.id.desc()).limit(limit)
@@ -90,7 +134,7 @@ def create_app(db: Database, ready: Callable[[], bool]) -> FastAPI:
                 query = query.where(Study.state == state)
             return [_study(s, detail=False) for s in session.scalars(query)]
 
-    @app.get("/api/studies/{study_uid}")
+    @api.get("/studies/{study_uid}")
     def study(study_uid: str) -> dict:
         with db.session() as session:
             found = session.scalar(
@@ -100,18 +144,18 @@ def create_app(db: Database, ready: Callable[[], bool]) -> FastAPI:
                 raise HTTPException(404, f"no study with StudyInstanceUID {study_uid}")
             return _study(found, detail=True)
 
-    @app.get("/api/jobs")
+    @api.get("/jobs")
     def jobs(limit: int = Query(100, ge=1, le=1000)) -> list[dict]:
         with db.session() as session:
             return [_job(j) for j in session.scalars(select(Job).order_by(Job.id.desc()).limit(limit))]
 
-    @app.get("/api/deliveries")
+    @api.get("/deliveries")
     def deliveries(limit: int = Query(100, ge=1, le=1000)) -> list[dict]:
         with db.session() as session:
             query = select(Delivery).options(selectinload(Delivery.result)).order_by(Delivery.id.desc()).limit(limit)
             return [_delivery(d) for d in session.scalars(query)]
 
-    @app.get("/api/summary")
+    @api.get("/summary")
     def summary() -> dict:
         with db.session() as session:
             def count(column) -> dict[str, int]:  # noqa: ANN001
@@ -119,4 +163,25 @@ def create_app(db: Database, ready: Callable[[], bool]) -> FastAPI:
 
             return {"studies": count(Study.state), "jobs": count(Job.state), "deliveries": count(Delivery.state)}
 
+    @api.post("/studies/{study_uid}/rerun", status_code=202)
+    def rerun(study_uid: str, who: tokens.Holder = Depends(operator)) -> dict:
+        """Analyse the study again from its spooled instances: a new version, new result objects."""
+        try:
+            queued = rerun_study(db, study_uid, who.name)
+        except ActionRefused as refused:
+            raise HTTPException(409, f"cannot re-run this study: {refused}") from None
+        if queued is None:
+            raise HTTPException(404, f"no study with StudyInstanceUID {study_uid}")
+        log.info("%s re-ran study %s: job %d, version %d", who.name, study_uid, queued.job_id, queued.version)
+        return {"job_id": queued.job_id, "version": queued.version}
+
+    @api.post("/deliveries/retry")
+    def retry(destination: str | None = Query(None, max_length=128), who: tokens.Holder = Depends(operator)) -> dict:
+        """Send the pending deliveries (to one destination, AE@host:port) now instead of after their backoff."""
+        count = retry_deliveries(db, who.name, destination)
+        log.info("%s made %d pending deliveries due now (destination: %s)", who.name, count, destination or "all")
+        wake_sender()
+        return {"due_now": count}
+
+    app.include_router(api)
     return app

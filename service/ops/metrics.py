@@ -1,4 +1,8 @@
-"""Prometheus metrics: prefix ``strokegate_``, base units, no patient identifiers or UIDs in labels."""
+"""Prometheus metrics: prefix ``strokegate_``, base units, no patient identifiers or UIDs in labels.
+
+Every label value comes from a fixed set written here or in the code that counts, never from
+received data as such: a sender must not be able to make new time series.
+"""
 
 from __future__ import annotations
 
@@ -114,3 +118,14 @@ INFERENCE_SECONDS = Histogram(
     ["model", "backend"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+
+
+MODALITY_LABELS = frozenset({"CT", "MR", "PT", "OT", "SEG", "SR"})
+"""The ``modality`` label values besides "other" and "unknown" (no Modality)."""
+
+
+def modality_label(modality: str | None) -> str:
+    """The ``modality`` label of a received instance's Modality: one of a fixed set."""
+    if not modality:
+        return "unknown"
+    return modality if modality in MODALITY_LABELS else "other"

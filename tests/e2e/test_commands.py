@@ -20,19 +20,22 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def test_demo_sends_a_patient_and_receives_seg_and_sr(tmp_path: Path) -> None:
-    result = subprocess.run([str(STROKEGATE), "demo", "--keep", str(tmp_path)], capture_output=True, text=True, timeout=500,
-                            env={**os.environ, "COLUMNS": "200"})
+    # without --keep: a new folder in the temporary folder (here tmp_path), kept, so the paths it prints exist
+    result = subprocess.run([str(STROKEGATE), "demo"], capture_output=True, text=True, timeout=500,
+                            env={**os.environ, "COLUMNS": "200", "TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
+    kept = Path(re.search(r"everything the demo made is in (\S+)", out).group(1))
+    assert kept.parent == tmp_path and kept.name.startswith("strokegate-demo-")
     assert "received by PACS: SEG" in out and "received by PACS: SR" in out
     measured = float(re.search(r"ischaemic core \(ADC < 620 e-6 mm2/s\)\s*│\s*([\d.]+) mL", out).group(1))
     truth = float(re.search(r"ground truth core\s*│\s*([\d.]+) mL", out).group(1))
     assert abs(measured - truth) <= 0.1 * truth
-    received = [pydicom.dcmread(p, stop_before_pixels=True) for p in (tmp_path / "pacs").glob("*.dcm")]
+    received = [pydicom.dcmread(p, stop_before_pixels=True) for p in (kept / "pacs").glob("*.dcm")]
     assert {"SEG", "SR", "OT"} <= {ds.Modality for ds in received}  # OT: summary and colour maps
     assert any(ds.SOPClassUID == pydicom.uid.ParametricMapStorage for ds in received)
     summary = Path(re.search(r"summary image: (\S+\.dcm)", out).group(1))
-    assert summary.exists() and summary.with_suffix(".png").exists()
+    assert summary.exists() and summary.with_suffix(".png").exists() and summary.is_relative_to(kept)
 
 
 def test_process_analyses_a_folder_offline(tmp_path: Path) -> None:

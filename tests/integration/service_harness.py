@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ import psycopg
 import pytest
 
 from dicom_tools import free_port
+from service.store import tokens
+from service.store.database import Database
 
 STROKEGATE = Path(sys.executable).parent / "strokegate"
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
@@ -42,8 +45,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 class StoreSCP:
     """dcmtk storescp standing in for the PACS; one file per received instance."""
 
-    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS") -> None:
+    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS", extra_args: tuple[str, ...] = ()) -> None:
         self.folder = folder
+        self.extra_args = extra_args  # e.g. dcmtk's TLS options
         self.port = port or free_port()
         self.ae_title = ae_title
         self.process: subprocess.Popen | None = None
@@ -57,7 +61,7 @@ class StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                ["storescp", "-aet", self.ae_title, "-od", str(self.folder), "+B", str(self.port)],
+                ["storescp", "-aet", self.ae_title, "-od", str(self.folder), "+B", *self.extra_args, str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"},
             )
         wait_for(lambda: _port_open(self.port), 10, "storescp to listen")
@@ -85,10 +89,15 @@ def _port_open(port: int) -> bool:
 
 
 class Service:
-    """`strokegate serve` in its own process, with its folders under ``root``."""
+    """`strokegate serve` in its own process, with its folders under ``root``. Once it is ready,
+    ``token`` holds an operator token for the API (``get`` sends it); ``https_ca``: the API is
+    HTTPS, its certificate issued by this CA."""
 
-    def __init__(self, root: Path, database_url: str, destinations: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, database_url: str, destinations: list[str], env: dict[str, str] | None = None,
+                 https_ca: Path | None = None) -> None:
         self.root = root
+        self.token: str | None = None
+        self.tls = ssl.create_default_context(cafile=https_ca) if https_ca else None
         self.database_url = database_url
         self.destinations = destinations
         self.port = free_port()
@@ -118,7 +127,31 @@ class Service:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         self.starts += 1
         wait_for(self._ready, 60, f"the service to be ready (log: {self.log})")
+        if self.token is None:
+            self.token = self.create_token("harness", tokens.Role.OPERATOR)
         return self
+
+    def create_token(self, name: str, role: tokens.Role) -> str:
+        """A new API token in the service's database (as `strokegate token create` makes one)."""
+        db = Database(self.database_url)
+        try:
+            return tokens.create(db, name, role)
+        finally:
+            db.dispose()
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
+
+    def request(self, path: str, token: str | None = None, method: str = "GET") -> tuple[int, bytes]:
+        """Status and body of one HTTP request, with ``token`` as bearer token (None: none)."""
+        request = urllib.request.Request(self.url + path, method=method,
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=self.tls) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
 
     def _ready(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
@@ -131,8 +164,9 @@ class Service:
     def get(self, path: str, missing: Any = ...) -> Any:
         """GET from the HTTP API; ``missing`` is returned for a 404 where given (e.g. a study not yet
         recorded: instances are filed and recorded just after the sender's transfer)."""
+        request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"} if self.token else {})
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=10, context=self.tls) as response:
                 body = response.read()
         except urllib.error.HTTPError as error:
             if error.code == 404 and missing is not ...:

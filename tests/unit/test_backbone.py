@@ -19,7 +19,7 @@ from service.ingest.scp import ReceivedInstance
 from service.ingest.spool import Spool
 from service.ingest.tracker import Tracker, record_instances
 from service.ops.http import create_app
-from service.store import jobs
+from service.store import jobs, tokens
 from service.store.database import Database
 from service.store.models import Delivery, Job, JobState, Study, StudyState, utcnow
 
@@ -207,7 +207,7 @@ def test_a_destination_labels_each_result_series_its_own_way(tmp_path: Path) -> 
 
 def test_http_api_health_metrics_and_studies(db: Database) -> None:
     queued_job(db)
-    client = TestClient(create_app(db, ready=lambda: True))
+    client = TestClient(create_app(db, ready=lambda: True), headers={"Authorization": f"Bearer {tokens.create(db, 'r', tokens.Role.READER)}"})
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
     assert "strokegate_build_info" in client.get("/metrics").text

@@ -3,6 +3,7 @@
 from alembic import context
 
 from service.store.models import Base
+from service.store import tokens  # noqa: F401 - its table in the metadata
 
 engine = context.config.attributes["engine"]
 with engine.begin() as connection:
