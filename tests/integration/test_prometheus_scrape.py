@@ -17,6 +17,8 @@ from deploy_checks import DASHBOARD, RULES, require_tool
 from dicom_tools import free_port, requires_storescu
 from service_harness import Service, wait_for
 
+from service.store import tokens
+
 pytestmark = [pytest.mark.integration, requires_storescu, pytest.mark.timeout(120)]
 
 LOOPS = {"dicom-receiver", "dicom-filer", "recorder", "tracker", "sender", "worker-0", "http"}
@@ -25,14 +27,18 @@ LOOPS = {"dicom-receiver", "dicom-filer", "recorder", "tracker", "sender", "work
 class Prometheus:
     """Prometheus scraping one target every second, on a free port, its data in ``root``."""
 
-    def __init__(self, root: Path, target: str) -> None:
+    def __init__(self, root: Path, target: str, token: str) -> None:
         self.root = root
         self.port = free_port()
         root.mkdir(parents=True, exist_ok=True)
+        (root / "metrics_token").write_text(token)
         (root / "prometheus.yml").write_text(json.dumps({
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "strokegate", "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": [{
+                "job_name": "strokegate", "static_configs": [{"targets": [target]}],
+                "authorization": {"type": "Bearer", "credentials_file": str(root / "metrics_token")},
+            }],
         }))
         self.log = root / "prometheus.log"
         self.process: subprocess.Popen | None = None
@@ -79,10 +85,12 @@ class Prometheus:
 def test_prometheus_reads_strokegate_metrics_and_evaluates_the_rules(tmp_path: Path) -> None:
     binary = require_tool("prometheus", "apt-get install prometheus")
     service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [])
-    prometheus = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{service.http_port}")
+    prometheus: Prometheus | None = None
     try:
         service.start()
-        prometheus.start(binary)
+        # /metrics wants a token, as it does by default: Prometheus scrapes with a reader's.
+        reader = service.create_token("prometheus", tokens.Role.READER)
+        prometheus = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{service.http_port}", reader).start(binary)
         echo = subprocess.run(["echoscu", "-aec", "STROKEGATE", "127.0.0.1", str(service.port)],
                               capture_output=True, text=True, timeout=30, check=False)
         assert echo.returncode == 0, echo.stdout + echo.stderr
@@ -116,5 +124,6 @@ def test_prometheus_reads_strokegate_metrics_and_evaluates_the_rules(tmp_path: P
                 prometheus.query(target["expr"].replace("$__rate_interval", "1m"))
         assert prometheus.query("min(strokegate_loop_up)")[0]["value"][1] == "1"
     finally:
-        prometheus.stop()
+        if prometheus is not None:
+            prometheus.stop()
         service.stop()
