@@ -15,8 +15,22 @@ INSTANCES_RECEIVED = Counter(
 INSTANCES_REJECTED = Counter(
     "strokegate_instances_rejected_total", "C-STORE requests answered with a failure status", ["reason"]
 )
+INSTANCES_QUARANTINED = Counter(
+    "strokegate_instances_quarantined_total",
+    "Acknowledged instances kept in the spool's quarantine folder instead of being filed (see the log for why)",
+    ["reason"],
+)
+FILING_FAILURES = Counter(
+    "strokegate_filing_failures_total", "Attempts to file a journalled instance that failed to write (retried)"
+)
 BYTES_RECEIVED = Counter("strokegate_received_bytes_total", "Bytes of DICOM instances stored in the spool")
 ASSOCIATIONS = Counter("strokegate_associations_total", "Association requests", ["result"])
+CONNECTIONS_REFUSED = Counter(
+    "strokegate_connections_refused_total", "TCP connections closed before association, by limit", ["reason"]
+)
+ASSOCIATIONS_ABORTED = Counter(
+    "strokegate_associations_aborted_total", "Associations we aborted, by cause", ["reason"]
+)
 ASSOCIATIONS_ACTIVE = Gauge("strokegate_associations_active", "Associations open now")
 SERIES_COMPLETED = Counter("strokegate_series_completed_total", "Series found complete")
 STUDIES_COMPLETED = Counter("strokegate_studies_completed_total", "Study versions queued for analysis")
@@ -37,3 +51,7 @@ DELIVERY_ATTEMPTS = Counter("strokegate_delivery_attempts_total", "C-STORE attem
 DELIVERY_FAILURES = Counter("strokegate_delivery_failures_total", "Failed C-STORE attempts of result objects")
 SPOOL_BYTES = Gauge("strokegate_spool_bytes", "Bytes of DICOM files in the spool")
 SPOOL_FREE_BYTES = Gauge("strokegate_spool_free_bytes", "Free bytes on the spool's file system")
+LOOP_RESTARTS = Counter("strokegate_loop_restarts_total", "Background loops restarted after a crash", ["loop"])
+RECEIVER_READY = Gauge(
+    "strokegate_receiver_accepting", "1 while the receiver can make instances durable (journal open, spool writable, space)"
+)
