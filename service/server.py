@@ -17,6 +17,7 @@ from service.ingest.scp import Receiver, ReceiverConfig
 from service.ingest.spool import Spool
 from service.ingest.tracker import Recorder, Tracker, reconcile
 from service.ops.http import create_app
+from service.ops.loops import Loop, all_up
 from service.store import jobs
 from service.store.database import Database
 
@@ -31,14 +32,17 @@ class StrokeGate:
         self.db = Database(settings.database_url)
         self.spool = Spool(settings.spool_dir)
         settings.results_dir.mkdir(parents=True, exist_ok=True)
-        self.recorder = Recorder(self.db)
+        self.recorder = Recorder(self.db, self.spool)
         self.receiver = Receiver(
             ReceiverConfig(
                 ae_title=settings.ae_title, host=settings.host, port=settings.port, max_pdu=settings.max_pdu,
                 max_associations=settings.max_associations, allowed_calling_aets=tuple(settings.allowed_calling_aets),
                 allowed_hosts=tuple(settings.allowed_hosts), min_free_bytes=settings.min_free_bytes,
                 network_timeout_s=settings.network_timeout_s, sync_each=settings.receive_sync,
-                sync_interval_s=settings.receive_sync_interval_s,
+                sync_interval_s=settings.receive_sync_interval_s, max_connections=settings.max_connections,
+                max_associations_per_host=settings.max_associations_per_host,
+                association_request_timeout_s=settings.association_request_timeout_s,
+                max_instance_bytes=settings.max_instance_bytes,
             ),
             self.spool,
             self.recorder.record,
@@ -57,9 +61,19 @@ class StrokeGate:
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         if http:
-            config = uvicorn.Config(create_app(self.db, lambda: self._running), host=settings.http_host,
+            config = uvicorn.Config(create_app(self.db, self.ready), host=settings.http_host,
                                     port=settings.http_port, log_level="warning", lifespan="off")
             self._http = uvicorn.Server(config)
+
+    @property
+    def loops(self) -> list[Loop]:
+        """Every background loop, each restarted after a crash."""
+        return [*self.receiver.loops, self.recorder.loop, self.tracker.loop, *self.workers.loops, self.sender.loop]
+
+    def ready(self) -> bool:
+        """Readiness: started, every background loop up, and the receiver able to make instances
+        durable (journal and spool writable, free space above min_free_bytes)."""
+        return self._running and all_up(self.loops) and self.receiver.accepting
 
     def _unsettled_since(self) -> datetime | None:
         """The oldest acknowledged instance not yet in the database: unfiled, or filed and queued."""
