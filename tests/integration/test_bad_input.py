@@ -113,8 +113,11 @@ def test_unfileable_instances_are_refused_or_quarantined_and_the_association_goe
         bad_uid = pydicom.dcmread(sorted(dwi.glob("*.dcm"))[1])
         bad_uid.SOPInstanceUID = "1.2.3.x"
         assert store_statuses(service.port, good, [garbage, bad_uid, good]) == [0x0000, 0xC210, 0x0000]
-        assert service.metric("strokegate_instances_rejected_total", reason="invalid") == 2
+        assert service.metric("strokegate_instances_rejected_total", reason="invalid") == 1
+        wait_for(lambda: service.metric("strokegate_instances_quarantined_total", reason="invalid") == 1, 10,
+                 "the unfileable instance quarantined")
         assert (tmp_path / "gate" / "spool" / "quarantine" / "1.2.3.4.dcm").exists()
+        assert "StudyInstanceUID" in (tmp_path / "gate" / "spool" / "quarantine" / "1.2.3.4.reason").read_text()
         assert not list((tmp_path / "gate" / "spool").glob("not*"))
         assert service.get("/healthz")["status"] == "ok"
     finally:
@@ -158,8 +161,9 @@ def test_unknown_calling_ae_is_rejected_with_a_logged_reason(tmp_path: Path, dwi
 
 def test_disk_below_the_watermark_refuses_instances_with_out_of_resources(tmp_path: Path, dwi: Path) -> None:
     service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [],
-                      env={"STROKEGATE_MIN_FREE_BYTES": str(10**18)}).start()
+                      env={"STROKEGATE_MIN_FREE_BYTES": str(10**18)}).start(ready=False)
     try:
+        assert service.get("/readyz", missing=None, status=503)["status"] == "not ready"
         ds = pydicom.dcmread(sorted(dwi.glob("*.dcm"))[0])
         assert store_statuses(service.port, ds, [ds]) == [0xA700]
         assert service.metric("strokegate_instances_rejected_total", reason="disk_full") == 1
