@@ -281,10 +281,13 @@ class Journal:
             time.sleep(min(_QUIET_S - idle, deadline - now))
 
     def _retire_file(self, segment: int) -> None:
-        if len(list(self.folder.glob("*.free"))) < _SPARES:
-            os.replace(self._path(segment), self.folder / f"{segment:016d}.free")
-        else:
-            self._path(segment).unlink()
+        try:
+            if len(list(self.folder.glob("*.free"))) < _SPARES:
+                os.replace(self._path(segment), self.folder / f"{segment:016d}.free")
+            else:
+                self._path(segment).unlink()
+        except FileNotFoundError:  # retired already (a released segment, then a reopen)
+            pass
 
 
 def _done(path: Path) -> Future[Path]:
