@@ -127,6 +127,7 @@ FILING_BACKLOG_BYTES = 256 << 20  # journalled but not yet filed; beyond it, rec
 FILING_QUIET_S = 0.05  # the filer works when receiving pauses this long, or when the backlog is full,
 FILING_MAX_LAG_S = 1.0  # or when its oldest instance was received this long ago
 FILING_RETRY_S = (0.5, 10.0)  # a filing that failed to write is retried after 0.5 s, doubling up to 10 s
+REFUSAL_LOG_S = 10.0
 _LONG_AGO = datetime(1970, 1, 1)
 _DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOMEM})
 """Errors of the disk rather than of one instance: the instance waits in the journal and is retried."""
@@ -188,6 +189,7 @@ class Receiver:
         self._journal_writable = True  # False from an append that failed until one succeeds
         self._retry_at = 0.0
         self._retry_delay = FILING_RETRY_S[0]
+        self._refusals_logged: dict[str, float] = {}
         self.loops = [Loop("dicom-receiver", self._accept_loop), Loop("dicom-filer", self._filing_loop)]
 
     @property
@@ -438,23 +440,32 @@ class Receiver:
             return STATUS_SOP_CLASS_MISMATCH, None
         if not self._spool_writable:
             metrics.INSTANCES_REJECTED.labels(reason="spool_unwritable").inc()
-            log.error("refused an instance from %r: the spool cannot be written (filing is being retried)", entry.calling_ae)
+            self._log_refusal("spool_unwritable", "refused instances with 0xA700: the spool cannot be written "
+                              "(filing is being retried)")
             return STATUS_OUT_OF_RESOURCES, None
         free = self.spool.free_bytes()
         metrics.SPOOL_FREE_BYTES.set(free)
         if free < self.config.min_free_bytes:
             metrics.INSTANCES_REJECTED.labels(reason="disk_full").inc()
-            log.error("refused an instance from %r: %d bytes free, below min_free_bytes", entry.calling_ae, free)
+            self._log_refusal("disk_full", f"refused instances with 0xA700: {free} bytes free, below min_free_bytes")
             return STATUS_OUT_OF_RESOURCES, None
         try:
             segment = self.journal.append(entry)
         except OSError as error:
             self._journal_writable = False
             metrics.INSTANCES_REJECTED.labels(reason="write_failed").inc()
-            log.error("could not journal an instance from %r: %s", entry.calling_ae, error)
+            self._log_refusal("write_failed", f"refused instances with 0xA700: the journal cannot be written: {error}")
             return STATUS_OUT_OF_RESOURCES, None
         self._journal_writable = True
         return STATUS_SUCCESS, segment
+
+    def _log_refusal(self, reason: str, message: str) -> None:
+        """An error line per reason at most every REFUSAL_LOG_S (a PACS retrying would flood the
+        log); the metric counts every refusal."""
+        now = time.monotonic()
+        if now - self._refusals_logged.get(reason, -REFUSAL_LOG_S) >= REFUSAL_LOG_S:
+            self._refusals_logged[reason] = now
+            log.error("%s (repeats are counted in strokegate_instances_rejected_total)", message)
 
     def _hand_to_filer(self, segment: int, entry: JournalEntry) -> None:
         """Queue a journalled instance for filing, waiting while the backlog is full."""

@@ -42,10 +42,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 class StoreSCP:
     """dcmtk storescp standing in for the PACS; one file per received instance."""
 
-    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS") -> None:
+    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS", extra_args: tuple[str, ...] = ()) -> None:
+        """``extra_args``: e.g. ``("+uf",)`` for a new file per received object, so that a duplicate
+        shows as a second file; ``("--sleep-after", "1")`` for a slow PACS."""
         self.folder = folder
         self.port = port or free_port()
         self.ae_title = ae_title
+        self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
         self.log = folder.parent / f"storescp-{self.port}.log"
 
@@ -57,7 +60,7 @@ class StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                ["storescp", "-aet", self.ae_title, "-od", str(self.folder), "+B", str(self.port)],
+                ["storescp", "-aet", self.ae_title, "-od", str(self.folder), "+B", *self.extra_args, str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"},
             )
         wait_for(lambda: _port_open(self.port), 10, "storescp to listen")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import UltrasoundImageStorage
+from pydicom.dataelem import DataElement
+from pydicom.uid import CTImageStorage, UltrasoundImageStorage
 from pynetdicom import AE
 
 from dicom_tools import requires_storescu, storescu
@@ -44,6 +45,8 @@ def variant(dwi: Path, folder: Path, name: str, change=None, keep=None) -> str: 
 
 
 def test_bad_studies_fail_with_reasons_and_good_ones_still_succeed(tmp_path: Path, dwi: Path) -> None:
+    """Each fails with its reason at the first attempt (no "internal error after 3 attempts"),
+    among them the cases of issue 11: Rows with VR UI, a single slice, an MR image sent as CT."""
     pacs = StoreSCP(tmp_path / "pacs").start()
     service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [f"{pacs.address}?send=seg+sr"]).start()
     try:
@@ -58,7 +61,20 @@ def test_bad_studies_fail_with_reasons_and_good_ones_still_succeed(tmp_path: Pat
             if index == 3:
                 ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
 
+        def rows_as_uid(ds, index):  # noqa: ANN001, ANN202 - crashed the analysis three times before
+            ds[0x00280010] = DataElement(0x00280010, "UI", "1.2.840")
+
+        def mr_as_ct(ds, index):  # noqa: ANN001, ANN202 - an MR image sent as CT Image Storage
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+
+        middle = sorted(float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in dwi.glob("*.dcm"))
+        middle = middle[len(middle) // 2]
+
         studies = {
+            "rows_ui": (variant(dwi, tmp_path / "rows_ui", "rows_ui", rows_as_uid), "rows of"),
+            "one_slice": (variant(dwi, tmp_path / "one_slice", "one_slice",
+                                  keep=lambda ds: abs(float(ds.ImagePositionPatient[2]) - middle) < 0.01), "1 slice"),
+            "mr_as_ct": (variant(dwi, tmp_path / "mr_as_ct", "mr_as_ct", mr_as_ct), "modality mr does not match"),
             "no_pixels": (variant(dwi, tmp_path / "no_pixels", "no_pixels", no_pixels), "no pixel data"),
             "geometry": (variant(dwi, tmp_path / "geometry", "geometry", inconsistent), "inconsistent"),
             "one_b": (variant(dwi, tmp_path / "one_b", "one_b", keep=lambda ds: float(ds.DiffusionBValue) > 0), "b-value"),
@@ -77,7 +93,8 @@ def test_bad_studies_fail_with_reasons_and_good_ones_still_succeed(tmp_path: Pat
         for name, (study, reason) in studies.items():
             error = service.get(f"/api/studies/{study}")["error"]
             assert reason in error.lower(), f"{name}: {error}"
-        assert service.metric("strokegate_jobs_failed_total", error="input") == 4
+        assert service.metric("strokegate_jobs_failed_total", error="input") == 7
+        assert service.metric("strokegate_jobs_failed_total", error="internal") == 0
         wait_for(lambda: len(pacs.files()) == 2, 60, "the good study's SEG and SR")
     finally:
         service.stop()
