@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 def record_instances(session: Session, items: list[ReceivedInstance], now: datetime) -> int:
     """Insert the instances not yet known; update their series and studies. Returns new rows.
+    InputError (nothing written) when an instance names a series of another study.
 
     Our own result objects coming back (a PACS that forwards whole studies) are not new data:
     recording them would start a new result version, and so on forever.
@@ -73,6 +74,8 @@ def record_instances(session: Session, items: list[ReceivedInstance], now: datet
                 description=item.series_description, instance_count=0,
             )
             session.add(one)
+        elif one.study is not study:
+            raise InputError(f"its SeriesInstanceUID is already a series of another study (study {one.study.id})")
         one.instance_count += 1
         received = item.received_at or now
         study.last_received_at = max(study.last_received_at or received, received)
@@ -131,7 +134,9 @@ def record_or_quarantine(
         return
     for item in items:
         error = attempt([item])
-        if error is not None:
+        if isinstance(error, InputError):
+            quarantine(item, f"not recorded: {error}"[:500])
+        elif error is not None:
             quarantine(item, f"the database refused its record: {type(error).__name__}: {error}"[:500])
 
 
