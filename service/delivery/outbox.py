@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from service.config import Destination
@@ -173,23 +173,34 @@ class Sender:
                 self._stop.wait(0.2 * (attempt + 1))
 
     def _commit(self, delivery_id: int, outcome: SendOutcome, destination: str) -> None:
-        """One object's outcome (and, with its job's last delivery, the time to the PACS)."""
+        """One object's outcome. A success is one UPDATE, committed before anything else: until it
+        is, a crash sends the object again. Then, with its job's last delivery, the time to the PACS."""
+        now = utcnow()
+        if outcome.delivered:
+            with self.db.session() as session:
+                session.execute(
+                    update(Delivery).where(Delivery.id == delivery_id)
+                    .values(state=DeliveryState.SENT, sent_at=now, last_error=None, attempts=Delivery.attempts + 1)
+                )
+            metrics.DELIVERY_ATTEMPTS.labels(result="success").inc()
+            try:
+                with self.db.session() as session:
+                    job = session.scalar(select(Job).join(ResultObject).join(Delivery).where(Delivery.id == delivery_id))
+                    unsent = session.scalar(
+                        select(func.count()).select_from(Delivery).join(ResultObject)
+                        .where(ResultObject.job_id == job.id, Delivery.state != DeliveryState.SENT)
+                    )
+                if unsent == 0:
+                    metrics.LAST_INSTANCE_TO_ACK.observe((now - job.last_instance_at).total_seconds())
+            except Exception as error:  # noqa: BLE001 - the outcome is recorded; only a metric is missed
+                log.error("could not observe the time to the PACS of delivery %d: %s", delivery_id, error)
+            return
         with self.db.session() as session:
-            now = utcnow()
             row = session.get(Delivery, delivery_id)
             row.attempts += 1
-            if outcome.delivered:
-                row.state, row.sent_at, row.last_error = DeliveryState.SENT, now, None
-                metrics.DELIVERY_ATTEMPTS.labels(result="success").inc()
-                session.flush()
-                job = session.get(Job, row.result.job_id)
-                states = [d.state for r in job.results for d in r.deliveries]
-                if states and all(s == DeliveryState.SENT for s in states):
-                    metrics.LAST_INSTANCE_TO_ACK.observe((now - job.last_instance_at).total_seconds())
-            else:
-                row.last_error = outcome.error
-                row.next_attempt_at = now + backoff(row.attempts, self.backoff_s, self.backoff_max_s)
-                metrics.DELIVERY_ATTEMPTS.labels(result="failure").inc()
-                metrics.DELIVERY_FAILURES.inc()
-                log.warning("delivery %d to %s failed (attempt %d): %s; next try at %s",
-                            row.id, destination, row.attempts, outcome.error, row.next_attempt_at.isoformat(timespec="seconds"))
+            row.last_error = outcome.error
+            row.next_attempt_at = now + backoff(row.attempts, self.backoff_s, self.backoff_max_s)
+            metrics.DELIVERY_ATTEMPTS.labels(result="failure").inc()
+            metrics.DELIVERY_FAILURES.inc()
+            log.warning("delivery %d to %s failed (attempt %d): %s; next try at %s",
+                        row.id, destination, row.attempts, outcome.error, row.next_attempt_at.isoformat(timespec="seconds"))
