@@ -97,7 +97,7 @@ def seed_inputs(harness: str) -> list[bytes]:
     if harness in ("header", "filing"):
         return [bytes([SYNTAXES.index(syntax)]) + data for syntax, data in datasets]
     if harness == "journal":
-        return [bytes([mode]) + _journal_segment(datasets) for mode in range(3)]
+        return [_journal_segment(datasets) + bytes([mode]) for mode in range(4)]  # the provider takes ints from the end
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title, primitive.called_ae_title = "PACS", "STROKEGATE"
@@ -219,19 +219,35 @@ def make_harness(name: str, work: Path):  # noqa: ANN201 - returns the TestOneIn
         return dimse
 
     if name == "journal":
+        import json
+
         folder = work / "journal"
         folder.mkdir(parents=True, exist_ok=True)
         segment = folder / f"{1:016d}.wal"
 
+        names = ("sop_class_uid", "sop_instance_uid", "transfer_syntax_uid", "calling_ae", "extra")
+
+        def fuzzed_header(provider: atheris.FuzzedDataProvider) -> bytes:
+            """A JSON header whose fields are present or not, of fuzzed types and values."""
+            fields = {}
+            for name in names:
+                kind = provider.ConsumeIntInRange(0, 5)
+                if kind == 0 or (name == "extra" and kind < 5):
+                    continue
+                fields[name] = (provider.ConsumeUnicode(40), provider.ConsumeInt(8), None, [provider.ConsumeUnicode(8)],
+                                provider.ConsumeFloat())[kind - 1]
+            return json.dumps(fields).encode()
+
         def journal(data: bytes) -> None:
             provider = atheris.FuzzedDataProvider(data)
-            mode = provider.ConsumeIntInRange(0, 2)
+            mode = provider.ConsumeIntInRange(0, 3)
             if mode == 0:
                 content = provider.ConsumeBytes(provider.remaining_bytes())
             else:  # records with valid CRCs: what is inside them must still be checked
                 content = b""
                 while provider.remaining_bytes():
-                    header = provider.ConsumeBytes(provider.ConsumeIntInRange(0, 400))
+                    header = (fuzzed_header(provider) if mode == 3
+                              else provider.ConsumeBytes(provider.ConsumeIntInRange(0, 400)))
                     payload = provider.ConsumeBytes(provider.ConsumeIntInRange(0, 2000))
                     content += _journal_record(provider.ConsumeIntInRange(1, 2) if mode == 2 else 1, header, payload)
             segment.write_bytes(content)

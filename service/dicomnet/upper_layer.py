@@ -220,7 +220,11 @@ class Connection:
             for item in rq.user_information
             if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
         }
-        results, role_replies = negotiate_as_acceptor(rq.presentation_context_definition_list, supported, roles)
+        try:
+            results, role_replies = negotiate_as_acceptor(rq.presentation_context_definition_list, supported, roles)
+        except Exception as error:  # pynetdicom's negotiation assumes well-formed proposals (e.g. a transfer syntax each)
+            raise ProtocolError(f"malformed presentation contexts: {type(error).__name__}: {error}",
+                                ABORT_INVALID_PARAMETER) from error
         primitive = A_ASSOCIATE()
         primitive.application_context_name = APPLICATION_CONTEXT
         primitive.calling_ae_title = rq.calling_ae_title

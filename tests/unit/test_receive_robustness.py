@@ -203,3 +203,30 @@ def test_open_keeps_the_segments_asked_for_and_recycles_the_rest(tmp_path: Path)
     kept.release(segments[0])
     kept.close()
     assert segments[0] not in Journal(tmp_path).segments()
+
+
+def test_a_presentation_context_without_a_transfer_syntax_is_a_protocol_error() -> None:
+    """Found by benchmarks/fuzz.py: pynetdicom's negotiation raised IndexError on it."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+    from pynetdicom.presentation import build_context
+
+    from service.ingest.scp import STORAGE_CLASSES, TRANSFER_SYNTAXES
+
+    context = build_context("1.2.840.10008.5.1.4.1.1.2")
+    context.context_id = 1
+    context._transfer_syntax = []  # what a malformed A-ASSOCIATE-RQ decodes to
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = "PEER", "STROKEGATE"
+    primitive.presentation_context_definition_list = [context]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        peer.sendall(pdu.encode())
+        connection = Connection(ours, timeout_s=5, max_pdu=16384)
+        request = connection.read_association_request(5)
+        supported = [build_context(c, list(TRANSFER_SYNTAXES)) for c in STORAGE_CLASSES]
+        with pytest.raises(ProtocolError, match="presentation contexts"):
+            connection.accept(request, supported, ("1.2.3", "TEST"))
