@@ -126,11 +126,23 @@ class Connection:
         self.sock.settimeout(timeout_s)
         self.max_pdu = max_pdu  # what we told the peer; 0 = unlimited
         self._header = bytearray(_PDU_HEADER.size)
+        self._header_view = memoryview(self._header)
         self._body = bytearray(0)  # allocated by the first PDU that needs it
         self._pending = b""  # PDV items of the next message that shared a PDU with the last one
 
     def _read_into(self, view: memoryview, deadline: float) -> None:
-        while view:
+        """Fill ``view``. The usual single read costs no clock; a read that returns short is
+        followed by reads that check the deadline, so the whole PDU's deadline is kept to within
+        one read (a peer trickling bytes is cut at the first read after it)."""
+        received = self.sock.recv_into(view)
+        if received == len(view):
+            return
+        while True:
+            if not received:
+                raise PeerGone("connection closed by the peer")
+            view = view[received:]
+            if not view:
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("the peer did not complete a PDU in time")
@@ -138,9 +150,6 @@ class Connection:
                 self._socket_timeout = remaining
                 self.sock.settimeout(remaining)
             received = self.sock.recv_into(view)
-            if not received:
-                raise PeerGone("connection closed by the peer")
-            view = view[received:]
 
     def read_pdu(self, timeout_s: float | None = None) -> tuple[int, memoryview]:
         """The next PDU's type and body (valid until the next call); the whole PDU must arrive
@@ -150,7 +159,7 @@ class Connection:
             self._socket_timeout = timeout_s
             self.sock.settimeout(timeout_s)
         deadline = time.monotonic() + timeout_s
-        self._read_into(memoryview(self._header), deadline)
+        self._read_into(self._header_view, deadline)
         kind, length = _PDU_HEADER.unpack(self._header)
         if kind == P_DATA:
             if self.max_pdu and length > self.max_pdu:
@@ -186,7 +195,7 @@ class Connection:
         self.sock.settimeout(timeout_s)
         self._socket_timeout = timeout_s
         deadline = time.monotonic() + timeout_s
-        self._read_into(memoryview(self._header), deadline)
+        self._read_into(self._header_view, deadline)
         kind, length = _PDU_HEADER.unpack(self._header)
         if kind != ASSOCIATE_RQ:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{kind:02x}")

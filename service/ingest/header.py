@@ -15,6 +15,7 @@ from datetime import datetime
 from io import BytesIO
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -25,6 +26,7 @@ _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "PatientID",
     "AccessionNumber", "SeriesDescription", "NumberOfSeriesRelatedInstances",
 ]
+_TAGS = {keyword: tag_for_keyword(keyword) for keyword in _HEADER_TAGS}
 _CODE_STRING = re.compile(r"^[A-Z0-9_ ]*$")
 _CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")  # ESC (0x1b) may switch character sets (ISO 2022)
 MAX_EXPECTED_INSTANCES = 2**31 - 1  # a database INTEGER
@@ -92,9 +94,10 @@ def received_instance(
 
 def _value(header: Dataset, keyword: str) -> object:
     """The single value of ``keyword``, None when absent or empty; InputError for several values."""
-    if keyword not in header:
+    element = header.get(_TAGS[keyword])  # by tag: one lookup, no keyword-to-tag search
+    if element is None:
         return None
-    value = header[keyword].value
+    value = element.value
     if isinstance(value, MultiValue | list | tuple):
         if len(value) > 1:
             raise InputError(f"{keyword} has {len(value)} values; one expected")
