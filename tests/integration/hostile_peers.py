@@ -1,5 +1,6 @@
 """A peer that writes raw bytes: association requests built with pynetdicom's PDU classes, then
-PDUs and command sets written by hand, so that tests can send what no well-behaved SCU would.
+PDUs and command sets written by hand, so that tests can send what no well-behaved SCU would; and
+the well-behaved sending the hostile tests need around it (files as they are, fresh study copies).
 
 Importable as ``hostile_peers`` (tests/integration/conftest.py puts this directory on sys.path).
 Nothing here uses the service's own upper layer.
@@ -11,6 +12,9 @@ import socket
 import struct
 from pathlib import Path
 
+import pydicom
+from pydicom.uid import generate_uid
+from pynetdicom import AE
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
@@ -164,3 +168,30 @@ def _status_field(pid: int, name: str) -> int:
         if line.startswith(name + ":"):
             return int(line.split()[1])
     raise AssertionError(f"no {name} for process {pid}")
+
+
+def study_copy(series: Path, folder: Path, name: str) -> list[Path]:
+    """The files of ``series`` as a new study named ``name`` (UIDs derived from it), in ``folder``."""
+    folder.mkdir(parents=True)
+    study, new_series = generate_uid(entropy_srcs=[name, "study"]), generate_uid(entropy_srcs=[name, "series"])
+    paths = []
+    for index, path in enumerate(sorted(series.glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, new_series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[name, str(index)])
+        ds.save_as(folder / path.name, enforce_file_format=True)
+        paths.append(folder / path.name)
+    return paths
+
+
+def store_files(port: int, paths: list[Path], sop_class: str = "1.2.840.10008.5.1.4.1.1.4") -> list[int]:
+    """C-STORE files as they are on disk over one pynetdicom association (pynetdicom sends a file's
+    encoded dataset without decoding it); their statuses."""
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(sop_class, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="STROKEGATE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(path).Status) for path in paths]
+    finally:
+        assoc.release()

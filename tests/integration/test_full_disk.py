@@ -19,11 +19,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pynetdicom import AE
-from pynetdicom.sop_class import MRImageStorage
 
 from dicom_tools import requires_storescu
-from service.phantom.dicom_writer import uid
+from hostile_peers import store_files, study_copy
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
 from service_harness import Service, StoreSCP, wait_for
@@ -60,30 +58,6 @@ def fill(folder: Path, leave_bytes: int) -> Path:
     return filler
 
 
-def study_copy(dwi: Path, folder: Path, name: str) -> list[Path]:
-    folder.mkdir(parents=True)
-    study, series = uid("disk", name), uid("disk", name, "series")
-    paths = []
-    for index, path in enumerate(sorted(dwi.glob("*.dcm"))):
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid("disk", name, index)
-        ds.save_as(folder / path.name, enforce_file_format=True)
-        paths.append(folder / path.name)
-    return paths
-
-
-def statuses(port: int, paths: list[Path]) -> list[int]:
-    ae = AE(ae_title="PACS")
-    ae.add_requested_context(MRImageStorage, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="STROKEGATE")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(path).Status) for path in paths]
-    finally:
-        assoc.release()
-
-
 def test_a_full_disk_loses_nothing_acknowledged_and_a_restart_on_it_starts(tmp_path: Path) -> None:
     out = tmp_path / "phantom"
     write_patient(2, "mri", out, PhantomOptions(mr_matrix=64, mr_slices=8, mr_frames=3))
@@ -100,11 +74,11 @@ def test_a_full_disk_loses_nothing_acknowledged_and_a_restart_on_it_starts(tmp_p
         service.start()  # the journal's segments are written now, before the disk fills
         try:
             filler = fill(disk, leave_bytes=40 << 10)  # room for about four instances
-            answered = statuses(service.port, first)
+            answered = store_files(service.port, first)
             acknowledged = answered.count(0)  # journalled; once a filing failed, the rest were refused
             assert acknowledged >= 1 and answered == [0] * acknowledged + [0xA700] * (16 - acknowledged), answered
             wait_for(lambda: service.metric("strokegate_filing_failures_total") >= 1, 30, "a filing to fail on the full disk")
-            assert statuses(service.port, second) == [0xA700] * 16  # out of resources while the spool cannot be written
+            assert store_files(service.port, second) == [0xA700] * 16  # out of resources while the spool cannot be written
             assert not service.ready()
             time.sleep(3)  # twice series_idle_s: a study with instances waiting must not go quiet
             assert service.get("/api/jobs") == []
@@ -113,12 +87,12 @@ def test_a_full_disk_loses_nothing_acknowledged_and_a_restart_on_it_starts(tmp_p
             service.kill()
             service.start(ready=False)  # on the full disk: it starts, not ready, and refuses with 0xA700
             assert not service.ready()
-            assert statuses(service.port, second[:2]) == [0xA700, 0xA700]
+            assert store_files(service.port, second[:2]) == [0xA700, 0xA700]
             assert service.get("/api/jobs") == []
 
             filler.unlink()  # the operator frees space
             wait_for(service.ready, 30, "the service to be ready once space is free")
-            assert statuses(service.port, first[acknowledged:] + second) == [0] * (32 - acknowledged)
+            assert store_files(service.port, first[acknowledged:] + second) == [0] * (32 - acknowledged)
             for study in (first_uid, second_uid):
                 wait_for(lambda study=study: service.get(f"/api/studies/{study}", {}).get("state") == "done", 120,
                          "both studies analysed")

@@ -30,7 +30,9 @@ from hostile_peers import (
     release,
     resident_bytes,
     response_status,
+    store_files,
     store_raw,
+    study_copy,
     thread_count,
 )
 from service.phantom.dicom_writer import uid
@@ -48,20 +50,6 @@ def dwi(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("hostile")
     write_patient(2, "mri", out, PhantomOptions(mr_matrix=64, mr_slices=8, mr_frames=3))
     return out / "SGPH00000002" / "dicom" / "MR" / "dwi"
-
-
-def as_new_study(dwi: Path, folder: Path, name: str) -> list[Path]:
-    """The DWI series as a new study with new UIDs, written to ``folder``."""
-    folder.mkdir(parents=True)
-    study, series = uid("hostile", name), uid("hostile", name, "series")
-    paths = []
-    for index, path in enumerate(sorted(dwi.glob("*.dcm"))):
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid("hostile", name, index)
-        ds.save_as(folder / path.name, enforce_file_format=True)
-        paths.append(folder / path.name)
-    return paths
 
 
 def bad_headers(dwi: Path, folder: Path) -> dict[str, Path]:
@@ -93,18 +81,6 @@ def bad_headers(dwi: Path, folder: Path) -> dict[str, Path]:
     return made
 
 
-def store_files(port: int, paths: list[Path], host: str = "127.0.0.1") -> list[int]:
-    """C-STORE files as they are on disk (pynetdicom sends a file's encoded dataset without decoding it)."""
-    ae = AE(ae_title="PACS")
-    ae.add_requested_context(MRImageStorage, "1.2.840.10008.1.2.1")
-    assoc = ae.associate(host, port, ae_title="STROKEGATE")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(path).Status) for path in paths]
-    finally:
-        assoc.release()
-
-
 def test_bad_headers_are_quarantined_ingest_goes_on_and_a_restart_starts(tmp_path: Path, dwi: Path) -> None:
     """Finding 1: a bad header got Success, then stopped filing for good and every restart. Now each
     is quarantined with its reason, the instances around it are filed, the service stays ready, a
@@ -113,7 +89,7 @@ def test_bad_headers_are_quarantined_ingest_goes_on_and_a_restart_starts(tmp_pat
     pacs = StoreSCP(tmp_path / "pacs").start()
     service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [f"{pacs.address}?send=seg+sr"]).start()
     try:
-        good = as_new_study(dwi, tmp_path / "good", "good")
+        good = study_copy(dwi, tmp_path / "good", "good")
         bad = bad_headers(dwi, tmp_path / "bad")
         mixed = [*good[:5], bad["vm2"], *good[5:10], bad["huge"], bad["vr"], *good[10:12]]
         assert store_files(service.port, mixed) == [0] * len(mixed)  # all acknowledged: found bad only after
@@ -262,7 +238,7 @@ def test_slow_peers_on_one_host_cannot_keep_another_host_out_and_slow_requests_a
     feeder = threading.Thread(target=trickle, daemon=True)
     feeder.start()
     try:
-        paths = as_new_study(dwi, Path(limited.root) / "legit", "legit")
+        paths = study_copy(dwi, Path(limited.root) / "legit", "legit")
         storescu(paths, limited.port, "STROKEGATE")  # dcmtk from 127.0.0.1 is refused: the host is full
     except AssertionError:
         pass
