@@ -122,7 +122,11 @@ class Service:
             log.write(f"--- start {self.starts}\n".encode())
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         self.starts += 1
-        wait_for(lambda: self._ready(ready), 60, f"the service to be {'ready' if ready else 'up'} (log: {self.log})")
+        try:
+            wait_for(lambda: self._ready(ready), 60, f"the service to be {'ready' if ready else 'up'} (log: {self.log})")
+        except BaseException:
+            self.stop()  # a test that fails here has no handle on the process to stop
+            raise
         return self
 
     def _ready(self, ready: bool = True) -> bool:
