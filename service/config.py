@@ -116,6 +116,18 @@ class Settings(BaseSettings):
     tls_require_client_certificate: bool = Field(
         True, description="DICOM TLS senders must present a certificate issued by tls_ca"
     )
+    max_connections: int = Field(
+        64, ge=1, description="open DICOM connections, associated or not; one host may hold at most half"
+    )
+    max_associations_per_host: int | None = Field(
+        None, ge=1, description="associations one peer address may hold; unset: half of max_associations"
+    )
+    association_request_timeout_s: float = Field(
+        10.0, gt=0, description="ARTIM: the whole A-ASSOCIATE-RQ must arrive within this after the connection"
+    )
+    max_instance_bytes: int = Field(
+        2 * 1024**3, ge=0, description="longest dataset of one C-STORE; a longer one aborts the association; 0 = unlimited"
+    )
 
     # Storage
     database_url: str = "sqlite:///strokegate.db"

@@ -22,6 +22,7 @@ from service.ingest.scp import Receiver, ReceiverConfig
 from service.ingest.spool import Spool
 from service.ingest.tracker import Recorder, Tracker, reconcile
 from service.ops.http import create_app
+from service.ops.loops import Loop, all_up
 from service.ops.startup import bind, open_database, port_problem, private_folder
 from service.store import jobs, tokens
 from service.store.database import Database
@@ -41,14 +42,17 @@ class StrokeGate:
         private_folder(settings.results_dir, "results", "results_dir")
         self.db = db or open_database(settings.database_url)
         self.spool = Spool(settings.spool_dir)
-        self.recorder = Recorder(self.db)
+        self.recorder = Recorder(self.db, self.spool)
         self.receiver = Receiver(
             ReceiverConfig(
                 ae_title=settings.ae_title, host=settings.host, port=settings.port, max_pdu=settings.max_pdu,
                 max_associations=settings.max_associations, allowed_calling_aets=tuple(settings.allowed_calling_aets),
                 allowed_hosts=tuple(settings.allowed_hosts), min_free_bytes=settings.min_free_bytes,
                 network_timeout_s=settings.network_timeout_s, sync_each=settings.receive_sync,
-                sync_interval_s=settings.receive_sync_interval_s,
+                sync_interval_s=settings.receive_sync_interval_s, max_connections=settings.max_connections,
+                max_associations_per_host=settings.max_associations_per_host,
+                association_request_timeout_s=settings.association_request_timeout_s,
+                max_instance_bytes=settings.max_instance_bytes,
                 tls=_receiver_tls(settings), accept_plain=settings.dicom_transport != DicomTransport.TLS,
             ),
             self.spool,
@@ -69,7 +73,7 @@ class StrokeGate:
         self._http_thread: threading.Thread | None = None
         self._http_socket: socket.socket | None = None
         if http:
-            app = create_app(self.db, lambda: self._running, api_auth=settings.api_auth, metrics_auth=settings.metrics_auth,
+            app = create_app(self.db, self.ready, api_auth=settings.api_auth, metrics_auth=settings.metrics_auth,
                              docs=settings.api_docs, wake_sender=self.sender.wake)
             config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
                                     lifespan="off", log_config=None, ssl_certfile=settings.http_tls_certificate,
@@ -81,6 +85,16 @@ class StrokeGate:
                                  f"{settings.http_tls_key} ({error.strerror or error}): give PEM files readable by "
                                  "this user, the key unencrypted and matching the certificate") from None
             self._http = uvicorn.Server(config)
+
+    @property
+    def loops(self) -> list[Loop]:
+        """Every background loop, each restarted after a crash."""
+        return [*self.receiver.loops, self.recorder.loop, self.tracker.loop, *self.workers.loops, self.sender.loop]
+
+    def ready(self) -> bool:
+        """Readiness: started, every background loop up, and the receiver able to make instances
+        durable (journal and spool writable, free space above min_free_bytes)."""
+        return self._running and all_up(self.loops) and self.receiver.accepting
 
     def _unsettled_since(self) -> datetime | None:
         """The oldest acknowledged instance not yet in the database: unfiled, or filed and queued."""

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from models.training.cohort import FAMILIES, CohortPlan, SampleSpec, parse_families
 from models.training.dataset import build, load
-from models.training.loop import History, Study, TrainConfig, train as train_network
+from models.training.loop import Study, TrainConfig, train as train_network
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train StrokeGate's learned models (research use only).")
 console = Console()

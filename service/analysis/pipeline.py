@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp
 from service.analysis.diffusion_core import analyse_diffusion_core
@@ -94,12 +95,45 @@ class StudySeries:
         return ", ".join(f"{len(s)} {kind}" for kind, s in sorted(self.by_kind.items())) or "no series"
 
 
+MIN_SLICES = 2
+"""A volume in mL needs a stack: one slice gives an area times a thickness, not a lesion volume."""
+
+MODALITY_OF_SOP_CLASS = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1": "CT",  # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.4": "MR",  # MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.1": "MR",  # Enhanced MR Image Storage
+}
+"""The Modality each image storage SOP class we analyse requires (PS3.3 A.3, A.4, A.36, A.38)."""
+
+
 def study_series(paths: list[Path] | list[str]) -> StudySeries:
-    """Group the instances at ``paths`` into series and classify each from its headers."""
+    """Group the instances at ``paths`` into series and classify each from its headers.
+    InputError when an instance's Modality or dataset does not match its SOP class."""
     found = StudySeries()
-    for series in group_series(paths, headers_only=True).values():
+    for uid, series in group_series(paths, headers_only=True).items():
+        for ds in series:
+            check_sop_class(ds, uid)
         found.by_kind.setdefault(classify(series), []).append([str(ds.filename) for ds in series])
     return found
+
+
+def check_sop_class(ds: Dataset, series_uid: str) -> None:
+    """InputError when an instance is not what its SOP class says: its dataset's SOP Class UID
+    differs from the one it was stored as, or its Modality from the one the class requires (an
+    MR image sent as CT Image Storage would otherwise be read with CT's units and rules)."""
+    meta = getattr(ds, "file_meta", None)
+    stored_as = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    own = str(ds.get("SOPClassUID", "") or "")
+    if stored_as and own and own != stored_as:
+        raise InputError(f"series {series_uid}: an instance of SOP class {own} was sent as {stored_as}")
+    sop_class = own or stored_as
+    required = MODALITY_OF_SOP_CLASS.get(sop_class)
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if required is not None and modality != required:
+        name = UID(sop_class).name
+        raise InputError(f"series {series_uid}: Modality {modality or '(none)'} does not match its SOP class {name} "
+                         f"(which requires {required}); the study is not analysed")
 
 
 def analyse_study(paths: list[Path], version: int, parameters: AnalysisParameters, study_uid: str | None = None) -> StudyOutcome:
@@ -113,6 +147,9 @@ def analyse_study(paths: list[Path], version: int, parameters: AnalysisParameter
     series = study_series(paths)
     classified = time.perf_counter() - started
     findings = dispatch(series, version, parameters, study_uid)
+    if findings.geometry.shape[0] < MIN_SLICES:
+        raise InputError(f"the {findings.analysis} analysis has {findings.geometry.shape[0]} slice; "
+                         f"a lesion volume needs at least {MIN_SLICES} slices")
     findings.timings_s = {"classify": classified, **findings.timings_s}
     started = time.perf_counter()
     seg = build_seg(findings)

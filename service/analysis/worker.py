@@ -15,6 +15,7 @@ from service.analysis.pipeline import AnalysisParameters, analyse_study, write_r
 from service.delivery.outbox import enqueue
 from service.errors import InputError
 from service.ops import metrics
+from service.ops.loops import Loop
 from service.store import jobs
 from service.store.database import Database
 from service.store.models import Instance, Job, JobState, Series, Study
@@ -48,16 +49,18 @@ class Workers:
         self.on_results = on_results
         self.poll_s = poll_s
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True) for i in range(count)]
+        self.loops = [Loop(f"worker-{i}", self._loop) for i in range(count)]
 
     def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
+        for loop in self.loops:
+            loop.start()
 
     def stop(self) -> None:
         self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=120)
+        for loop in self.loops:
+            loop.stop()
+        for loop in self.loops:
+            loop.join(timeout=120)
 
     def _loop(self) -> None:
         owner = jobs.new_owner()

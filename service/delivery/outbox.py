@@ -2,8 +2,9 @@
 
 Rows are written in the same transaction that marks the job done, so a result is never lost
 between analysis and delivery; the sender retries failures with exponential backoff; restarts
-resume from the rows. Result UIDs are deterministic per (study, version), so a resend after a
-crash is a duplicate of the same object at the PACS, never a second one.
+resume from the rows. Each object's outcome is committed as its response arrives, so a crash
+resends at most the one object that was in flight; result UIDs are deterministic per (study,
+version), so that resend is the same object at the PACS, never a second one.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from service.config import Destination
-from service.delivery.scu import SeriesRelabel, send_files
+from service.delivery.scu import SendOutcome, SeriesRelabel, send_files
 from service.ops import metrics
+from service.ops.loops import Loop
 from service.results.maps import MAP_STYLES
 from service.store.database import Database
 from service.store.models import Delivery, DeliveryState, Job, ResultObject, utcnow
@@ -93,7 +95,10 @@ def backoff(attempts: int, first_s: float, max_s: float) -> timedelta:
 
 
 class Sender:
-    """Sends due deliveries, one association per destination per round, on a background thread."""
+    """Sends due deliveries, one association per destination per round, on a background thread.
+
+    Each object's outcome is committed as its response arrives, before the next object is sent,
+    so a crash resends at most the one object in flight (with the same UIDs)."""
 
     def __init__(
         self, db: Database, results_dir: Path, calling_ae: str, backoff_s: float, backoff_max_s: float,
@@ -110,10 +115,10 @@ class Sender:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
+        self.loop = Loop("sender", self._run)
 
     def start(self) -> None:
-        self._thread.start()
+        self.loop.start()
 
     def wake(self) -> None:
         """Look for due deliveries now (a job just finished)."""
@@ -122,7 +127,8 @@ class Sender:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=60)
+        self.loop.stop()
+        self.loop.join(timeout=60)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -145,37 +151,59 @@ class Sender:
                 batches[d.destination].append((d.id, self.results_dir / d.result.path, d.result.kind))
         delivered = 0
         for name, items in batches.items():
+            if self._stop.is_set():
+                break
             destination = self.destinations.get(name) or Destination.parse(name)  # one no longer configured
             labels = [series_label(destination, kind) for _, _, kind in items]
-            outcomes = send_files(destination, [path for _, path, _ in items], self.calling_ae, labels=labels,
-                                  tls=self.tls.get(name))
-            delivered += self._record(items, outcomes, name)
+            outcomes = send_files(
+                destination, [path for _, path, _ in items], self.calling_ae, labels=labels, tls=self.tls.get(name),
+                on_outcome=lambda index, outcome, items=items, name=name: self._record(items[index][0], outcome, name),
+            )
+            delivered += sum(outcome.delivered for outcome in outcomes)
         return delivered
 
-    def _record(self, items: list[tuple[int, Path, str]], outcomes: list, destination: str) -> int:
-        delivered = 0
-        finished_jobs: set[int] = set()
-        with self.db.session() as session:
-            now = utcnow()
-            for (delivery_id, _, _), outcome in zip(items, outcomes, strict=True):
-                row = session.get(Delivery, delivery_id)
-                row.attempts += 1
-                if outcome.delivered:
-                    row.state, row.sent_at, row.last_error = DeliveryState.SENT, now, None
-                    metrics.DELIVERY_ATTEMPTS.labels(result="success").inc()
-                    finished_jobs.add(row.result.job_id)
-                    delivered += 1
-                else:
-                    row.last_error = outcome.error
-                    row.next_attempt_at = now + backoff(row.attempts, self.backoff_s, self.backoff_max_s)
-                    metrics.DELIVERY_ATTEMPTS.labels(result="failure").inc()
-                    metrics.DELIVERY_FAILURES.inc()
-                    log.warning("delivery %d to %s failed (attempt %d): %s; next try at %s",
-                                row.id, destination, row.attempts, outcome.error, row.next_attempt_at.isoformat(timespec="seconds"))
-            session.flush()
-            for job_id in finished_jobs:
-                job = session.get(Job, job_id)
-                states = [d.state for r in job.results for d in r.deliveries]
-                if states and all(s == DeliveryState.SENT for s in states):
+    def _record(self, delivery_id: int, outcome: SendOutcome, destination: str) -> None:
+        """Commit one object's outcome, retried through a database hiccup: an outcome not recorded
+        means the object is sent again."""
+        for attempt in range(5):
+            try:
+                self._commit(delivery_id, outcome, destination)
+                return
+            except Exception as error:  # noqa: BLE001 - retried; the last failure ends the round
+                if attempt == 4:
+                    raise
+                log.error("recording the outcome of delivery %d failed (%s); retrying", delivery_id, error)
+                self._stop.wait(0.2 * (attempt + 1))
+
+    def _commit(self, delivery_id: int, outcome: SendOutcome, destination: str) -> None:
+        """One object's outcome. A success is one UPDATE, committed before anything else: until it
+        is, a crash sends the object again. Then, with its job's last delivery, the time to the PACS."""
+        now = utcnow()
+        if outcome.delivered:
+            with self.db.session() as session:
+                session.execute(
+                    update(Delivery).where(Delivery.id == delivery_id)
+                    .values(state=DeliveryState.SENT, sent_at=now, last_error=None, attempts=Delivery.attempts + 1)
+                )
+            metrics.DELIVERY_ATTEMPTS.labels(result="success").inc()
+            try:
+                with self.db.session() as session:
+                    job = session.scalar(select(Job).join(ResultObject).join(Delivery).where(Delivery.id == delivery_id))
+                    unsent = session.scalar(
+                        select(func.count()).select_from(Delivery).join(ResultObject)
+                        .where(ResultObject.job_id == job.id, Delivery.state != DeliveryState.SENT)
+                    )
+                if unsent == 0:
                     metrics.LAST_INSTANCE_TO_ACK.observe((now - job.last_instance_at).total_seconds())
-        return delivered
+            except Exception as error:  # noqa: BLE001 - the outcome is recorded; only a metric is missed
+                log.error("could not observe the time to the PACS of delivery %d: %s", delivery_id, error)
+            return
+        with self.db.session() as session:
+            row = session.get(Delivery, delivery_id)
+            row.attempts += 1
+            row.last_error = outcome.error
+            row.next_attempt_at = now + backoff(row.attempts, self.backoff_s, self.backoff_max_s)
+            metrics.DELIVERY_ATTEMPTS.labels(result="failure").inc()
+            metrics.DELIVERY_FAILURES.inc()
+            log.warning("delivery %d to %s failed (attempt %d): %s; next try at %s",
+                        row.id, destination, row.attempts, outcome.error, row.next_attempt_at.isoformat(timespec="seconds"))

@@ -11,7 +11,7 @@ import logging
 import socket
 import ssl
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -81,12 +81,30 @@ def relabelled(data: bytes, label: SeriesRelabel) -> memoryview:
 def send_files(
     destination: Destination, paths: list[Path], calling_ae: str, timeout_s: float = 30.0,
     labels: Sequence[SeriesRelabel | None] | None = None, tls: ssl.SSLContext | None = None,
+    on_outcome: Callable[[int, SendOutcome], None] | None = None,
 ) -> list[SendOutcome]:
     """C-STORE every file to ``destination`` over one association; one outcome per file.
-    ``labels``, one per file, relabel its series on the way (None: sent as written); ``tls``: over
-    DICOM TLS with this context."""
+    ``labels``, one per file, relabel its series on the way (None: sent as written); ``tls``: over DICOM
+    TLS with this context.
+    ``on_outcome(index, outcome)`` is called as each file's outcome is known, before the next
+    file is sent: a caller that records it then resends at most the file in flight after a crash."""
+    outcomes: list[SendOutcome] = []
+
+    def settle(outcome: SendOutcome) -> None:
+        outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(len(outcomes) - 1, outcome)
+
+    def settle_rest(error: str) -> list[SendOutcome]:
+        for path in paths[len(outcomes):]:
+            settle(SendOutcome(path, None, error))
+        return outcomes
+
     labels = labels or [None] * len(paths)
-    metas = [read_file_meta_info(p) for p in paths]
+    try:
+        metas = [read_file_meta_info(p) for p in paths]
+    except (OSError, ValueError, EOFError) as error:  # a result file we cannot read: nothing is sent
+        return settle_rest(f"result file unreadable: {error}")
     keys = sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas})
     contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in keys]
     try:
@@ -94,11 +112,10 @@ def send_files(
         if tls is not None:  # the handshake fails with an ssl.SSLError (an OSError) and closes the socket
             sock = tls.wrap_socket(sock, server_hostname=destination.host)
     except OSError as error:
-        return [SendOutcome(p, None, f"association not established: {error}") for p in paths]
-    no_delay(sock)
+        return settle_rest(f"association not established: {error}")
     connection = Connection(sock, timeout_s, RECEIVE_MAX_PDU)
-    outcomes: list[SendOutcome] = []
     try:
+        no_delay(sock)
         accepted, peer_max_pdu = connection.request(
             calling_ae, destination.ae_title, contexts, (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION)
         )
@@ -106,11 +123,15 @@ def send_files(
         for message_id, (path, meta, label) in enumerate(zip(paths, metas, labels, strict=True), start=1):
             key = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
             if key not in by_key:
-                outcomes.append(SendOutcome(path, None, f"no accepted presentation context for {key[0]} in {key[1]}"))
+                settle(SendOutcome(path, None, f"no accepted presentation context for {key[0]} in {key[1]}"))
                 continue
             command = encode_store_request(message_id, key[0], str(meta.MediaStorageSOPInstanceUID))
-            data = path.read_bytes()
-            dataset = dataset_bytes(data) if label is None else relabelled(data, label)
+            try:
+                data = path.read_bytes()
+                dataset = dataset_bytes(data) if label is None else relabelled(data, label)
+            except (OSError, ValueError) as error:  # this file only; the others go on
+                settle(SendOutcome(path, None, f"result file unreadable: {error}"))
+                continue
             connection.send_message(by_key[key], command, dataset, peer_max_pdu)
             response = connection.read_message(accepted)
             if response is None or response.command.command_field != C_STORE_RSP:
@@ -118,15 +139,15 @@ def send_files(
             if response.command.responded_to != message_id:
                 raise ProtocolError(f"response to message {response.command.responded_to}, expected {message_id}")
             status = response.command.status
-            outcomes.append(SendOutcome(path, status, None if status == 0 else f"status 0x{status:04X}" if status is not None else "no status"))
+            settle(SendOutcome(path, status, None if status == 0 else f"status 0x{status:04X}" if status is not None else "no status"))
         connection.release()
     except AssociationRejected as error:
-        return [SendOutcome(p, None, str(error)) for p in paths]
+        return settle_rest(str(error))
     except ProtocolError as error:
         connection.abort(error.reason)
-        outcomes += [SendOutcome(p, None, f"association aborted: {error}") for p in paths[len(outcomes):]]
+        settle_rest(f"association aborted: {error}")
     except (PeerGone, OSError) as error:  # TimeoutError is an OSError
-        outcomes += [SendOutcome(p, None, f"association lost: {error or type(error).__name__}") for p in paths[len(outcomes):]]
+        settle_rest(f"association lost: {error or type(error).__name__}")
     finally:
         sock.close()
     return outcomes

@@ -63,8 +63,8 @@ def decode_command(encoded: bytes | bytearray) -> Command:
         raw = values.get(element)
         return int.from_bytes(raw[:2], "little") if raw else default
 
-    def text(element: int) -> str:
-        return values.get(element, b"").decode("ascii", "replace").strip("\0 ")
+    def text(element: int) -> str:  # byte for byte (latin-1), so a response can echo it exactly
+        return values.get(element, b"").decode("latin-1").strip("\0 ")
 
     return Command(
         command_field=number(_COMMAND_FIELD),
@@ -111,5 +111,6 @@ def _command_set(elements: list[tuple[int, bytes]]) -> bytes:
 
 
 def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
+    """A UID as sent; a peer's malformed one is echoed as received (its invalid characters as '?')."""
+    raw = value.encode("latin-1", "replace")
     return raw + b"\0" * (len(raw) % 2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -47,7 +48,14 @@ RELEASE_RP = 0x06
 _RELEASE_RQ = bytes([RELEASE_RQ, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _RELEASE_RP = bytes([0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _SEND_CHUNK = 1 << 20  # dataset fragment size when the peer sets no maximum
-_MAX_ASSOCIATE_RQ = 1 << 20
+MAX_ASSOCIATION_PDU = 64 << 10
+"""Longest A-ASSOCIATE-RQ/AC body accepted: a request with 128 presentation contexts of a dozen
+transfer syntaxes each is about 40 KiB."""
+_MAX_BODY = {ASSOCIATE_RQ: MAX_ASSOCIATION_PDU, ASSOCIATE_AC: MAX_ASSOCIATION_PDU, ASSOCIATE_RJ: 4,
+             RELEASE_RQ: 4, RELEASE_RP: 4, ABORT: 4}  # PS3.8 9.3; P-DATA: the negotiated maximum
+_FIRST_BUFFER = 64 << 10  # a PDU body buffer starts this size and grows with the bytes that arrive
+_MAX_COMMAND = 64 << 10  # a command set is a few hundred bytes
+_DEADLINE_SLACK_S = 1.0  # how late a whole-PDU deadline may be noticed (saves a settimeout per read)
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -55,6 +63,7 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 REJECT_TOO_MANY = (0x02, 0x03, 0x02)
 # A-ABORT reasons from the service provider, PS3.8 9.3.8
+ABORT_UNRECOGNIZED_PDU = 0x01
 ABORT_UNEXPECTED_PDU = 0x02
 ABORT_INVALID_PARAMETER = 0x06
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -100,42 +109,99 @@ class AssociationRequest:
 
 
 class Connection:
-    """One association's socket, read and written in whole PDUs."""
+    """One association's socket, read and written in whole PDUs.
 
-    def __init__(self, sock: socket.socket, timeout_s: float, max_pdu: int) -> None:
+    Nothing a peer declares is allocated before its bytes arrive: each PDU type has a maximum
+    length, checked on its 6-byte header, and the body buffer grows with the bytes received. Each
+    whole PDU must arrive within ``timeout_s`` of the start of the wait for it (the association's
+    idle deadline: a peer trickling one byte at a time is cut, not only a silent one); the
+    A-ASSOCIATE-RQ within the deadline given to ``read_association_request`` (ARTIM, PS3.8 9.1.5).
+    """
+
+    def __init__(self, sock: socket.socket, timeout_s: float, max_pdu: int, max_dataset: int = 0) -> None:
         self.sock = sock
+        self.max_dataset = max_dataset  # longest dataset of one message, bytes; 0 = unlimited
+        self.timeout_s = timeout_s
+        self._socket_timeout = timeout_s
         self.sock.settimeout(timeout_s)
         self.max_pdu = max_pdu  # what we told the peer; 0 = unlimited
         self._header = bytearray(_PDU_HEADER.size)
-        self._body = bytearray(max(max_pdu, 65536))
+        self._header_view = memoryview(self._header)
+        self._body = bytearray(0)  # allocated by the first PDU that needs it
         self._pending = b""  # PDV items of the next message that shared a PDU with the last one
 
-    def _read_into(self, view: memoryview) -> None:
-        while view:
-            received = self.sock.recv_into(view)
+    def _read_into(self, view: memoryview, deadline: float) -> None:
+        """Fill ``view``. The usual single read costs no clock; a read that returns short is
+        followed by reads that check the deadline, so the whole PDU's deadline is kept to within
+        one read (a peer trickling bytes is cut at the first read after it)."""
+        received = self.sock.recv_into(view)
+        if received == len(view):
+            return
+        while True:
             if not received:
                 raise PeerGone("connection closed by the peer")
             view = view[received:]
+            if not view:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the peer did not complete a PDU in time")
+            if remaining < self._socket_timeout - _DEADLINE_SLACK_S:
+                self._socket_timeout = remaining
+                self.sock.settimeout(remaining)
+            received = self.sock.recv_into(view)
 
-    def read_pdu(self) -> tuple[int, memoryview]:
-        """The next PDU's type and body (valid until the next call)."""
-        self._read_into(memoryview(self._header))
+    def read_pdu(self, timeout_s: float | None = None) -> tuple[int, memoryview]:
+        """The next PDU's type and body (valid until the next call); the whole PDU must arrive
+        within ``timeout_s`` (default: the connection's timeout)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if self._socket_timeout != timeout_s:
+            self._socket_timeout = timeout_s
+            self.sock.settimeout(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        self._read_into(self._header_view, deadline)
         kind, length = _PDU_HEADER.unpack(self._header)
-        if self.max_pdu and kind == P_DATA and length > self.max_pdu:
-            raise ProtocolError(f"P-DATA PDU of {length} bytes exceeds the negotiated maximum", ABORT_INVALID_PARAMETER)
-        if kind == ASSOCIATE_RQ and length > _MAX_ASSOCIATE_RQ:
-            raise ProtocolError("oversized A-ASSOCIATE-RQ", ABORT_INVALID_PARAMETER)
-        if length > len(self._body):
-            self._body = bytearray(length)
-        body = memoryview(self._body)[:length]
-        self._read_into(body)
-        return kind, body
+        if kind == P_DATA:
+            if self.max_pdu and length > self.max_pdu:
+                raise ProtocolError(f"P-DATA PDU of {length} bytes exceeds the negotiated maximum", ABORT_INVALID_PARAMETER)
+        elif kind not in _MAX_BODY:
+            raise ProtocolError(f"unrecognised PDU type 0x{kind:02x}", ABORT_UNRECOGNIZED_PDU)
+        elif length > _MAX_BODY[kind]:
+            raise ProtocolError(f"PDU type 0x{kind:02x} of {length} bytes exceeds its maximum of {_MAX_BODY[kind]}",
+                                ABORT_INVALID_PARAMETER)
+        return kind, self._read_body(length, deadline)
 
-    def read_association_request(self) -> AssociationRequest:
-        """The A-ASSOCIATE-RQ that must open every association."""
-        kind, body = self.read_pdu()
+    def _read_body(self, length: int, deadline: float) -> memoryview:
+        """``length`` bytes into the body buffer, which grows (doubling) only as they arrive."""
+        if length > len(self._body):
+            filled = 0
+            while filled < length:
+                if filled == len(self._body):
+                    grown = bytearray(min(length, max(2 * len(self._body), _FIRST_BUFFER)))
+                    grown[:filled] = memoryview(self._body)[:filled]
+                    self._body = grown  # a view a caller still holds keeps the old buffer alive
+                end = min(length, len(self._body))
+                self._read_into(memoryview(self._body)[filled:end], deadline)
+                filled = end
+            return memoryview(self._body)[:length]
+        body = memoryview(self._body)[:length]
+        self._read_into(body, deadline)
+        return body
+
+    def read_association_request(self, timeout_s: float | None = None) -> AssociationRequest:
+        """The A-ASSOCIATE-RQ that must open every association, whole within ``timeout_s``
+        (ARTIM); any other PDU type is refused on its header, before its body is read."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        self.sock.settimeout(timeout_s)
+        self._socket_timeout = timeout_s
+        deadline = time.monotonic() + timeout_s
+        self._read_into(self._header_view, deadline)
+        kind, length = _PDU_HEADER.unpack(self._header)
         if kind != ASSOCIATE_RQ:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{kind:02x}")
+        if length > MAX_ASSOCIATION_PDU:
+            raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes exceeds {MAX_ASSOCIATION_PDU}", ABORT_INVALID_PARAMETER)
+        body = self._read_body(length, deadline)
         primitive = self._decode(A_ASSOCIATE_RQ(), body)
         return AssociationRequest(
             calling_ae=str(primitive.calling_ae_title).strip(),
@@ -163,7 +229,11 @@ class Connection:
             for item in rq.user_information
             if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
         }
-        results, role_replies = negotiate_as_acceptor(rq.presentation_context_definition_list, supported, roles)
+        try:
+            results, role_replies = negotiate_as_acceptor(rq.presentation_context_definition_list, supported, roles)
+        except Exception as error:  # pynetdicom's negotiation assumes well-formed proposals (e.g. a transfer syntax each)
+            raise ProtocolError(f"malformed presentation contexts: {type(error).__name__}: {error}",
+                                ABORT_INVALID_PARAMETER) from error
         primitive = A_ASSOCIATE()
         primitive.application_context_name = APPLICATION_CONTEXT
         primitive.calling_ae_title = rq.calling_ae_title
@@ -234,6 +304,8 @@ class Connection:
                     if message is not None:
                         raise ProtocolError("command fragment after the command was complete")
                     command += fragment
+                    if len(command) > _MAX_COMMAND:
+                        raise ProtocolError("command set longer than 64 KiB", ABORT_INVALID_PARAMETER)
                     if control & 0x02:
                         try:
                             message = Message(context_id, decode_command(command))
@@ -244,6 +316,8 @@ class Connection:
                     if message is None or message.context_id != context_id:
                         raise ProtocolError("dataset fragment before its command")
                     message.dataset += fragment
+                    if self.max_dataset and len(message.dataset) > self.max_dataset:
+                        raise ProtocolError(f"dataset longer than {self.max_dataset} bytes", ABORT_INVALID_PARAMETER)
                     complete = bool(control & 0x02)
                 if complete:
                     self._pending = bytes(body[position:])

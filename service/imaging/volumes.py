@@ -152,10 +152,10 @@ def b_value(ds: Dataset) -> float | None:
     it) the usual element number is used.
     """
     if "DiffusionBValue" in ds and ds.DiffusionBValue is not None and ds.DiffusionBValue != "":
-        return float(ds.DiffusionBValue)
+        return header_numbers(ds, "DiffusionBValue", 1, "a diffusion series")[0]
     for item in ds.get("MRDiffusionSequence") or []:
         if item.get("DiffusionBValue") not in (None, ""):
-            return float(item.DiffusionBValue)
+            return header_numbers(item, "DiffusionBValue", 1, "a diffusion series")[0]
     for group, creator, offset in _PRIVATE_B_VALUES:
         element = None
         try:
@@ -285,7 +285,7 @@ def temporal_position(ds: Dataset) -> float:
     AcquisitionNumber, else the acquisition (or content) time in seconds."""
     for keyword in ("TemporalPositionIdentifier", "AcquisitionNumber"):
         if ds.get(keyword) not in (None, ""):
-            return float(ds.get(keyword))
+            return header_numbers(ds, keyword, 1, "a dynamic series")[0]
     seconds = acquisition_seconds(ds)
     if seconds is None:
         raise InputError(f"{_name(ds)}: no TemporalPositionIdentifier, AcquisitionNumber or AcquisitionTime")
@@ -320,6 +320,34 @@ def _name(ds: Dataset) -> str:
     if isinstance(filename, str) and filename:
         return filename
     return f"instance {ds.get('SOPInstanceUID', '?')}"
+
+
+def header_numbers(ds: Dataset, keyword: str, count: int, where: str) -> list[float]:
+    """The ``count`` finite numbers of a header attribute, or InputError naming the instance (a
+    sender's value of the wrong VR or multiplicity must fail the study, not the analysis code)."""
+    value = ds.get(keyword)
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    try:
+        numbers = [float(v) for v in values]  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError) as error:
+        raise InputError(f"{where}: {keyword} of {_name(ds)} is not numeric: {str(value)[:40]!r}") from error
+    if len(numbers) != count or not all(np.isfinite(numbers)):
+        raise InputError(f"{where}: {keyword} of {_name(ds)} must be {count} finite number(s): {str(value)[:60]!r}")
+    return numbers
+
+
+def header_integer(ds: Dataset, keyword: str, where: str, default: int | None = None, low: int = 1, high: int = 65535) -> int:
+    """One integer attribute within ``low``..``high`` (``default`` when absent), or InputError."""
+    if ds.get(keyword) in (None, "") and default is not None:
+        return default
+    number = header_numbers(ds, keyword, 1, where)[0]
+    if number != int(number) or not low <= number <= high:
+        raise InputError(f"{where}: {keyword} of {_name(ds)} must be an integer from {low} to {high}: {number:g}")
+    return int(number)
+
+
+def _optional_number(ds: Dataset, keyword: str, where: str) -> float | None:
+    return None if ds.get(keyword) in (None, "") else header_numbers(ds, keyword, 1, where)[0]
 
 
 def _positions_along_normal(datasets: Sequence[Dataset]) -> np.ndarray | None:
@@ -366,7 +394,7 @@ def _stack(
     """Sort, check and decode one frame's instances: (geometry, [slice, row, column], headers)."""
     where = f"series {uid}" + (f" {frame}" if frame else "")
     for ds in datasets:
-        if int(ds.get("NumberOfFrames") or 1) > 1:
+        if header_integer(ds, "NumberOfFrames", where, default=1, high=2**31 - 1) > 1:
             raise InputError(f"{where}: multi-frame (enhanced) images are not supported: {_name(ds)}")
         if not any(k in ds for k in PIXEL_KEYWORDS):
             raise InputError(f"{where}: no pixel data in {_name(ds)}")
@@ -374,6 +402,12 @@ def _stack(
         lacking = sum(1 for ds in datasets if ds.get(keyword) in (None, ""))
         if lacking:
             raise InputError(f"{where}: no {keyword} in {lacking} of {len(datasets)} instances")
+    for ds in datasets:  # types and multiplicities, before anything is computed from them
+        header_integer(ds, "Rows", where)
+        header_integer(ds, "Columns", where)
+        header_numbers(ds, "PixelSpacing", 2, where)
+        header_numbers(ds, "ImageOrientationPatient", 6, where)
+        header_numbers(ds, "ImagePositionPatient", 3, where)
     for keyword in ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient"):
         values = _distinct_values(datasets, keyword)
         if len(values) > 1:
@@ -405,8 +439,8 @@ def _stack(
     drift = positions - positions[0] - np.outer(along - along[0], normal)
     moved = float(np.max(np.linalg.norm(drift, axis=1))) if len(datasets) > 1 else 0.0
     if moved > IN_PLANE_TOLERANCE_MM:
-        tilt = first.get("GantryDetectorTilt")
-        said = f", GantryDetectorTilt {float(tilt):g} deg" if tilt not in (None, "") else ""
+        tilt = _optional_number(first, "GantryDetectorTilt", where)
+        said = f", GantryDetectorTilt {tilt:g} deg" if tilt is not None else ""
         raise InputError(
             f"{where}: gantry tilt or sheared stack: slice positions move {moved:.2f} mm in-plane "
             f"over the stack{said}; resample to an orthogonal grid first"
@@ -422,13 +456,13 @@ def _stack(
                 f"{along[worst + 1]:.2f} mm along the normal?)"
             )
     else:
-        spacing = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 0.0)
+        spacing = _optional_number(first, "SpacingBetweenSlices", where) or _optional_number(first, "SliceThickness", where) or 0.0
         if spacing <= 0:
             raise InputError(f"{where}: a single slice without SliceThickness or SpacingBetweenSlices")
 
-    rows, columns = int(first.Rows), int(first.Columns)
-    pixel_spacing = [float(v) for v in first.PixelSpacing]
-    thickness = first.get("SliceThickness")
+    rows, columns = header_integer(first, "Rows", where), header_integer(first, "Columns", where)
+    pixel_spacing = header_numbers(first, "PixelSpacing", 2, where)
+    thickness = _optional_number(first, "SliceThickness", where)
     try:
         geometry = Geometry(
             shape=(len(ordered), rows, columns),
@@ -436,7 +470,7 @@ def _stack(
             origin=tuple(float(v) for v in positions[0]),
             row_direction=tuple(float(v) for v in row),
             column_direction=tuple(float(v) for v in col),
-            slice_thickness=float(thickness) if thickness not in (None, "") and float(thickness) > 0 else None,
+            slice_thickness=thickness if thickness is not None and thickness > 0 else None,
         )
     except ValueError as error:
         raise InputError(f"{where}: invalid geometry: {error}") from error
@@ -449,7 +483,7 @@ def _stack(
 
 def _decode(ds: Dataset, where: str, rows: int, columns: int) -> np.ndarray:
     """One instance's pixels as float32 (rows, columns) with the modality rescale applied."""
-    if int(ds.get("SamplesPerPixel") or 1) != 1:
+    if header_integer(ds, "SamplesPerPixel", where, default=1) != 1:
         raise InputError(f"{where}: {_name(ds)} is not a greyscale image (SamplesPerPixel {ds.SamplesPerPixel})")
     try:
         array = ds.pixel_array
@@ -459,8 +493,8 @@ def _decode(ds: Dataset, where: str, rows: int, columns: int) -> np.ndarray:
         raise InputError(f"{where}: cannot decode the pixel data of {_name(ds)} ({syntax_name}): {error}") from error
     if array.shape != (rows, columns):
         raise InputError(f"{where}: {_name(ds)} decodes to shape {array.shape}, expected {(rows, columns)}")
-    slope = float(ds.get("RescaleSlope") or 1.0)
-    intercept = float(ds.get("RescaleIntercept") or 0.0)
+    slope = _optional_number(ds, "RescaleSlope", where) or 1.0
+    intercept = _optional_number(ds, "RescaleIntercept", where) or 0.0
     out = array.astype(np.float32)
     if slope != 1.0 or intercept != 0.0:
         out = out * np.float32(slope) + np.float32(intercept)

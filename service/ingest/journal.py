@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,7 @@ _ZEROS = bytes(1 << 20)
 _SPARES = 2  # segments kept ready (and recycled ones kept) so a switch never waits on the disk
 _QUIET_S = 0.2  # heavy upkeep (zero-filling a new segment, syncfs) waits for a pause in appends this long,
 _MAX_DEFER_S = 5.0  # or at most this long: run during a study, it slows every append's fdatasync
+_TEXT_FIELDS = ("sop_class_uid", "sop_instance_uid", "transfer_syntax_uid", "calling_ae")
 
 
 @dataclass(frozen=True)
@@ -86,37 +87,68 @@ class Journal:
     def replay(self) -> Iterator[tuple[int, JournalEntry]]:
         """Every whole record left in the segments, oldest first (call before ``open``)."""
         for segment in self.segments():
-            with open(self._path(segment), "rb") as file:
-                data = file.read()
-            offset = 0
-            while offset + _RECORD.size <= len(data):
-                magic, number, header_length, payload_length, crc = _RECORD.unpack_from(data, offset)
-                start = offset + _RECORD.size
-                end = start + header_length + payload_length
-                if magic != _MAGIC or number != segment or end > len(data):
-                    break
-                if zlib.crc32(data[offset + 4 : offset + 24], zlib.crc32(data[start:end])) != crc:
-                    break
-                header = json.loads(data[start : start + header_length])
-                yield segment, JournalEntry(dataset=data[start + header_length : end], **header)
-                offset = end
+            for _, entry in self.replay_segment(segment):
+                yield segment, entry
 
-    def open(self) -> None:
-        """Start a new segment; the old ones are recycled, so call it once everything replayed is filed."""
+    def replay_segment(self, segment: int, offset: int = 0) -> Iterator[tuple[int, JournalEntry]]:
+        """The whole records of one segment from ``offset`` on, each with the offset after it. A
+        record that does not parse ends the segment like a torn tail: its CRC could not match."""
+        with open(self._path(segment), "rb") as file:
+            data = file.read()
+        while offset + _RECORD.size <= len(data):
+            magic, number, header_length, payload_length, crc = _RECORD.unpack_from(data, offset)
+            start = offset + _RECORD.size
+            end = start + header_length + payload_length
+            if magic != _MAGIC or number != segment or end > len(data):
+                return
+            if zlib.crc32(data[offset + 4 : offset + 24], zlib.crc32(data[start:end])) != crc:
+                return
+            try:
+                header = json.loads(data[start : start + header_length])
+                entry = JournalEntry(dataset=data[start + header_length : end], **header)
+                if not all(isinstance(getattr(entry, name), str) for name in _TEXT_FIELDS):
+                    raise TypeError("a journal header field is not text")
+            except (ValueError, TypeError) as error:  # a CRC-valid record we did not write
+                log.error("journal segment %d: unreadable record at offset %d (%s); the rest is skipped",
+                          segment, offset, error)
+                return
+            offset = end
+            yield offset, entry
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    def open(self, keep: Collection[int] = ()) -> None:
+        """Start a new segment. The old ones are recycled, so call it once everything replayed is
+        filed, except the segments in ``keep``: they stay until ``release``. OSError (the
+        journal stays closed) when no segment can be prepared, e.g. on a full disk."""
         old = self.segments()
-        if old:
+        if any(segment not in keep for segment in old):
             _sync_filesystem(self.folder)
         for segment in old:
-            self._retire_file(segment)
-        self._segment = (old[-1] + 1) if old else 1
-        self._fd = os.open(self._prepare(self._segment), os.O_RDWR)
-        self._offset = 0
-        self._outstanding[self._segment] = 0
-        for n in range(1, _SPARES + 1):  # ready before the first association, so none waits on the disk
-            self._spares.append(_done(self._prepare(self._segment + n)))
-        if not self.sync_each:
+            if segment not in keep:
+                self._retire_file(segment)
+        for partial in self.folder.glob("*.new"):
+            partial.unlink(missing_ok=True)
+        segment = (old[-1] + 1) if old else 1
+        fd = os.open(self._prepare(segment), os.O_RDWR)
+        with self._lock:
+            self._segment, self._fd, self._offset = segment, fd, 0
+            self._outstanding[segment] = 0
+            self._spares = []
+            for n in range(1, _SPARES + 1):  # ready before the first association, so none waits on the disk
+                try:
+                    self._spares.append(_done(self._prepare(segment + n)))
+                except OSError as error:  # the switch tries again
+                    self._spares.append(_failed(error))
+        if not self.sync_each and self._flusher is None:
             self._flusher = threading.Thread(target=self._flush_loop, name="journal-flush", daemon=True)
             self._flusher.start()
+
+    def release(self, segment: int) -> None:
+        """A segment kept at ``open`` is filed completely: recycle it."""
+        self._maintenance.submit(self._retire, segment)
 
     def append(self, entry: JournalEntry) -> int:
         """Write ``entry`` durably; returns its segment, to be passed to ``filed`` once it is spooled."""
@@ -157,7 +189,10 @@ class Journal:
         """Stop appending; what is left unfiled stays for the next start's replay."""
         with self._lock:
             if self._fd is not None:
-                os.fdatasync(self._fd)
+                try:
+                    os.fdatasync(self._fd)
+                except OSError as error:  # what it held is replayed from the file at the next start
+                    log.error("could not sync the receive journal on close: %s", error)
                 os.close(self._fd)
                 self._fd = None
         self._unsynced.set()
@@ -177,16 +212,26 @@ class Journal:
                 fd = os.dup(self._fd)
             try:
                 os.fdatasync(fd)  # outside the lock: appends go on meanwhile
+            except OSError as error:  # written pages stay the kernel's: a crash of the service loses nothing
+                log.error("background sync of the receive journal failed: %s", error)
             finally:
                 os.close(fd)
 
     def _switch(self) -> None:
+        """Continue in the next segment. If the spare for it could not be prepared (a full disk),
+        it is prepared again and OSError raised: the current segment stays, the append fails."""
+        try:
+            path = self._spares[0].result()
+        except OSError:
+            self._spares[0] = self._maintenance.submit(self._prepare, self._segment + 1)
+            raise
+        fd = os.open(path, os.O_RDWR)
+        self._spares.pop(0)
         finished = self._segment
         os.fdatasync(self._fd)
         os.close(self._fd)
-        self._fd = None
+        self._fd = fd
         self._segment += 1
-        self._fd = os.open(self._spares.pop(0).result(), os.O_RDWR)
         self._offset = 0
         self._outstanding[self._segment] = 0
         if self._outstanding[finished] == 0:
@@ -209,6 +254,9 @@ class Journal:
                 for _ in range(0, self.segment_bytes, len(_ZEROS)):
                     os.write(fd, _ZEROS)
                 os.fsync(fd)
+            except OSError:
+                temporary.unlink(missing_ok=True)  # a full disk must not keep a half-written segment
+                raise
             finally:
                 os.close(fd)
             os.replace(temporary, path)
@@ -233,15 +281,24 @@ class Journal:
             time.sleep(min(_QUIET_S - idle, deadline - now))
 
     def _retire_file(self, segment: int) -> None:
-        if len(list(self.folder.glob("*.free"))) < _SPARES:
-            os.replace(self._path(segment), self.folder / f"{segment:016d}.free")
-        else:
-            self._path(segment).unlink()
+        try:
+            if len(list(self.folder.glob("*.free"))) < _SPARES:
+                os.replace(self._path(segment), self.folder / f"{segment:016d}.free")
+            else:
+                self._path(segment).unlink()
+        except FileNotFoundError:  # retired already (a released segment, then a reopen)
+            pass
 
 
 def _done(path: Path) -> Future[Path]:
     future: Future[Path] = Future()
     future.set_result(path)
+    return future
+
+
+def _failed(error: OSError) -> Future[Path]:
+    future: Future[Path] = Future()
+    future.set_exception(error)
     return future
 
 

@@ -4,11 +4,13 @@ Layout: ``<root>/<study UID>/<series UID>/<SOP instance UID>.dcm``. A file is wr
 name and renamed into place, so a reader never sees half a file; it is fsync'd (with its folder)
 when ``durable``, and otherwise made durable later by the receive journal's sync, the journal
 holding its copy until then. UIDs come from the network, so they are checked before they become
-path components. Instances whose header cannot be filed wait in ``<root>/quarantine``.
+path components. Instances whose header cannot be filed or recorded wait in ``<root>/quarantine``,
+each with a ``.reason`` file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -63,11 +65,25 @@ class Spool:
         size = self._write(final, chunks, durable)
         return SpoolEntry(relative, size, existed=existed)
 
-    def quarantine(self, sop_uid: str, chunks: list[bytes]) -> Path:
-        """Keep an instance that cannot be filed, for the operator to inspect; its path."""
-        path = self.root / "quarantine" / (check_uid(sop_uid, "SOPInstanceUID") + ".dcm")
+    def quarantine(self, sop_uid: str, chunks: list[bytes], reason: str) -> Path:
+        """Keep an instance that cannot be filed, with a ``.reason`` file beside it, for the
+        operator to inspect; its path."""
+        try:
+            name = check_uid(sop_uid, "SOPInstanceUID")
+        except InputError:  # named after what it claims to be only where that is a safe file name
+            name = "invalid-" + hashlib.sha256(sop_uid.encode("utf-8", "replace")).hexdigest()[:32]
+        path = self.root / "quarantine" / (name + ".dcm")
         self._write(path, chunks, durable=False)
+        path.with_suffix(".reason").write_text(reason + "\n", encoding="utf-8")
         return path
+
+    def quarantine_file(self, relative: Path, reason: str) -> Path:
+        """Move a spooled file that cannot be recorded into the quarantine folder; its new path."""
+        target = self.root / "quarantine" / relative.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.root / relative, target)
+        target.with_suffix(".reason").write_text(reason + "\n", encoding="utf-8")
+        return target
 
     def _write(self, final: Path, chunks: list[bytes], durable: bool) -> int:
         folder = final.parent
@@ -109,7 +125,7 @@ class Spool:
     def clean_partial(self) -> int:
         """Remove temporary files left by a crash mid-write; they were never acknowledged."""
         count = 0
-        for part in self.root.glob("*/*/.*.part"):
+        for part in [*self.root.glob("*/*/.*.part"), *self.root.glob("quarantine/.*.part")]:
             part.unlink(missing_ok=True)
             count += 1
         return count

@@ -2,7 +2,10 @@
 
 The receive path only queues a record (it must answer fast); one recorder thread writes the
 queue to the database in batches. A crash can lose queued records but never their files, so on
-start ``reconcile`` records every spooled file the database does not know. A series is complete
+start ``reconcile`` records every spooled file the database does not know. A batch the database
+refuses is written again one record at a time: while the database is down every record waits
+(retried, never dropped), and a record the database refuses on its own is quarantined with the
+reason, so that one instance never costs the others of its batch. A series is complete
 when its expected count is reached (NumberOfSeriesRelatedInstances, where a sender gives it) or
 when nothing arrived for ``series_idle_s``; a study whose series are complete becomes a job for
 its next result version. Instances that arrive after a version was queued start the next one.
@@ -13,16 +16,22 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from pathlib import Path
+
 from sqlalchemy import func, insert, select
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, selectinload
 
-from service.ingest.scp import ReceivedInstance, parse_header, received_instance
+from service.errors import InputError
+from service.ingest.header import ReceivedInstance, parse_header, received_instance
 from service.ingest.spool import Spool
 from service.ops import metrics
+from service.ops.loops import Loop
 from service.store.database import Database
 from service.store.models import AuditEvent, Instance, Job, JobState, ResultObject, Series, Study, StudyState, utcnow
 
@@ -31,6 +40,7 @@ log = logging.getLogger(__name__)
 
 def record_instances(session: Session, items: list[ReceivedInstance], now: datetime) -> int:
     """Insert the instances not yet known; update their series and studies. Returns new rows.
+    InputError (nothing written) when an instance names a series of another study.
 
     Our own result objects coming back (a PACS that forwards whole studies) are not new data:
     recording them would start a new result version, and so on forever.
@@ -64,6 +74,8 @@ def record_instances(session: Session, items: list[ReceivedInstance], now: datet
                 description=item.series_description, instance_count=0,
             )
             session.add(one)
+        elif one.study is not study:
+            raise InputError(f"its SeriesInstanceUID is already a series of another study (study {one.study.id})")
         one.instance_count += 1
         received = item.received_at or now
         study.last_received_at = max(study.last_received_at or received, received)
@@ -81,20 +93,68 @@ def record_instances(session: Session, items: list[ReceivedInstance], now: datet
     return len(fresh)
 
 
+def database_down(error: Exception) -> bool:
+    """Whether ``error`` says the database cannot be reached or written now (retry everything),
+    rather than that it refuses one record (quarantine that one)."""
+    if isinstance(error, OperationalError | InterfaceError | DisconnectionError):
+        return True
+    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+
+
+class RecordingStopped(Exception):
+    """The service stops while the database is down: the records wait in the spool for reconcile."""
+
+
+def record_or_quarantine(
+    db: Database, items: list[ReceivedInstance], quarantine: Callable[[ReceivedInstance, str], None],
+    wait: Callable[[float], bool],
+) -> None:
+    """Record ``items``; each one the database refuses on its own is quarantined, and while the
+    database is down this retries with backoff, ``wait(seconds)`` returning True to give up
+    (RecordingStopped)."""
+    delay = 0.5
+
+    def attempt(batch: list[ReceivedInstance]) -> Exception | None:
+        nonlocal delay
+        while True:
+            try:
+                with db.session() as session:
+                    record_instances(session, batch, utcnow())
+                return None
+            except Exception as error:  # noqa: BLE001 - sorted into "retry" and "this record"
+                if not database_down(error):
+                    return error
+                log.error("recording %d instances failed, the database is unavailable (%s); retrying in %.0f s",
+                          len(batch), error, delay)
+                if wait(delay):
+                    raise RecordingStopped from error
+                delay = min(2 * delay, 30.0)
+
+    if attempt(items) is None:
+        return
+    for item in items:
+        error = attempt([item])
+        if isinstance(error, InputError):
+            quarantine(item, f"not recorded: {error}"[:500])
+        elif error is not None:
+            quarantine(item, f"the database refused its record: {type(error).__name__}: {error}"[:500])
+
+
 class Recorder:
     """Writes received-instance records to the database from one background thread."""
 
-    def __init__(self, db: Database, batch: int = 500) -> None:
+    def __init__(self, db: Database, spool: Spool | None = None, batch: int = 500) -> None:
         self.db = db
+        self.spool = spool
         self.batch = batch
         self._queue: queue.Queue[ReceivedInstance] = queue.Queue()
         self._pending: deque[datetime] = deque()  # received times of queued records, oldest first
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+        self.loop = Loop("recorder", self._run)
 
     def start(self) -> None:
-        self._thread.start()
+        self.loop.start()
 
     def record(self, item: ReceivedInstance) -> None:
         with self._pending_lock:
@@ -112,7 +172,8 @@ class Recorder:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        self.loop.stop()
+        self.loop.join(timeout=30)
 
     def _run(self) -> None:
         while not (self._stop.is_set() and self._queue.empty()):
@@ -126,7 +187,10 @@ class Recorder:
                 except queue.Empty:
                     break
             try:
-                self._write(items)
+                record_or_quarantine(self.db, items, self._quarantine, self._stop.wait)
+            except RecordingStopped:
+                log.error("stopping with %d instances not recorded; they are recorded from the spool at the next start",
+                          len(items))
             finally:
                 with self._pending_lock:
                     for _ in items:
@@ -134,20 +198,27 @@ class Recorder:
                 for _ in items:
                     self._queue.task_done()
 
-    def _write(self, items: list[ReceivedInstance]) -> None:
-        for attempt in range(5):
-            try:
-                with self.db.session() as session:
-                    record_instances(session, items, utcnow())
-                return
-            except Exception as error:  # noqa: BLE001 - the files are safe; reconcile at start recovers
-                log.error("recording %d instances failed (attempt %d): %s", len(items), attempt + 1, error)
-                self._stop.wait(0.5 * (attempt + 1))
-        log.error("gave up recording %d instances; they are recovered from the spool at next start", len(items))
+    def _quarantine(self, item: ReceivedInstance, reason: str) -> None:
+        quarantine_spooled(self.spool, Path(item.path), reason)
+
+
+def quarantine_spooled(spool: Spool | None, relative: Path, reason: str) -> None:
+    """Move a spooled file that cannot be recorded to the quarantine folder, with its reason."""
+    metrics.INSTANCES_QUARANTINED.labels(reason="unrecordable").inc()
+    if spool is None:
+        log.warning("could not record an instance: %s", reason)
+        return
+    try:
+        path = spool.quarantine_file(relative, reason)
+    except OSError as error:
+        log.error("could not record an instance (%s) nor move it to the quarantine: %s", reason, error)
+        return
+    log.warning("quarantined an instance as %s: %s", path.name, reason)
 
 
 def reconcile(spool: Spool, db: Database) -> int:
-    """Record every spooled file the database does not know (after a crash). Returns the count."""
+    """Record every spooled file the database does not know (after a crash). Returns the count.
+    A file that cannot be read or recorded is quarantined with the reason; none stops the start."""
     removed = spool.clean_partial()
     if removed:
         log.info("removed %d partial files left by a crash (never acknowledged)", removed)
@@ -157,12 +228,27 @@ def reconcile(spool: Spool, db: Database) -> int:
     missing = sorted(on_disk - known)
     items = []
     for relative in missing:
-        data = (spool.root / relative).read_bytes()
-        header = parse_header(data)
-        items.append(received_instance(header, relative, len(data), header.file_meta.get("SourceApplicationEntityTitle")))
+        try:
+            data = (spool.root / relative).read_bytes()
+            header = parse_header(data)
+            source_ae = header.file_meta.get("SourceApplicationEntityTitle")
+            items.append(received_instance(header, relative, len(data), str(source_ae) if source_ae else None))
+        except OSError as error:
+            log.error("could not read spooled file %s at start: %s", relative, error)
+        except InputError as error:
+            quarantine_spooled(spool, Path(relative), str(error))
+        except Exception as error:  # noqa: BLE001 - pydicom raises many types for a corrupt file
+            quarantine_spooled(spool, Path(relative), f"{type(error).__name__}: {error}")
+
+    def quarantine(item: ReceivedInstance, reason: str) -> None:
+        quarantine_spooled(spool, Path(item.path), reason)
+
+    def never_give_up(seconds: float) -> bool:
+        time.sleep(seconds)
+        return False
+
     for start in range(0, len(items), 500):
-        with db.session() as session:
-            record_instances(session, items[start : start + 500], utcnow())
+        record_or_quarantine(db, items[start : start + 500], quarantine, never_give_up)
     if items:
         log.info("recorded %d spooled instances the database did not know", len(items))
     metrics.SPOOL_BYTES.set(spool.total_bytes())
@@ -185,15 +271,16 @@ class Tracker:
         self.retention = timedelta(hours=retention_hours)
         self.interval_s = interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tracker", daemon=True)
+        self.loop = Loop("tracker", self._run)
         self._last_purge = datetime.min
 
     def start(self) -> None:
-        self._thread.start()
+        self.loop.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        self.loop.stop()
+        self.loop.join(timeout=30)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

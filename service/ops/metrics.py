@@ -25,8 +25,22 @@ INSTANCES_RECEIVED = Counter(
 INSTANCES_REJECTED = Counter(
     "strokegate_instances_rejected_total", "C-STORE requests answered with a failure status", ["reason"]
 )
+INSTANCES_QUARANTINED = Counter(
+    "strokegate_instances_quarantined_total",
+    "Acknowledged instances kept in the spool's quarantine folder instead of being filed (see the log for why)",
+    ["reason"],
+)
+FILING_FAILURES = Counter(
+    "strokegate_filing_failures_total", "Attempts to file a journalled instance that failed to write (retried)"
+)
 BYTES_RECEIVED = Counter("strokegate_received_bytes_total", "Bytes of DICOM instances stored in the spool")
 ASSOCIATIONS = Counter("strokegate_associations_total", "Association requests", ["result"])
+CONNECTIONS_REFUSED = Counter(
+    "strokegate_connections_refused_total", "TCP connections closed before association, by limit", ["reason"]
+)
+ASSOCIATIONS_ABORTED = Counter(
+    "strokegate_associations_aborted_total", "Associations we aborted, by cause", ["reason"]
+)
 ASSOCIATIONS_ACTIVE = Gauge("strokegate_associations_active", "Associations open now")
 SERIES_COMPLETED = Counter("strokegate_series_completed_total", "Series found complete")
 STUDIES_COMPLETED = Counter("strokegate_studies_completed_total", "Study versions queued for analysis")
@@ -129,3 +143,7 @@ def modality_label(modality: str | None) -> str:
     if not modality:
         return "unknown"
     return modality if modality in MODALITY_LABELS else "other"
+LOOP_RESTARTS = Counter("strokegate_loop_restarts_total", "Background loops restarted after a crash", ["loop"])
+RECEIVER_READY = Gauge(
+    "strokegate_receiver_accepting", "1 while the receiver can make instances durable (journal open, spool writable, space)"
+)

@@ -46,10 +46,12 @@ class StoreSCP:
     """dcmtk storescp standing in for the PACS; one file per received instance."""
 
     def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS", extra_args: tuple[str, ...] = ()) -> None:
+        """``extra_args``: e.g. ``("+uf",)`` for a new file per received object, so that a duplicate
+        shows as a second file; ``("--sleep-after", "1")`` for a slow PACS."""
         self.folder = folder
-        self.extra_args = extra_args  # e.g. dcmtk's TLS options
         self.port = port or free_port()
         self.ae_title = ae_title
+        self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
         self.log = folder.parent / f"storescp-{self.port}.log"
 
@@ -113,7 +115,9 @@ class Service:
         self.log = root / "service.log"
         self.starts = 0
 
-    def start(self) -> Service:
+    def start(self, ready: bool = True) -> Service:
+        """Start and wait until ``/readyz`` says ready (``ready=False``: until it answers at all,
+        for a service that is meant to start not ready, e.g. on a full disk)."""
         self.root.mkdir(parents=True, exist_ok=True)
         command = [
             str(STROKEGATE), "serve", "--host", "127.0.0.1", "--port", str(self.port), "--ae-title", "STROKEGATE",
@@ -126,7 +130,11 @@ class Service:
             log.write(f"--- start {self.starts}\n".encode())
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         self.starts += 1
-        wait_for(self._ready, 60, f"the service to be ready (log: {self.log})")
+        try:
+            wait_for(lambda: self._ready(ready), 60, f"the service to be {'ready' if ready else 'up'} (log: {self.log})")
+        except BaseException:
+            self.stop()  # a test that fails here has no handle on the process to stop
+            raise
         if self.token is None:
             self.token = self.create_token("harness", tokens.Role.OPERATOR)
         return self
@@ -153,17 +161,23 @@ class Service:
         except urllib.error.HTTPError as error:
             return error.code, error.read()
 
-    def _ready(self) -> bool:
+    def _ready(self, ready: bool = True) -> bool:
         if self.process is not None and self.process.poll() is not None:
             raise AssertionError(f"service exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
         try:
-            return self.get("/readyz")["status"] == "ready"
+            status = self.get("/readyz", status=503)["status"]
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
+        return status == "ready" or not ready
 
-    def get(self, path: str, missing: Any = ...) -> Any:
+    def ready(self) -> bool:
+        """Whether ``/readyz`` says ready now."""
+        return self.get("/readyz", status=503)["status"] == "ready"
+
+    def get(self, path: str, missing: Any = ..., status: int | None = None) -> Any:
         """GET from the HTTP API; ``missing`` is returned for a 404 where given (e.g. a study not yet
-        recorded: instances are filed and recorded just after the sender's transfer)."""
+        recorded: instances are filed and recorded just after the sender's transfer); an answer with
+        the error ``status`` is returned like a success (e.g. 503 from ``/readyz``)."""
         request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"} if self.token else {})
         try:
             with urllib.request.urlopen(request, timeout=10, context=self.tls) as response:
@@ -171,7 +185,9 @@ class Service:
         except urllib.error.HTTPError as error:
             if error.code == 404 and missing is not ...:
                 return missing
-            raise
+            if error.code != status:
+                raise
+            body = error.read()
         return json.loads(body) if path != "/metrics" else body.decode()
 
     def metric(self, name: str, **labels: str) -> float:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import UltrasoundImageStorage
+from pydicom.dataelem import DataElement
+from pydicom.uid import CTImageStorage, UltrasoundImageStorage
 from pynetdicom import AE
 
 from dicom_tools import requires_storescu, storescu
@@ -44,6 +45,8 @@ def variant(dwi: Path, folder: Path, name: str, change=None, keep=None) -> str: 
 
 
 def test_bad_studies_fail_with_reasons_and_good_ones_still_succeed(tmp_path: Path, dwi: Path) -> None:
+    """Each fails with its reason at the first attempt (no "internal error after 3 attempts"),
+    among them the cases of issue 11: Rows with VR UI, a single slice, an MR image sent as CT."""
     pacs = StoreSCP(tmp_path / "pacs").start()
     service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [f"{pacs.address}?send=seg+sr"]).start()
     try:
@@ -58,7 +61,20 @@ def test_bad_studies_fail_with_reasons_and_good_ones_still_succeed(tmp_path: Pat
             if index == 3:
                 ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
 
+        def rows_as_uid(ds, index):  # noqa: ANN001, ANN202 - crashed the analysis three times before
+            ds[0x00280010] = DataElement(0x00280010, "UI", "1.2.840")
+
+        def mr_as_ct(ds, index):  # noqa: ANN001, ANN202 - an MR image sent as CT Image Storage
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+
+        middle = sorted(float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in dwi.glob("*.dcm"))
+        middle = middle[len(middle) // 2]
+
         studies = {
+            "rows_ui": (variant(dwi, tmp_path / "rows_ui", "rows_ui", rows_as_uid), "rows of"),
+            "one_slice": (variant(dwi, tmp_path / "one_slice", "one_slice",
+                                  keep=lambda ds: abs(float(ds.ImagePositionPatient[2]) - middle) < 0.01), "1 slice"),
+            "mr_as_ct": (variant(dwi, tmp_path / "mr_as_ct", "mr_as_ct", mr_as_ct), "modality mr does not match"),
             "no_pixels": (variant(dwi, tmp_path / "no_pixels", "no_pixels", no_pixels), "no pixel data"),
             "geometry": (variant(dwi, tmp_path / "geometry", "geometry", inconsistent), "inconsistent"),
             "one_b": (variant(dwi, tmp_path / "one_b", "one_b", keep=lambda ds: float(ds.DiffusionBValue) > 0), "b-value"),
@@ -77,7 +93,8 @@ def test_bad_studies_fail_with_reasons_and_good_ones_still_succeed(tmp_path: Pat
         for name, (study, reason) in studies.items():
             error = service.get(f"/api/studies/{study}")["error"]
             assert reason in error.lower(), f"{name}: {error}"
-        assert service.metric("strokegate_jobs_failed_total", error="input") == 4
+        assert service.metric("strokegate_jobs_failed_total", error="input") == 7
+        assert service.metric("strokegate_jobs_failed_total", error="internal") == 0
         wait_for(lambda: len(pacs.files()) == 2, 60, "the good study's SEG and SR")
     finally:
         service.stop()
@@ -113,8 +130,11 @@ def test_unfileable_instances_are_refused_or_quarantined_and_the_association_goe
         bad_uid = pydicom.dcmread(sorted(dwi.glob("*.dcm"))[1])
         bad_uid.SOPInstanceUID = "1.2.3.x"
         assert store_statuses(service.port, good, [garbage, bad_uid, good]) == [0x0000, 0xC210, 0x0000]
-        assert service.metric("strokegate_instances_rejected_total", reason="invalid") == 2
+        assert service.metric("strokegate_instances_rejected_total", reason="invalid") == 1
+        wait_for(lambda: service.metric("strokegate_instances_quarantined_total", reason="invalid") == 1, 10,
+                 "the unfileable instance quarantined")
         assert (tmp_path / "gate" / "spool" / "quarantine" / "1.2.3.4.dcm").exists()
+        assert "StudyInstanceUID" in (tmp_path / "gate" / "spool" / "quarantine" / "1.2.3.4.reason").read_text()
         assert not list((tmp_path / "gate" / "spool").glob("not*"))
         assert service.get("/healthz")["status"] == "ok"
     finally:
@@ -158,8 +178,9 @@ def test_unknown_calling_ae_is_rejected_with_a_logged_reason(tmp_path: Path, dwi
 
 def test_disk_below_the_watermark_refuses_instances_with_out_of_resources(tmp_path: Path, dwi: Path) -> None:
     service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [],
-                      env={"STROKEGATE_MIN_FREE_BYTES": str(10**18)}).start()
+                      env={"STROKEGATE_MIN_FREE_BYTES": str(10**18)}).start(ready=False)
     try:
+        assert service.get("/readyz", missing=None, status=503)["status"] == "not ready"
         ds = pydicom.dcmread(sorted(dwi.glob("*.dcm"))[0])
         assert store_statuses(service.port, ds, [ds]) == [0xA700]
         assert service.metric("strokegate_instances_rejected_total", reason="disk_full") == 1

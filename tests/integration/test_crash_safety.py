@@ -139,3 +139,34 @@ def test_kill_with_results_in_the_outbox_delivers_them_after_restart_once(tmp_pa
     finally:
         service.stop()
         pacs.stop()
+
+
+def test_kill_during_delivery_resends_at_most_the_object_in_flight(tmp_path: Path) -> None:
+    """Finding 6: outcomes were committed per association, so a kill with 21 of 108 results
+    delivered left 129 files for 108 objects. Each outcome is now committed as its response
+    arrives: after a kill mid-delivery every object is at the PACS, and at most the one in flight
+    twice (the same object: same SOP Instance UID); before, all those delivered before the kill came
+    again. The PACS is slow (1 s per object) and writes a new file for every object it receives
+    (+uf), so a duplicate cannot hide."""
+    out = tmp_path / "phantom"
+    write_patient(2, "mri", out, PhantomOptions(mr_matrix=64, mr_slices=8, mr_frames=3))
+    pacs = StoreSCP(tmp_path / "pacs", extra_args=("+uf", "--sleep-after", "1")).start()
+    service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}",
+                      [f"{pacs.address}?send=seg+sr+summary+values"]).start()
+    try:
+        storescu(out / "SGPH00000002" / "dicom" / "MR" / "dwi", service.port, "STROKEGATE")
+        sent = lambda: sum(d["state"] == "sent" for d in service.get("/api/deliveries"))  # noqa: E731
+        wait_for(lambda: sent() >= 2, 120, "two results delivered", interval=0.05)
+        service.kill()
+        before = len(pacs.files())
+        objects = len(service.start().get("/api/deliveries"))
+        assert 2 <= before < objects, "the kill must interrupt the delivery"
+        wait_for(lambda: sent() == objects, 120, "every result delivered after the restart")
+        time.sleep(1.5)
+        uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in pacs.files()]
+        expected = {d["sop_instance_uid"] for d in service.get("/api/deliveries")}
+        assert set(uids) == expected  # every object, none missing
+        assert len(uids) - len(set(uids)) <= 1, f"{len(uids)} files for {len(set(uids))} objects"
+    finally:
+        service.stop()
+        pacs.stop()

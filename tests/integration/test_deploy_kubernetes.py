@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deploy_checks import DEPLOY, by_kind, crd_schemas, kustomize, run
+from deploy_checks import DEPLOY, by_kind, crd_schemas, kustomize
 from deploy_checks import validate_object as validate
 
 pytestmark = pytest.mark.integration

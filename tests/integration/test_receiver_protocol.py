@@ -97,7 +97,7 @@ def test_association_limit_rejects_the_extra_requestor_and_frees_its_slot(tmp_pa
 
 
 def test_unknown_peers_and_broken_peers_are_cut_off_and_others_go_on(tmp_path: Path) -> None:
-    receiver, _ = start_receiver(tmp_path, allowed_calling_aets=("PACS",), network_timeout_s=1.0)
+    receiver, _ = start_receiver(tmp_path, allowed_calling_aets=("PACS",), association_request_timeout_s=1.0)
     try:
         ae = AE(ae_title="INTRUDER")
         ae.add_requested_context(Verification)
@@ -108,7 +108,7 @@ def test_unknown_peers_and_broken_peers_are_cut_off_and_others_go_on(tmp_path: P
             assert garbage.recv(10)[:1] == b"\x07"  # A-ABORT
 
         with socket.create_connection(("127.0.0.1", receiver.port), timeout=5) as silent:
-            assert silent.recv(10)[:1] == b"\x07"  # A-ABORT once the 1 s network timeout passes, not never
+            assert silent.recv(10)[:1] == b"\x07"  # A-ABORT once the 1 s ARTIM passes, not never
 
         pacs = AE(ae_title="PACS")
         pacs.add_requested_context(Verification)

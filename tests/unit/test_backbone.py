@@ -15,7 +15,7 @@ from service.config import RESULT_CATEGORIES, Destination, load_settings
 from service.delivery.outbox import ResultFile, backoff, enqueue, series_label
 from service.delivery.scu import SeriesRelabel
 from service.errors import InputError
-from service.ingest.scp import ReceivedInstance
+from service.ingest.header import ReceivedInstance
 from service.ingest.spool import Spool
 from service.ingest.tracker import Tracker, record_instances
 from service.ops.http import create_app
