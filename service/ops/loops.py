@@ -36,6 +36,7 @@ class Loop:
         self._down = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        metrics.LOOP_HEALTH.watch(name, self._down.is_set)
 
     def start(self) -> None:
         self._thread.start()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
@@ -103,7 +103,14 @@ class LoopHealth(Collector):
     def __init__(self, loops: tuple[str, ...] = LOOPS) -> None:
         self._pattern = re.compile(rf"(?:{'|'.join(re.escape(loop) for loop in loops)})(?:-\d+)?")
         self._seen: set[str] = set()
+        self._down: dict[str, Callable[[], bool]] = {}
         self._lock = threading.Lock()
+
+    def watch(self, name: str, down: Callable[[], bool]) -> None:
+        """Also read ``down()`` for the loop of thread ``name``: a loop whose thread lives on while it
+        waits to restart after a crash (service.ops.loops) reads 0 meanwhile."""
+        with self._lock:
+            self._down[name] = down
 
     def describe(self) -> list[GaugeMetricFamily]:
         return [self._family()]
@@ -111,7 +118,9 @@ class LoopHealth(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         alive = {t.name for t in threading.enumerate() if t.is_alive() and self._pattern.fullmatch(t.name)}
         with self._lock:
-            self._seen |= alive
+            down = {name for name, is_down in self._down.items() if is_down()}
+            alive -= down
+            self._seen |= alive | down
             seen = sorted(self._seen)
         family = self._family()
         for name in seen:

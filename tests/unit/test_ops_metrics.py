@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
+from service.ops.loops import Loop
 from service.ops.metrics import LoopHealth, Reading
 
 
@@ -61,3 +62,36 @@ def test_a_reading_is_absent_until_taken() -> None:
     assert samples(reading.registry, "strokegate_test_free_bytes") == {}
     reading.set(5e9)
     assert samples(reading.registry, "strokegate_test_free_bytes") == {"strokegate_test_free_bytes": 5e9}
+
+
+def test_a_loop_waiting_to_restart_after_a_crash_reads_down_though_its_thread_lives() -> None:
+    crashed = threading.Event()
+    release = threading.Event()
+
+    def target() -> None:
+        if not crashed.is_set():
+            crashed.set()
+            raise RuntimeError("a bug nobody expected")
+        release.wait(10)
+
+    loop = Loop("tracker-97", target, restart_delay_s=0.5)
+    sample = 'strokegate_loop_up{loop="tracker-97"}'
+    loop.start()
+    try:
+        assert crashed.wait(5)
+        pause = threading.Event()
+        for _ in range(50):  # the crash is being logged; then the loop waits 0.5 s to restart
+            if not loop.up:
+                break
+            pause.wait(0.01)
+        assert loop._thread.is_alive()
+        assert samples(REGISTRY, "strokegate_loop_up")[sample] == 0.0  # down, in its restart pause
+        for _ in range(100):
+            if loop.up:
+                break
+            pause.wait(0.05)
+        assert samples(REGISTRY, "strokegate_loop_up")[sample] == 1.0  # restarted
+    finally:
+        loop.stop()
+        release.set()
+        loop.join(5)
