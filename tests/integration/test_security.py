@@ -92,12 +92,16 @@ def test_dicom_tls_from_scanner_through_strokegate_to_pacs_and_plain_refused(
 
 @requires_storescu
 def test_tokens_roles_called_ae_metric_labels_log_tags_and_file_modes(tmp_path: Path, vendor_maps: Path) -> None:
-    odd = pydicom.dcmread(sorted((vendor_maps / "cbf").glob("*.dcm"))[0])
-    odd.Modality = "M."  # as a byte-flipped header had it: must not become a metric label
-    odd.StudyInstanceUID, odd.SeriesInstanceUID, odd.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
-    odd.file_meta.MediaStorageSOPInstanceUID = odd.SOPInstanceUID
     (tmp_path / "odd").mkdir()
-    odd.save_as(tmp_path / "odd" / "odd.dcm")
+    for name, modality in (("odd", "ZZ"), ("broken", "M.")):
+        # "ZZ" is a well-formed modality nobody expects; "M." (as a byte-flipped header had it) is
+        # not a code string and is quarantined: neither may become a metric label
+        odd = pydicom.dcmread(sorted((vendor_maps / "cbf").glob("*.dcm"))[0])
+        odd.Modality = modality
+        odd.StudyInstanceUID, odd.SeriesInstanceUID, odd.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+        odd.file_meta.MediaStorageSOPInstanceUID = odd.SOPInstanceUID
+        odd.save_as(tmp_path / "odd" / f"{name}.dcm")
+    odd = pydicom.dcmread(tmp_path / "odd" / "odd.dcm", stop_before_pixels=True)
     url = f"sqlite:///{tmp_path / 'strokegate' / 'strokegate.db'}"
     service = Service(tmp_path / "strokegate", url, [])
     try:
@@ -128,8 +132,11 @@ def test_tokens_roles_called_ae_metric_labels_log_tags_and_file_modes(tmp_path: 
         assert service.request("/api/studies/1.2.3.4.5/rerun", service.token, "POST")[0] == 404
         wait_for(lambda: any(j["version"] == 2 for j in service.get("/api/jobs")), 30, "the re-run's job")
 
+        storescu(tmp_path / "odd" / "broken.dcm", service.port, "STROKEGATE")
+        wait_for(lambda: service.metric("strokegate_instances_quarantined_total") >= 1, 30, "the quarantine")
         assert service.metric("strokegate_instances_received_total", modality="other") == 1
-        assert 'modality="M."' not in service.get("/metrics")
+        metrics_text = service.get("/metrics")
+        assert 'modality="M."' not in metrics_text and 'modality="ZZ"' not in metrics_text
 
         spool = tmp_path / "strokegate" / "spool"
         tag = subprocess.run([str(STROKEGATE), "log-tag", study, "--spool-dir", str(spool)],
