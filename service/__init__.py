@@ -1,3 +1,5 @@
 """StrokeGate: the acute-stroke imaging microservice (research use only, not for diagnosis)."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("strokegate")  # pyproject.toml's, the one place it is written

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from service.findings import ResultCategory
+
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 
 
@@ -24,9 +26,8 @@ def check_ae_title(value: str) -> str:
     return value.strip()
 
 
-RESULT_CATEGORIES = ("seg", "sr", "summary", "maps", "values")
-"""What a destination can be sent: the SEG, the SR, the summary image, the colour map series and
-the map values (Parametric Maps)."""
+RESULT_CATEGORIES = tuple(ResultCategory)
+"""What a destination can be sent, all by default."""
 
 
 class SeriesLabel(BaseModel):
@@ -57,8 +58,8 @@ class Destination(BaseModel):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
-    send: list[str] = Field(default_factory=lambda: list(RESULT_CATEGORIES), min_length=1)
-    series: dict[str, SeriesLabel] = Field(default_factory=dict)
+    send: list[ResultCategory] = Field(default_factory=lambda: list(RESULT_CATEGORIES), min_length=1)
+    series: dict[ResultCategory, SeriesLabel] = Field(default_factory=dict)
     tls: bool = Field(False, description="send over DICOM TLS (our tls_certificate is presented when the node asks)")
     tls_ca: Path | None = Field(None, description="PEM CA file the node's certificate must chain to; default: tls_ca, "
                                 "else the system's trusted CAs")
@@ -69,10 +70,10 @@ class Destination(BaseModel):
     def _ae(cls, value: str) -> str:
         return check_ae_title(value)
 
-    @field_validator("send", "series")
+    @field_validator("send", "series", mode="before")
     @classmethod
-    def _categories(cls, values: list[str] | dict[str, SeriesLabel], info: ValidationInfo) -> Any:
-        unknown = sorted(set(values) - set(RESULT_CATEGORIES))
+    def _categories(cls, values: Any, info: ValidationInfo) -> Any:
+        unknown = sorted(set(values) - set(RESULT_CATEGORIES)) if isinstance(values, list | dict) else []
         if unknown:
             raise ValueError(f"{info.field_name}: no result category {unknown}; choose from {', '.join(RESULT_CATEGORIES)}")
         return values

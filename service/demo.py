@@ -81,7 +81,7 @@ def _send(paths: list[Path], port: int, called_ae: str, progress: Progress) -> N
 
 def run_demo(seed: int, keep: Path | None, console: Console) -> int:
     """Run the demo in ``keep`` (else a new temporary folder, kept); returns the exit code (0 when
-    the SEG and SR arrived)."""
+    every result object of the study arrived at the stand-in PACS)."""
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         root = keep

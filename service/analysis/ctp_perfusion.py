@@ -22,7 +22,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from service.analysis.findings import Findings, Segment
+from service.findings import Analysis, Findings, Segment, SegmentKind
 from service.errors import InputError
 from service.imaging.classify import classify
 from service.imaging.geometry import Geometry
@@ -121,12 +121,12 @@ def analyse_ctp(
     return Findings(
         study_uid=study,
         version=version,
-        analysis="ct-perfusion",
+        analysis=Analysis.CT_PERFUSION,
         geometry=series.geometry,
         source_images=source,
         segments=[
-            Segment("core", "Ischemic core", result.core, summary.core_ml),
-            Segment("penumbra", "Penumbra", result.penumbra, summary.penumbra_ml),
+            Segment(SegmentKind.CORE, "Ischemic core", result.core, summary.core_ml),
+            Segment(SegmentKind.PENUMBRA, "Penumbra", result.penumbra, summary.penumbra_ml),
         ],
         measurements=measurements,
         qc_flags=result.qc_flags,

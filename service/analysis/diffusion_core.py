@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
-from service.analysis.findings import Findings, Segment
+from service.findings import Analysis, Findings, MapName, Measurement, Segment, SegmentKind
 from service.errors import InputError
 from service.imaging.classify import DEFAULT_RULES, ClassifyRules, classify
 from service.imaging.volumes import (
@@ -34,7 +34,7 @@ from service.imaging.volumes import (
 from service.perfusion.diffusion import adc_map as compute_adc
 from service.perfusion.diffusion import brain_mask_mr, core_mask, head_mask_from_adc
 
-ANALYSIS = "mri-diffusion-core"
+ANALYSIS = Analysis.MRI_DIFFUSION_CORE
 MIN_HIGH_B = 500.0  # s/mm2: the highest b-value must reach this to compute ADC
 MAX_LOW_B = 100.0  # s/mm2: the lowest b-value must be at most this ("b = 0")
 FEW_BRAIN_ML = 500.0  # an intracranial mask smaller than this is flagged
@@ -57,8 +57,8 @@ def analyse_diffusion_core(
     *,
     study_uid: str | None = None,
     version: int = 1,
-    adc_threshold: float = 620.0,
-    min_lesion_ml: float = 0.3,
+    adc_threshold: float,
+    min_lesion_ml: float,
     rules: ClassifyRules = DEFAULT_RULES,
 ) -> Findings:
     """Ischaemic core (ADC < ``adc_threshold`` 1e-6 mm2/s) of one MRI study, as Findings.
@@ -130,11 +130,11 @@ def analyse_diffusion_core(
         analysis=ANALYSIS,
         geometry=geometry,
         source_images=list(grid.headers),
-        segments=[Segment(key="core", label="Ischemic core", mask=core.mask, volume_ml=core.volume_ml)],
-        measurements={"core_volume_ml": core.volume_ml},
+        segments=[Segment(key=SegmentKind.CORE, label="Ischemic core", mask=core.mask, volume_ml=core.volume_ml)],
+        measurements={Measurement.CORE_VOLUME: core.volume_ml},
         qc_flags=flags,
         parameters={"adc_threshold": float(adc_threshold), "min_lesion_ml": float(min_lesion_ml)},
-        maps={"adc": np.where(brain, adc, 0.0).astype(np.float32)},
+        maps={MapName.ADC: np.where(brain, adc, 0.0).astype(np.float32)},
         timings_s=timings,
     )
 

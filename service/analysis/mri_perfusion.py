@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from scipy import ndimage
 
-from service.analysis.findings import Findings, Segment
+from service.findings import Analysis, Findings, Segment, SegmentKind
 from service.errors import InputError
 from service.imaging.geometry import Geometry
 from service.imaging.perfusion_series import load_dsc
@@ -41,17 +41,18 @@ from service.perfusion.deconvolution import (
     resample_uniform,
 )
 
-ANALYSIS = "mri-perfusion-diffusion-mismatch"
+ANALYSIS = Analysis.MRI_MISMATCH
 GRID_TOLERANCE_MM = 0.01
 
 
 @dataclass(frozen=True)
 class MriPerfusionParameters:
-    """Thresholds of the MRI mismatch (the ADC core threshold belongs to the diffusion core)."""
+    """Thresholds of the MRI mismatch (the ADC core threshold belongs to the diffusion core);
+    the thresholds come from the settings (``AnalysisParameters``)."""
 
-    tmax_threshold_s: float = thresholds.HYPOPERFUSION_TMAX_S
-    min_lesion_ml: float = 0.3
-    criteria: thresholds.Defuse3Criteria = thresholds.Defuse3Criteria()
+    tmax_threshold_s: float
+    min_lesion_ml: float
+    criteria: thresholds.Defuse3Criteria
     method: str = "osvd"
     denoise_sigma_mm: float = 2.0
     bias_correction: bool = True  # SVD's late Tmax and low peak flow, calibrated on this study's AIF
@@ -78,7 +79,7 @@ class DscMaps:
     aif_scale: float = 1.0
 
 
-def dsc_maps(series: Sequence[Source], parameters: MriPerfusionParameters = MriPerfusionParameters()) -> DscMaps:
+def dsc_maps(series: Sequence[Source], parameters: MriPerfusionParameters) -> DscMaps:
     """Perfusion maps of a DSC-PWI series (file paths or Datasets with pixel data).
 
     Raises InputError when the series cannot be analysed (not dynamic, no echo time, no bolus,
@@ -147,7 +148,7 @@ def dsc_maps(series: Sequence[Source], parameters: MriPerfusionParameters = MriP
     )
 
 
-def add_mismatch(core: Findings, maps: DscMaps, parameters: MriPerfusionParameters = MriPerfusionParameters()) -> Findings:
+def add_mismatch(core: Findings, maps: DscMaps, parameters: MriPerfusionParameters) -> Findings:
     """The diffusion ``core`` Findings extended by the perfusion: segments core and penumbra,
     volumes, mismatch volume and ratio, HIR, the DEFUSE 3 verdict and the DSC QC flags.
 
@@ -156,7 +157,7 @@ def add_mismatch(core: Findings, maps: DscMaps, parameters: MriPerfusionParamete
     volume reported is that of ``core | Tmax lesion``.
     """
     started = time.perf_counter()
-    core_segment = next((s for s in core.segments if s.key == "core"), None)
+    core_segment = core.segment(SegmentKind.CORE)
     if core_segment is None:
         raise ValueError("the diffusion Findings have no core segment")
     target = core.geometry
@@ -184,9 +185,9 @@ def add_mismatch(core: Findings, maps: DscMaps, parameters: MriPerfusionParamete
         flags.append(f"diffusion core largely outside the Tmax lesion ({outside:.1f} of {summary.core_ml:.1f} mL)")
 
     measurements = summary.measurements()
-    segments = [Segment("core", core_segment.label, core_mask, summary.core_ml)]
+    segments = [Segment(SegmentKind.CORE, core_segment.label, core_mask, summary.core_ml)]
     if penumbra.any():
-        segments.append(Segment("penumbra", "Penumbra", penumbra, summary.penumbra_ml))
+        segments.append(Segment(SegmentKind.PENUMBRA, "Penumbra", penumbra, summary.penumbra_ml))
     criteria = parameters.criteria
     timings = {**core.timings_s, **maps.timings_s, "mismatch": time.perf_counter() - started}
     return replace(

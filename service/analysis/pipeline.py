@@ -23,7 +23,7 @@ from pydicom.uid import UID
 
 from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp
 from service.analysis.diffusion_core import analyse_diffusion_core
-from service.analysis.findings import Findings
+from service.findings import SEG, SR, SUMMARY, Findings, ResultCategory, ResultKind, SeriesKind
 from service.analysis.mri_perfusion import MriPerfusionParameters, add_mismatch, dsc_maps
 from service.analysis.vendor_maps import MapParameters, analyse_vendor_maps
 from service.delivery.outbox import ResultFile
@@ -43,15 +43,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class AnalysisParameters:
-    """Every threshold the analyses use (defaults: the literature's, as in ``Settings``)."""
+    """Every threshold the analyses use; their defaults live in ``Settings`` alone."""
 
-    adc_threshold: float = 620.0  # 1e-6 mm2/s: MRI core below this
-    min_lesion_ml: float = 0.3  # connected components smaller than this are removed
-    core_rcbf: float = 0.30  # CT (and vendor map) core: CBF below this fraction of contralateral normal
-    tmax_threshold_s: float = 6.0  # hypoperfused: Tmax above this
-    vessel_cbv: float = 8.0  # CT perfusion: voxels above this CBV (mL/100 g) are vessels, not tissue
-    anatomy_detail: bool = True  # CT perfusion: grey/white detail of CBF and CBV from the temporal mean
-    criteria: Defuse3Criteria = field(default_factory=Defuse3Criteria)  # target-mismatch profile
+    adc_threshold: float  # 1e-6 mm2/s: MRI core below this
+    min_lesion_ml: float  # connected components smaller than this are removed
+    core_rcbf: float  # CT (and vendor map) core: CBF below this fraction of contralateral normal
+    tmax_threshold_s: float  # hypoperfused: Tmax above this
+    vessel_cbv: float  # CT perfusion and vendor maps: voxels above this CBV (mL/100 g) are vessels
+    anatomy_detail: bool  # CT perfusion: grey/white detail of CBF and CBV from the temporal mean
+    criteria: Defuse3Criteria  # target-mismatch profile
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AnalysisParameters:
@@ -74,19 +74,19 @@ class AnalysisParameters:
 @dataclass
 class StudyOutcome:
     findings: Findings
-    objects: list[tuple[str, Dataset]]  # (kind, dataset): "SEG", "SR", "SUMMARY", "MAP-cbf-001" (colour, per slice), "PM-cbf" (values)
+    objects: list[tuple[ResultKind, Dataset]]
 
 
 @dataclass
 class StudySeries:
-    """The study's series by kind (``classify.KINDS``): each a list of its instances' file names."""
+    """The study's series by kind: each a list of its instances' file names."""
 
-    by_kind: dict[str, list[list[str]]] = field(default_factory=dict)
+    by_kind: dict[SeriesKind, list[list[str]]] = field(default_factory=dict)
 
-    def get(self, kind: str) -> list[list[str]]:
+    def get(self, kind: SeriesKind) -> list[list[str]]:
         return self.by_kind.get(kind, [])
 
-    def files(self, kind: str) -> list[str]:
+    def files(self, kind: SeriesKind) -> list[str]:
         """Every file of every series of ``kind``."""
         return [name for series in self.get(kind) for name in series]
 
@@ -153,38 +153,38 @@ def analyse_study(paths: list[Path], version: int, parameters: AnalysisParameter
     findings.timings_s = {"classify": classified, **findings.timings_s}
     started = time.perf_counter()
     seg = build_seg(findings)
-    objects = [("SEG", seg), ("SR", build_sr(findings, seg)), *reader_series(findings)]
+    objects = [(SEG, seg), (SR, build_sr(findings, seg)), *reader_series(findings)]
     findings.timings_s["results"] = time.perf_counter() - started
     for stage, seconds in findings.timings_s.items():
         metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
     return StudyOutcome(findings, objects)
 
 
-def reader_series(findings: Findings) -> list[tuple[str, Dataset]]:
+def reader_series(findings: Findings) -> list[tuple[ResultKind, Dataset]]:
     """What a radiologist reads in any viewer: the summary image and, per map, its colour series
     (one image per slice) and its values (Parametric Map)."""
-    objects: list[tuple[str, Dataset]] = [("SUMMARY", build_summary(findings))]
+    objects: list[tuple[ResultKind, Dataset]] = [(SUMMARY, build_summary(findings))]
     for name in sorted(findings.maps):
         if name not in MAP_STYLES:
             continue
         colour = build_colour_series(findings, name)
-        objects += [(f"MAP-{name}-{index:03d}", image) for index, image in enumerate(colour, start=1)]
-        objects.append((f"PM-{name}", build_parametric_map(findings, name)))
+        objects += [(ResultKind(ResultCategory.MAPS, name, index), image) for index, image in enumerate(colour, start=1)]
+        objects.append((ResultKind(ResultCategory.VALUES, name), build_parametric_map(findings, name)))
     return objects
 
 
 def dispatch(series: StudySeries, version: int, parameters: AnalysisParameters, study_uid: str | None) -> Findings:
     """Run the analysis the study's series call for (see the module docstring)."""
-    if series.get("dwi") or series.get("adc"):
+    if series.get(SeriesKind.DWI) or series.get(SeriesKind.ADC):
         return _analyse_mri(series, version, parameters, study_uid)
-    if series.get("ctp"):
+    if series.get(SeriesKind.CTP):
         return _analyse_ctp(series, version, parameters, study_uid)
-    if series.get("ct-map"):
+    if series.get(SeriesKind.CT_MAP):
         return analyse_vendor_maps(
-            series.files("ct-map"), study_uid=study_uid, version=version,
+            series.files(SeriesKind.CT_MAP), study_uid=study_uid, version=version,
             parameters=MapParameters(
                 core_rcbf=parameters.core_rcbf, tmax_threshold_s=parameters.tmax_threshold_s,
-                min_lesion_ml=parameters.min_lesion_ml, criteria=parameters.criteria,
+                min_lesion_ml=parameters.min_lesion_ml, vessel_cbv=parameters.vessel_cbv, criteria=parameters.criteria,
             ),
         )
     raise InputError(
@@ -197,10 +197,10 @@ def _analyse_mri(series: StudySeries, version: int, parameters: AnalysisParamete
     """Diffusion core; with DSC-PWI, the mismatch. A DSC series that cannot be analysed leaves
     the core reported with a QC flag saying why (the core does not depend on it)."""
     core = analyse_diffusion_core(
-        {"dwi": series.files("dwi"), "adc": series.files("adc")}, study_uid=study_uid, version=version,
+        {"dwi": series.files(SeriesKind.DWI), "adc": series.files(SeriesKind.ADC)}, study_uid=study_uid, version=version,
         adc_threshold=parameters.adc_threshold, min_lesion_ml=parameters.min_lesion_ml,
     )
-    candidates = series.get("pwi")
+    candidates = series.get(SeriesKind.PWI)
     if not candidates:
         return core
     chosen = max(candidates, key=len)
@@ -220,7 +220,7 @@ def _analyse_mri(series: StudySeries, version: int, parameters: AnalysisParamete
 def _analyse_ctp(series: StudySeries, version: int, parameters: AnalysisParameters, study_uid: str | None) -> Findings:
     """CT perfusion of the largest CTP series, its verdict by the configured DEFUSE 3 criteria
     and an empty penumbra segment left out."""
-    chosen = max(series.get("ctp"), key=len)
+    chosen = max(series.get(SeriesKind.CTP), key=len)
     findings = analyse_ctp(
         chosen, study_uid=study_uid, version=version,
         parameters=CtpParameters(
@@ -238,7 +238,7 @@ def _analyse_ctp(series: StudySeries, version: int, parameters: AnalysisParamete
         max_core_ml=criteria.max_core_ml, min_mismatch_ratio=criteria.min_ratio, min_mismatch_ml=criteria.min_mismatch_ml
     )
     findings.segments = [s for s in findings.segments if s.key != "penumbra" or s.mask.any()]
-    if len(series.get("ctp")) > 1:
+    if len(series.get(SeriesKind.CTP)) > 1:
         findings.qc_flags.append(f"{len(series.get('ctp'))} CT perfusion series; used the largest")
     return findings
 
@@ -249,7 +249,7 @@ def write_results(outcome: StudyOutcome, results_dir: Path) -> list[ResultFile]:
     (results_dir / folder).mkdir(parents=True, exist_ok=True)
     files = []
     for kind, ds in outcome.objects:
-        relative = folder / f"{kind}.dcm"
+        relative = folder / f"{kind.name}.dcm"
         temporary = results_dir / relative.with_suffix(".part")
         ds.save_as(temporary, enforce_file_format=True)
         with open(temporary, "rb") as handle:

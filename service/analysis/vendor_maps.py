@@ -14,25 +14,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.analysis.findings import Findings, Segment
+from service.findings import Analysis, Findings, Segment, SegmentKind
 from service.errors import InputError
 from service.imaging.perfusion_series import load_vendor_maps
 from service.imaging.volumes import Source
 from service.perfusion import thresholds
 
-ANALYSIS = "vendor-perfusion-maps"
-VESSEL_CBV = 10.0
-"""CBV (mL/100 g) above which a voxel is a large vessel, not tissue (grey matter is 4-6)."""
+ANALYSIS = Analysis.VENDOR_MAPS
 PLAUSIBLE_TMAX_S = (0.0, 60.0)
 """Tmax values outside this range (s) are not seconds: the map is refused."""
 
 
 @dataclass(frozen=True)
 class MapParameters:
-    core_rcbf: float = thresholds.CORE_RCBF
-    tmax_threshold_s: float = thresholds.HYPOPERFUSION_TMAX_S
-    min_lesion_ml: float = 0.3
-    criteria: thresholds.Defuse3Criteria = thresholds.Defuse3Criteria()
+    """Thresholds applied to vendor maps, from the settings (``AnalysisParameters``)."""
+
+    core_rcbf: float
+    tmax_threshold_s: float
+    min_lesion_ml: float
+    vessel_cbv: float  # mL/100 g: above it a voxel is a vessel, not tissue (grey matter is 4-6)
+    criteria: thresholds.Defuse3Criteria
 
 
 def analyse_vendor_maps(
@@ -40,7 +41,7 @@ def analyse_vendor_maps(
     *,
     study_uid: str | None,
     version: int,
-    parameters: MapParameters = MapParameters(),
+    parameters: MapParameters,
 ) -> Findings:
     """Core and penumbra from vendor maps; InputError when CBF or Tmax is missing or implausible.
 
@@ -67,7 +68,7 @@ def analyse_vendor_maps(
     brain = np.isfinite(cbf) & np.isfinite(tmax) & ((cbf > 0) | (tmax > 0))
     if "cbv" in maps:
         cbv = maps["cbv"].pixels
-        vessels = brain & (cbv > VESSEL_CBV)
+        vessels = brain & (cbv > parameters.vessel_cbv)
         if vessels.any():
             brain &= ~vessels
     if not brain.any():
@@ -101,9 +102,9 @@ def analyse_vendor_maps(
     if study_uid is not None and study != study_uid:
         raise InputError(f"the vendor maps belong to study {study}, not {study_uid}")
     measurements = summary.measurements()
-    segments = [Segment("core", "Ischemic core", core, summary.core_ml)]
+    segments = [Segment(SegmentKind.CORE, "Ischemic core", core, summary.core_ml)]
     if penumbra.any():
-        segments.append(Segment("penumbra", "Penumbra", penumbra, summary.penumbra_ml))
+        segments.append(Segment(SegmentKind.PENUMBRA, "Penumbra", penumbra, summary.penumbra_ml))
     criteria = parameters.criteria
     return Findings(
         study_uid=study,

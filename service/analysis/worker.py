@@ -90,6 +90,9 @@ class Workers:
         started = time.perf_counter()
         try:
             outcome = analyse_study(paths, version, self.parameters, study_uid=study_uid)
+            if heartbeat.lost:
+                log.warning("job %d: lease lost during the analysis; another worker runs it", job_id)
+                return
             files = write_results(outcome, self.results_dir)
         except InputError as error:
             heartbeat.stop()
@@ -123,17 +126,25 @@ class Workers:
 
 
 class _Heartbeat:
-    """Renews a job's lease every third of its length while the job runs."""
+    """Renews a job's lease every third of its length while the job runs; ``lost`` once the job
+    is no longer ours (the lease expired and another worker took it), when beating stops."""
 
     def __init__(self, db: Database, job_id: int, owner: str, lease_s: float) -> None:
         self._stop = threading.Event()
+        self._lost = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(db, job_id, owner, lease_s), daemon=True)
         self._thread.start()
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
 
     def _run(self, db: Database, job_id: int, owner: str, lease_s: float) -> None:
         while not self._stop.wait(lease_s / 3):
             try:
-                jobs.extend(db, job_id, owner, lease_s)
+                if not jobs.extend(db, job_id, owner, lease_s):
+                    self._lost.set()
+                    return
             except Exception as error:  # noqa: BLE001 - the next beat tries again
                 log.error("renewing the lease of job %d failed: %s", job_id, error)
 

@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session, selectinload
 
 from service.config import Destination
 from service.delivery.scu import SendOutcome, SeriesRelabel, send_files
+from service.findings import ResultKind
 from service.ops import metrics
 from service.ops.loops import Loop
-from service.results.maps import MAP_STYLES
 from service.store.database import Database
 from service.store.models import Delivery, DeliveryState, Job, ResultObject, utcnow
 
@@ -34,20 +34,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ResultFile:
-    kind: str  # "SEG", "SR"
+    kind: ResultKind
     sop_uid: str
     sop_class_uid: str
     path: str  # relative to the results folder
-
-
-def result_category(kind: str) -> str:
-    """The ``RESULT_CATEGORIES`` entry of a result kind ("SEG", "SR", "SUMMARY", "MAP-cbf-001" for a
-    colour map slice, "PM-cbf" for map values), by which destinations choose what they get."""
-    if kind.startswith("MAP-"):
-        return "maps"
-    if kind.startswith("PM-"):
-        return "values"
-    return kind.lower()
 
 
 RESEARCH_MARK = " (RESEARCH)"
@@ -55,20 +45,19 @@ RESEARCH_MARK = " (RESEARCH)"
 rename our series, not hide that they come from research software."""
 
 
-def series_label(destination: Destination, kind: str) -> SeriesRelabel | None:
+def series_label(destination: Destination, kind: ResultKind) -> SeriesRelabel | None:
     """The series number and description ``destination`` wants on a result of ``kind`` (None: as
     written). A map series keeps its place after the first map's number and gets its name."""
-    label = destination.series.get(result_category(kind))
+    label = destination.series.get(kind.category)
     if label is None:
         return None
     number, description = label.number, label.description
-    if kind.startswith(("MAP-", "PM-")):
-        style = MAP_STYLES[kind.split("-")[1]]
+    if kind.map is not None:
         if number is not None:
-            number += style.colour_series_number - MAP_STYLES["cbf"].colour_series_number
+            number += kind.map.place
         if description is not None:
-            description = (description.replace("{map}", style.title) if "{map}" in description
-                           else f"{description} {style.title}")
+            description = (description.replace("{map}", kind.map.title) if "{map}" in description
+                           else f"{description} {kind.map.title}")
     if description is not None and "research" not in description.lower():
         description += RESEARCH_MARK
     return SeriesRelabel(number, description)
@@ -80,12 +69,12 @@ def enqueue(session: Session, job: Job, results: list[ResultFile], destinations:
     for result in results:
         row = session.scalar(select(ResultObject).where(ResultObject.sop_uid == result.sop_uid))
         if row is None:
-            row = ResultObject(job=job, kind=result.kind, sop_uid=result.sop_uid, sop_class_uid=result.sop_class_uid, path=result.path)
+            row = ResultObject(job=job, kind=result.kind.name, sop_uid=result.sop_uid, sop_class_uid=result.sop_class_uid, path=result.path)
             session.add(row)
             session.flush()
         have = set(session.scalars(select(Delivery.destination).where(Delivery.result_id == row.id)))
         for destination, categories in destinations.items():
-            if destination not in have and result_category(result.kind) in categories:
+            if destination not in have and result.kind.category in categories:
                 session.add(Delivery(result_id=row.id, destination=destination))
 
 
@@ -146,9 +135,9 @@ class Sender:
                 select(Delivery).where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
                 .options(selectinload(Delivery.result)).order_by(Delivery.id).limit(200)
             ).all()
-            batches: dict[str, list[tuple[int, Path, str]]] = defaultdict(list)
+            batches: dict[str, list[tuple[int, Path, ResultKind]]] = defaultdict(list)
             for d in due:
-                batches[d.destination].append((d.id, self.results_dir / d.result.path, d.result.kind))
+                batches[d.destination].append((d.id, self.results_dir / d.result.path, ResultKind.parse(d.result.kind)))
         delivered = 0
         for name, items in batches.items():
             if self._stop.is_set():

@@ -16,11 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
+from service.findings import SeriesKind
 from service.imaging.volumes import b_value
-
-KINDS = ("dwi", "adc", "pwi", "ctp", "ct-map", "flair", "other")
-"""Every answer ``classify`` can give."""
-
 
 @dataclass(frozen=True)
 class ClassifyRules:
@@ -40,8 +37,8 @@ class ClassifyRules:
 DEFAULT_RULES = ClassifyRules()
 
 
-def classify(headers: Sequence[Dataset], rules: ClassifyRules = DEFAULT_RULES) -> str:
-    """The kind of one series (a list of its instances' headers): one of ``KINDS``.
+def classify(headers: Sequence[Dataset], rules: ClassifyRules = DEFAULT_RULES) -> SeriesKind:
+    """The kind of one series (a list of its instances' headers).
 
     MR: ADC (ImageType ADC or a matching description) before DWI (a b-value above 0, or the
     ImageType or description), then dynamic series (or perfusion-named multi-time-point ones)
@@ -50,7 +47,7 @@ def classify(headers: Sequence[Dataset], rules: ClassifyRules = DEFAULT_RULES) -
     multi-time-point) series are "ctp". Anything else is "other".
     """
     if not headers:
-        return "other"
+        return SeriesKind.OTHER
     first = headers[0]
     modality = str(first.get("Modality", "")).upper()
     image_type = " ".join(str(v) for v in (first.get("ImageType") or [])).upper()
@@ -60,41 +57,41 @@ def classify(headers: Sequence[Dataset], rules: ClassifyRules = DEFAULT_RULES) -
         return _classify_mr(headers, image_type, text, frames, rules)
     if modality == "CT":
         return _classify_ct(first, image_type, text, frames, rules)
-    return "other"
+    return SeriesKind.OTHER
 
 
 def _matches(pattern: str, *texts: str) -> bool:
     return any(re.search(pattern, t, flags=re.IGNORECASE) for t in texts if t)
 
 
-def _classify_mr(headers: Sequence[Dataset], image_type: str, text: str, frames: int, rules: ClassifyRules) -> str:
+def _classify_mr(headers: Sequence[Dataset], image_type: str, text: str, frames: int, rules: ClassifyRules) -> SeriesKind:
     image_type_words = set(image_type.split())
     if "ADC" in image_type_words or _matches(rules.adc, text):
-        return "adc"
+        return SeriesKind.ADC
     b_values = {b for b in (b_value(ds) for ds in headers) if b is not None}
     if any(b > 0 for b in b_values) or _matches(rules.dwi, image_type, text):
-        return "dwi"
+        return SeriesKind.DWI
     if frames >= rules.min_dynamic_frames or (frames > 1 and _matches(rules.pwi, image_type, text)):
-        return "pwi"
+        return SeriesKind.PWI
     first = headers[0]
     if _matches(rules.flair, text):
-        return "flair"
+        return SeriesKind.FLAIR
     sequence = " ".join(str(v) for v in (first.get("ScanningSequence") or [])).upper()
-    inversion = first.get("InversionTime")
-    if "IR" in sequence.split() and inversion not in (None, "") and float(inversion) >= 1500:
-        return "flair"
-    return "other"
+    inversion = _number(first.get("InversionTime"))
+    if "IR" in sequence.split() and inversion is not None and inversion >= 1500:
+        return SeriesKind.FLAIR
+    return SeriesKind.OTHER
 
 
-def _classify_ct(first: Dataset, image_type: str, text: str, frames: int, rules: ClassifyRules) -> str:
+def _classify_ct(first: Dataset, image_type: str, text: str, frames: int, rules: ClassifyRules) -> SeriesKind:
     derived = "DERIVED" in image_type.split()
     if derived and _matches(rules.ct_map, image_type, text):
-        return "ct-map"
+        return SeriesKind.CT_MAP
     if frames >= rules.min_dynamic_frames:
-        return "ctp"
+        return SeriesKind.CTP
     if frames > 1 and _matches(rules.ctp, image_type, text):
-        return "ctp"
-    return "other"
+        return SeriesKind.CTP
+    return SeriesKind.OTHER
 
 
 def _frames_per_position(headers: Sequence[Dataset]) -> int:
@@ -102,8 +99,8 @@ def _frames_per_position(headers: Sequence[Dataset]) -> int:
 
     Uses NumberOfTemporalPositions when given; else counts ImagePositionPatient repeats.
     """
-    declared = headers[0].get("NumberOfTemporalPositions")
-    if declared not in (None, ""):
+    declared = _number(headers[0].get("NumberOfTemporalPositions"))
+    if declared is not None and declared >= 1:
         return int(declared)
     positions = Counter()
     for ds in headers:
@@ -112,3 +109,13 @@ def _frames_per_position(headers: Sequence[Dataset]) -> int:
             continue
         positions[tuple(np.round(np.asarray(position, dtype=float), 2))] += 1
     return max(positions.values(), default=1)
+
+
+def _number(value: object) -> float | None:
+    """A header value as one finite number, or None when it is absent or not a single number
+    (a received header may hold anything)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None

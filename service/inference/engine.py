@@ -28,6 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from service.errors import InputError, ModelError
+from service.findings import ModelInfo
 from service.inference.card import Contract, ModelCard, card_path, check_contract, read_card, verify_file
 
 log = logging.getLogger(__name__)
@@ -40,22 +41,12 @@ class Backend(str, Enum):
     TORCH = "torch"
 
 
-@dataclass(frozen=True)
-class ModelIdentity:
-    """Which model produced a result, and on what: for the results' algorithm identification."""
-
-    name: str
-    version: str
-    sha256: str  # of the ONNX file the card names
-    backend: str  # e.g. "onnxruntime (CPUExecutionProvider)"
-
-
 class Engine(Protocol):
     """A loaded model. ``predict`` takes the card's input tensors by name (float32) and returns
     the output tensor; it may be called many times and from one thread at a time."""
 
     card: ModelCard
-    identity: ModelIdentity
+    identity: ModelInfo
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray: ...
 
@@ -70,7 +61,7 @@ class CheckedEngine:
 
     def __init__(self, card: ModelCard, detail: str) -> None:
         self.card = card
-        self.identity = ModelIdentity(card.name, card.version, card.files.onnx.sha256, f"{self.backend.value} ({detail})")
+        self.identity = ModelInfo(card.name, card.version, card.files.onnx.sha256, f"{self.backend.value} ({detail})")
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         from service.ops import metrics

@@ -43,8 +43,8 @@ Partial volume (``partial_volume_scale``)
     recirculation), or the trapezoid rule when the fit fails.
 
 Errors: shapes and parameters that are wrong raise ``ValueError``; data in which no usable
-vessel curve is found raise ``service.errors.InputError`` with the reason (the study is then
-quarantined rather than analysed with a meaningless input function).
+vessel curve is found raise ``service.errors.InputError`` with the reason (the study then fails
+with that reason rather than being analysed with a meaningless input function).
 """
 
 from __future__ import annotations

@@ -137,10 +137,10 @@ def head_mask_from_adc(
 def core_mask(
     adc: np.ndarray,
     brain: np.ndarray,
-    threshold: float = 620.0,
+    threshold: float,
     *,
     voxel_ml: float,
-    min_volume_ml: float = 0.3,
+    min_volume_ml: float,
     floor: float = 100.0,
     connectivity: int = 1,
 ) -> CoreMask:

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from service.errors import InputError
+from service.findings import Measurement
 
 FACES = ndimage.generate_binary_structure(3, 1)
 """3D face connectivity (6-neighbourhood)."""
@@ -123,20 +124,20 @@ class PerfusionSummary:
     unmet_criteria: tuple[str, ...]
     criteria: Defuse3Criteria
 
-    def measurements(self) -> dict[str, float]:
-        """The Findings measurements (names as in ``analysis.findings.MEASUREMENT_UNITS``); ratios
-        that are undefined (no core, no hypoperfusion) are left out."""
+    def measurements(self) -> dict[Measurement, float]:
+        """The Findings measurements; ratios that are undefined (no core, no hypoperfusion) are
+        left out."""
         values = {
-            "core_volume_ml": self.core_ml,
-            "penumbra_volume_ml": self.penumbra_ml,
-            "hypoperfused_volume_ml": self.hypoperfused_ml,
-            "mismatch_volume_ml": self.mismatch_ml,
-            "target_mismatch": float(self.target_mismatch),
+            Measurement.CORE_VOLUME: self.core_ml,
+            Measurement.PENUMBRA_VOLUME: self.penumbra_ml,
+            Measurement.HYPOPERFUSED_VOLUME: self.hypoperfused_ml,
+            Measurement.MISMATCH_VOLUME: self.mismatch_ml,
+            Measurement.TARGET_MISMATCH: float(self.target_mismatch),
         }
         if self.mismatch_ratio is not None:
-            values["mismatch_ratio"] = self.mismatch_ratio
+            values[Measurement.MISMATCH_RATIO] = self.mismatch_ratio
         if self.hypoperfusion_intensity_ratio is not None:
-            values["hypoperfusion_intensity_ratio"] = self.hypoperfusion_intensity_ratio
+            values[Measurement.HYPOPERFUSION_INTENSITY_RATIO] = self.hypoperfusion_intensity_ratio
         return values
 
     def as_dict(self) -> dict[str, object]:

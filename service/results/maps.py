@@ -24,7 +24,7 @@ from matplotlib import colormaps  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.sr.coding import Code  # noqa: E402
 
-from service.analysis.findings import MAP_UNITS, Findings  # noqa: E402
+from service.findings import Findings, MapName  # noqa: E402
 from service.results import identity  # noqa: E402
 from service.results.summary import side_markers  # noqa: E402
 
@@ -40,18 +40,19 @@ class MapStyle:
     value_series_number: int
 
 
-MAP_STYLES: dict[str, MapStyle] = {
-    "cbf": MapStyle("CBF", (0.0, 80.0), "inferno", 911, 921),
-    "cbv": MapStyle("CBV", (0.0, 6.0), "inferno", 912, 922),
-    "mtt": MapStyle("MTT", (0.0, 12.0), "viridis", 913, 923),
-    "ttp": MapStyle("TTP", (0.0, 30.0), "viridis", 914, 924),
-    "tmax": MapStyle("Tmax", (0.0, 12.0), "viridis", 915, 925),
-    "adc": MapStyle("ADC", (0.0, 1600.0), "cividis", 916, 926),
+MAP_STYLES: dict[MapName, MapStyle] = {
+    MapName.CBF: MapStyle(MapName.CBF.title, (0.0, 80.0), "inferno", 911, 921),
+    MapName.CBV: MapStyle(MapName.CBV.title, (0.0, 6.0), "inferno", 912, 922),
+    MapName.MTT: MapStyle(MapName.MTT.title, (0.0, 12.0), "viridis", 913, 923),
+    MapName.TTP: MapStyle(MapName.TTP.title, (0.0, 30.0), "viridis", 914, 924),
+    MapName.TMAX: MapStyle(MapName.TMAX.title, (0.0, 12.0), "viridis", 915, 925),
+    MapName.ADC: MapStyle(MapName.ADC.title, (0.0, 1600.0), "cividis", 916, 926),
 }
+"""Each map's look; its series numbers are 911 + ``MapName.place`` (colour) and 921 + place (values)."""
 BAR_WIDTH_PX = 150
 
 
-def colour_bar(name: str, rows: int) -> np.ndarray:
+def colour_bar(name: MapName, rows: int) -> np.ndarray:
     """The colour bar panel (rows, BAR_WIDTH_PX, 3) with ticks, name and unit, drawn once per map."""
     style = MAP_STYLES[name]
     dpi = 100
@@ -64,7 +65,7 @@ def colour_bar(name: str, rows: int) -> np.ndarray:
     axes.yaxis.tick_right()
     axes.tick_params(colors="white", labelsize=max(7, rows // 40))
     figure.text(0.5, 0.97, style.title, color="white", ha="center", va="top", fontsize=max(9, rows // 22), weight="bold")
-    figure.text(0.5, 0.90, MAP_UNITS[name], color="white", ha="center", va="top", fontsize=max(7, rows // 40))
+    figure.text(0.5, 0.90, name.unit, color="white", ha="center", va="top", fontsize=max(7, rows // 40))
     figure.text(0.5, 0.01, "RESEARCH USE\nONLY", color=(240 / 255, 228 / 255, 66 / 255), ha="center", va="bottom",
                 fontsize=max(6, rows // 50), weight="bold")
     buffer = io.BytesIO()
@@ -74,7 +75,7 @@ def colour_bar(name: str, rows: int) -> np.ndarray:
     return np.frombuffer(buffer.getvalue(), dtype=np.uint8).reshape(height, width, 4)[:rows, :BAR_WIDTH_PX, :3]
 
 
-def colour_slices(name: str, volume: np.ndarray, side_markers: tuple[str, str] = ("", "")) -> np.ndarray:
+def colour_slices(name: MapName, volume: np.ndarray, side_markers: tuple[str, str] = ("", "")) -> np.ndarray:
     """Every slice in colour with the bar beside it: (slices, rows, columns + BAR_WIDTH_PX, 3) uint8.
     ``side_markers`` are the patient sides at the image's left and right edges, stamped top left and right."""
     style = MAP_STYLES[name]
@@ -104,8 +105,9 @@ def _glyph(letter: str, size: int) -> np.ndarray:
     return np.frombuffer(buffer.getvalue(), dtype=np.uint8).reshape(height, width, 4)[:size, :size, 0].copy()
 
 
-def build_colour_series(findings: Findings, name: str) -> list[Dataset]:
+def build_colour_series(findings: Findings, name: MapName | str) -> list[Dataset]:
     """One RGB Secondary Capture per source slice, in slice order, for the map ``name``."""
+    name = MapName(name)
     style = MAP_STYLES[name]
     frames = colour_slices(name, findings.maps[name], side_markers(findings))
     series_uid = identity.result_uid(findings.study_uid, findings.version, f"{name}-colour-series")
@@ -127,11 +129,12 @@ def build_colour_series(findings: Findings, name: str) -> list[Dataset]:
     return images
 
 
-def build_parametric_map(findings: Findings, name: str) -> Dataset:
+def build_parametric_map(findings: Findings, name: MapName | str) -> Dataset:
     """The map's values (float32, UCUM unit) as a Parametric Map on the source grid."""
+    name = MapName(name)
     style = MAP_STYLES[name]
     values = np.nan_to_num(findings.maps[name]).astype(np.float32)
-    unit = MAP_UNITS[name]
+    unit = name.unit
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=name.upper(), lut_explanation=f"{style.title} ({unit})", unit=Code(unit, "UCUM", unit),
         value_range=(float(values.min()), float(values.max())), slope=1.0, intercept=0.0,

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from service.analysis.findings import Findings
+from service.findings import Findings, SegmentKind
 from service.results import identity
 from service.results.coding import INFARCT, PENUMBRA, scheme_declarations
 
@@ -30,13 +30,13 @@ class SegmentType:
     rgb: tuple[int, int, int]
 
 
-SEGMENT_TYPES: dict[str, SegmentType] = {
+SEGMENT_TYPES: dict[SegmentKind, SegmentType] = {
     # Ischemic core: tissue already infarcted.
-    "core": SegmentType(codes.SCT.MorphologicallyAbnormalStructure, INFARCT, (255, 0, 0)),
+    SegmentKind.CORE: SegmentType(codes.SCT.MorphologicallyAbnormalStructure, INFARCT, (255, 0, 0)),
     # Penumbra: hypoperfused, still viable tissue; SNOMED CT has no concept for it (coding.py).
-    "penumbra": SegmentType(codes.SCT.MorphologicallyAbnormalStructure, PENUMBRA, (0, 255, 0)),
+    SegmentKind.PENUMBRA: SegmentType(codes.SCT.MorphologicallyAbnormalStructure, PENUMBRA, (0, 255, 0)),
 }
-"""Coded property category and type per ``Segment.key``: SNOMED CT morphologic abnormalities,
+"""Coded property category and type per ``SegmentKind``: SNOMED CT morphologic abnormalities,
 99SGATE where SNOMED CT has none."""
 
 
@@ -51,12 +51,9 @@ def segment_masks(findings: Findings) -> np.ndarray:
         raise ValueError("findings.source_images is empty: a SEG needs the images it was drawn on")
     if not findings.segments:
         raise ValueError("findings.segments is empty: nothing to encode in a SEG")
-    keys = [s.key for s in findings.segments]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"segment keys must be unique, got {keys}")
-    unknown = [k for k in keys if k not in SEGMENT_TYPES]
-    if unknown:
-        raise ValueError(f"no coded segment type for keys {unknown}; known keys: {sorted(SEGMENT_TYPES)}")
+    idents = [s.ident for s in findings.segments]
+    if len(set(idents)) != len(idents):
+        raise ValueError(f"segments must be unique, got {idents}")
     for ds in sources:
         if ds.StudyInstanceUID != findings.study_uid:
             raise ValueError(
@@ -121,7 +118,7 @@ def segment_descriptions(findings: Findings) -> list[hd.seg.SegmentDescription]:
                 segmented_property_type=kind.property_type,
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,
-                tracking_uid=tracking_uid(findings, segment.key),
+                tracking_uid=tracking_uid(findings, segment.ident),
                 tracking_id=segment.label,
                 anatomic_regions=[codes.SCT.Brain],
                 display_color=hd.color.CIELabColor.from_rgb(*kind.rgb),
@@ -130,9 +127,10 @@ def segment_descriptions(findings: Findings) -> list[hd.seg.SegmentDescription]:
     return descriptions
 
 
-def tracking_uid(findings: Findings, key: str) -> str:
-    """Tracking UID of segment ``key``: the same in the SEG and in the SR that measures it."""
-    return identity.result_uid(findings.study_uid, findings.version, f"tracking-{key}")
+def tracking_uid(findings: Findings, ident: str) -> str:
+    """Tracking UID of segment ``ident`` (``Segment.ident``): the same in the SEG and in the SR
+    that measures it."""
+    return identity.result_uid(findings.study_uid, findings.version, f"tracking-{ident}")
 
 
 def build_seg(findings: Findings) -> Dataset:
@@ -145,7 +143,7 @@ def build_seg(findings: Findings) -> Dataset:
     copied from the source images, whose headers alone (no pixel data) suffice.
     """
     pixel_array = segment_masks(findings)
-    keys = [s.key for s in findings.segments]
+    idents = [s.ident for s in findings.segments]
     seg = hd.seg.Segmentation(
         source_images=findings.source_images,
         pixel_array=pixel_array,
@@ -160,13 +158,13 @@ def build_seg(findings: Findings) -> Dataset:
         software_versions=identity.SOFTWARE_VERSIONS,
         device_serial_number=identity.DEVICE_SERIAL_NUMBER,
         content_description=identity.RESEARCH_USE_ONLY,
-        content_label="_".join(keys).upper()[:16],
+        content_label="_".join(idents).upper()[:16],
         omit_empty_frames=False,
-        series_description=f"StrokeGate {'+'.join(keys)} SEG v{findings.version} - research use only",
+        series_description=f"StrokeGate {'+'.join(idents)} SEG v{findings.version} - research use only",
         institution_name=identity.INSTITUTION_NAME,
         content_qualification=hd.ContentQualificationValues.RESEARCH,
     )
-    local_schemes = scheme_declarations(SEGMENT_TYPES[key].property_type for key in keys)
+    local_schemes = scheme_declarations(SEGMENT_TYPES[s.key].property_type for s in findings.segments)
     if local_schemes:
         seg.CodingSchemeIdentificationSequence = local_schemes
     return seg

@@ -19,12 +19,12 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage
 
-from service.analysis.findings import MEASUREMENT_UNITS, Findings
+from service.findings import Findings, Measurement
 from service.results import identity
 from service.results.coding import QC_FLAG, TARGET_MISMATCH, local_code, scheme_declarations
 from service.results.seg import SEGMENT_TYPES, tracking_uid
 
-VERDICT_MEASUREMENT = "target_mismatch"
+VERDICT_MEASUREMENT = Measurement.TARGET_MISMATCH
 """The measurement (1 = met, 0 = not) reported as the TARGET_MISMATCH qualitative evaluation."""
 
 MILLILITER = Code("ml", "UCUM", "milliliter")
@@ -38,7 +38,7 @@ UCUM_UNITS: dict[str, Code] = {
     "mL/100 g/min": codes.UCUM.MilliliterPer100GramPerMinute,
     "mL/100 g": Code("ml/[100]g", "UCUM", "milliliter per 100 gram"),
 }
-"""UCUM code of each unit string used in ``MEASUREMENT_UNITS``."""
+"""UCUM code of each unit string a ``Measurement`` may have."""
 
 PROCEDURES: dict[str, Code] = {
     # CID 100 holds LN 39142-5; StrokeGate's CT analyses all read CT perfusion of the head.
@@ -49,9 +49,9 @@ PROCEDURES: dict[str, Code] = {
 """Procedure reported (TID 1500 row 3), chosen by the Modality of the source images."""
 
 
-def _volume_measurement_names(findings: Findings) -> dict[str, float]:
-    """Measurement names that repeat a segment's volume, mapped to that volume (ml)."""
-    return {f"{s.key}_volume_ml": float(s.volume_ml) for s in findings.segments}
+def _volume_measurement_names(findings: Findings) -> dict[Measurement, float]:
+    """Measurements that repeat a threshold segment's volume, mapped to that volume (ml)."""
+    return {Measurement(f"{s.key}_volume_ml"): float(s.volume_ml) for s in findings.segments if s.model is None}
 
 
 def _check(findings: Findings, seg: Dataset) -> None:
@@ -85,9 +85,7 @@ def _check(findings: Findings, seg: Dataset) -> None:
             if not math.isclose(value, volumes[name], rel_tol=1e-6, abs_tol=1e-3):
                 raise ValueError(f"measurement {name!r} = {value} differs from the segment volume {volumes[name]} ml")
             continue
-        unit = MEASUREMENT_UNITS.get(name)
-        if unit is None:
-            raise ValueError(f"measurement {name!r} has no unit in findings.MEASUREMENT_UNITS")
+        unit = Measurement(name).unit
         if unit not in UCUM_UNITS:
             raise ValueError(f"measurement {name!r} unit {unit!r} has no UCUM code; known: {sorted(UCUM_UNITS)}")
 
@@ -119,7 +117,7 @@ def _segment_groups(findings: Findings, seg: Dataset) -> list[hd.sr.VolumetricRO
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=tracking_uid(findings, segment.key), identifier=segment.label
+                    uid=tracking_uid(findings, segment.ident), identifier=segment.label
                 ),
                 referenced_segment=hd.sr.ReferencedSegment(
                     sop_class_uid=seg.SOPClassUID,
@@ -140,7 +138,7 @@ def _segment_groups(findings: Findings, seg: Dataset) -> list[hd.sr.VolumetricRO
 def _study_group(findings: Findings) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
     volumes = _volume_measurement_names(findings)
     measurements = [
-        hd.sr.Measurement(name=local_code(name), value=float(value), unit=UCUM_UNITS[MEASUREMENT_UNITS[name]])
+        hd.sr.Measurement(name=local_code(name), value=float(value), unit=UCUM_UNITS[Measurement(name).unit])
         for name, value in findings.measurements.items()
         if name not in volumes and name != VERDICT_MEASUREMENT
     ]
@@ -171,7 +169,7 @@ def build_sr(findings: Findings, seg: Dataset) -> Dataset:
 
     ``seg`` is the Segmentation ``build_seg(findings)`` made. Segment volumes are reported once,
     in ml, in their segment's group (a ``<key>_volume_ml`` measurement equal to a segment volume
-    is not repeated); other measurements use the units of ``MEASUREMENT_UNITS``. Series number
+    is not repeated); other measurements use their ``Measurement.unit``. Series number
     902, UIDs from ``result_uid(study, version, "sr" | "sr-series")``; patient and study
     attributes come from the source images.
     """

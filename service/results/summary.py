@@ -21,15 +21,15 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
-from service.analysis.findings import MAP_UNITS, Findings  # noqa: E402
+from service.findings import Analysis, Findings, MapName, SegmentKind  # noqa: E402
 from service.results import identity  # noqa: E402
 
 SUMMARY_SERIES_NUMBER = 903
 VERMILLION = (213 / 255, 94 / 255, 0.0)
 SKY_BLUE = (86 / 255, 180 / 255, 233 / 255)
-SEGMENT_COLOURS = {"core": VERMILLION, "penumbra": SKY_BLUE}
-SEGMENT_LEGEND = {"core": "Ischemic core", "penumbra": "Hypoperfused beyond the core (penumbra)"}
-BACKGROUND = {"ct-perfusion": "cbf", "vendor-perfusion-maps": "cbf"}  # otherwise the diffusion map
+SEGMENT_COLOURS = {SegmentKind.CORE: VERMILLION, SegmentKind.PENUMBRA: SKY_BLUE}
+SEGMENT_LEGEND = {SegmentKind.CORE: "Ischemic core", SegmentKind.PENUMBRA: "Hypoperfused beyond the core (penumbra)"}
+BACKGROUND = {Analysis.CT_PERFUSION: MapName.CBF, Analysis.VENDOR_MAPS: MapName.CBF}  # otherwise the diffusion map
 LINES = [  # core and penumbra volumes are in the legend
     ("hypoperfused_volume_ml", "Hypoperfused (Tmax > {tmax:g} s)", "{:.1f} mL"),
     ("mismatch_volume_ml", "Mismatch volume", "{:.1f} mL"),
@@ -40,10 +40,10 @@ WIDTH_PX, HEIGHT_PX, DPI = 1600, 1000, 100
 MAX_TILES = 16
 
 
-def background_map(findings: Findings) -> tuple[str, np.ndarray]:
+def background_map(findings: Findings) -> tuple[MapName, np.ndarray]:
     """The map the montage is drawn on; ValueError if the analysis kept none."""
-    preferred = BACKGROUND.get(findings.analysis, "adc")
-    for name in (preferred, "cbf", "tmax", "adc"):
+    preferred = BACKGROUND.get(findings.analysis, MapName.ADC)
+    for name in (preferred, MapName.CBF, MapName.TMAX, MapName.ADC):
         if name in findings.maps:
             return name, findings.maps[name]
     raise ValueError(f"{findings.analysis}: no map to draw the summary on (have {sorted(findings.maps)})")
@@ -83,7 +83,7 @@ def text_lines(findings: Findings) -> list[str]:
 def render_summary(findings: Findings) -> np.ndarray:
     """The summary as an RGB array (rows, columns, 3) of uint8, legible at viewer sizes."""
     name, volume = background_map(findings)
-    segments = [s for s in findings.segments if s.key in SEGMENT_COLOURS]
+    segments = [s for s in findings.segments if s.model is None and s.key in SEGMENT_COLOURS]
     slices = montage_slices(volume, [s.mask for s in segments])
     columns = int(np.ceil(np.sqrt(len(slices))))
     rows = int(np.ceil(len(slices) / columns))
@@ -105,9 +105,9 @@ def render_summary(findings: Findings) -> np.ndarray:
         axes.text(0.02, 0.98, left_marker, transform=axes.transAxes, color="white", fontsize=11, va="top")
         axes.text(0.98, 0.98, right_marker, transform=axes.transAxes, color="white", fontsize=11, va="top", ha="right")
         axes.text(0.02, 0.02, f"{k + 1}", transform=axes.transAxes, color="white", fontsize=9)
-    title = {"ct-perfusion": "CT perfusion", "vendor-perfusion-maps": "Perfusion maps"}.get(findings.analysis, "MRI")
+    title = {Analysis.CT_PERFUSION: "CT perfusion", Analysis.VENDOR_MAPS: "Perfusion maps"}.get(findings.analysis, "MRI")
     figure.text(0.64, 0.90, f"StrokeGate - {title}", color="white", fontsize=22, weight="bold", va="top")
-    figure.text(0.64, 0.85, f"background: {name.upper()} ({MAP_UNITS.get(name, '')})", color="white", fontsize=13, va="top")
+    figure.text(0.64, 0.85, f"background: {name.title} ({name.unit})", color="white", fontsize=13, va="top")
     y = 0.80
     for segment in segments:
         figure.patches.append(plt.Rectangle((0.64, y - 0.022), 0.018, 0.026, color=SEGMENT_COLOURS[segment.key],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -43,11 +43,6 @@ def alembic_config(engine: Engine) -> Config:
 def upgrade(engine: Engine) -> None:
     """Bring the schema to the latest migration (idempotent)."""
     command.upgrade(alembic_config(engine), "head")
-
-
-def is_current(engine: Engine) -> bool:
-    """Whether the schema exists (used by readiness)."""
-    return inspect(engine).has_table("alembic_version")
 
 
 class Database:

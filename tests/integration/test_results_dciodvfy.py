@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from dicom_tools import dciodvfy_errors, dciodvfy_warnings, requires_dciodvfy
 
-from service.analysis.findings import MEASUREMENT_UNITS, Findings, Segment
+from service.findings import Findings, Segment
 from service.imaging.geometry import Geometry
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
@@ -87,9 +87,8 @@ def test_dsrdump_reads_the_volume(files: dict[str, Path], findings: Findings) ->
     assert "Ischemic core" in proc.stdout
 
 
-def test_local_codes_only_warn(findings: Findings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_codes_only_warn(findings: Findings, tmp_path: Path) -> None:
     """A measurement without a DICOM code and a QC flag use the 99SGATE scheme: valid, one warning kind."""
-    monkeypatch.setitem(MEASUREMENT_UNITS, "mismatch_ratio", "ratio")
     extended = dataclasses.replace(
         findings, measurements={**findings.measurements, "mismatch_ratio": 2.5}, qc_flags=["low_snr"]
     )

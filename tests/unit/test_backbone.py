@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,9 +12,11 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from service.config import RESULT_CATEGORIES, Destination, load_settings
+from service.analysis.worker import _Heartbeat
 from service.delivery.outbox import ResultFile, backoff, enqueue, series_label
 from service.delivery.scu import SeriesRelabel
 from service.errors import InputError
+from service.findings import ResultKind
 from service.ingest.header import ReceivedInstance
 from service.ingest.spool import Spool
 from service.ingest.tracker import Tracker, record_instances
@@ -141,6 +143,26 @@ def test_a_job_is_claimed_by_one_worker_and_retried_when_its_lease_expires(db: D
         assert s.get(Study, 1).state == StudyState.DONE
 
 
+def test_a_worker_whose_lease_was_taken_over_stops_renewing_it(db: Database) -> None:
+    job_id = queued_job(db)
+    assert jobs.claim(db, "host:1:a", lease_s=0.3, max_attempts=3)
+    heartbeat = _Heartbeat(db, job_id, "host:1:a", lease_s=0.3)
+    try:
+        time.sleep(0.5)  # renewed meanwhile: still ours
+        assert not heartbeat.lost
+        with db.session() as s:  # its lease lapsed (a stalled worker) and another worker took the job
+            s.get(Job, job_id).lease_owner = "host:2:b"
+        for _ in range(50):
+            if heartbeat.lost:
+                break
+            time.sleep(0.05)
+        assert heartbeat.lost  # so its analysis writes and records nothing
+        with db.session() as s:
+            assert s.get(Job, job_id).lease_owner == "host:2:b"  # the new owner's lease was not renewed away
+    finally:
+        heartbeat.stop()
+
+
 def test_dead_local_owners_release_their_jobs_and_attempts_are_bounded(db: Database) -> None:
     job_id = queued_job(db)
     dead = f"{jobs.HOST}:999999:zz"
@@ -159,7 +181,7 @@ def test_backoff_doubles_up_to_the_maximum() -> None:
 
 def test_outbox_rows_are_written_once_per_object_and_destination(db: Database) -> None:
     job_id = queued_job(db)
-    files = [ResultFile("SEG", "9.1", "1.2.840.10008.5.1.4.1.1.66.4", "a/SEG.dcm"), ResultFile("SR", "9.2", "1.2.840.10008.5.1.4.1.1.88.34", "a/SR.dcm")]
+    files = [ResultFile(ResultKind.parse("SEG"), "9.1", "1.2.840.10008.5.1.4.1.1.66.4", "a/SEG.dcm"), ResultFile(ResultKind.parse("SR"), "9.2", "1.2.840.10008.5.1.4.1.1.88.34", "a/SR.dcm")]
     for _ in range(2):
         with db.session() as s:
             enqueue(s, s.get(Job, job_id), files, {"PACS@h:1": RESULT_CATEGORIES, "VNA@h:2": RESULT_CATEGORIES})
@@ -173,7 +195,7 @@ def test_each_destination_gets_only_the_results_it_asks_for(db: Database) -> Non
     with pytest.raises(ValueError, match="send: no result category"):
         Destination.parse("X@h:4?send=seg+pixels")
     job_id = queued_job(db)
-    files = [ResultFile(kind, f"7.{n}", "1.2", f"b/{kind}.dcm") for n, kind in
+    files = [ResultFile(ResultKind.parse(kind), f"7.{n}", "1.2", f"b/{kind}.dcm") for n, kind in
              enumerate(["SEG", "SR", "SUMMARY", "MAP-cbf-001", "PM-cbf"])]
     with db.session() as s:
         enqueue(s, s.get(Job, job_id), files, {viewer.name: viewer.send, "PACS@h:1": RESULT_CATEGORIES})
@@ -191,18 +213,18 @@ def test_a_destination_labels_each_result_series_its_own_way(tmp_path: Path) -> 
         " values: {description: AI values}, summary: {description: Research summary}}}\n"
     )
     (pacs,) = load_settings(config).destinations
-    assert series_label(pacs, "SEG") == SeriesRelabel(number=1901)
-    assert series_label(pacs, "SR") is None  # not set: sent as written
-    assert series_label(pacs, "SUMMARY") == SeriesRelabel(description="Research summary")  # says it already
-    assert series_label(pacs, "MAP-cbf-004") == SeriesRelabel(number=2911, description="AI CBF (RESEARCH)")
-    assert series_label(pacs, "MAP-tmax-001") == SeriesRelabel(number=2915, description="AI Tmax (RESEARCH)")  # its place
-    assert series_label(pacs, "PM-cbv") == SeriesRelabel(description="AI values CBV (RESEARCH)")
+    assert series_label(pacs, ResultKind.parse("SEG")) == SeriesRelabel(number=1901)
+    assert series_label(pacs, ResultKind.parse("SR")) is None  # not set: sent as written
+    assert series_label(pacs, ResultKind.parse("SUMMARY")) == SeriesRelabel(description="Research summary")  # says it already
+    assert series_label(pacs, ResultKind.parse("MAP-cbf-004")) == SeriesRelabel(number=2911, description="AI CBF (RESEARCH)")
+    assert series_label(pacs, ResultKind.parse("MAP-tmax-001")) == SeriesRelabel(number=2915, description="AI Tmax (RESEARCH)")  # its place
+    assert series_label(pacs, ResultKind.parse("PM-cbv")) == SeriesRelabel(description="AI values CBV (RESEARCH)")
     with pytest.raises(ValidationError, match="series: no result category"):
         Destination(ae_title="X", host="h", port=1, series={"pixels": {"number": 5}})
     with pytest.raises(ValidationError):
         Destination(ae_title="X", host="h", port=1, series={"seg": {"number": 0}})
     longest = Destination(ae_title="X", host="h", port=1, series={"maps": {"description": "x" * 48}})
-    assert len(series_label(longest, "MAP-tmax-001").description) <= 64  # LO: the DICOM limit
+    assert len(series_label(longest, ResultKind.parse("MAP-tmax-001")).description) <= 64  # LO: the DICOM limit
 
 
 def test_http_api_health_metrics_and_studies(db: Database) -> None:
@@ -246,6 +268,6 @@ def test_our_own_results_coming_back_do_not_start_a_new_version(db: Database, tm
         record_instances(s, [instance("6.1")], t0)
     job_id = tracker.tick(t0 + timedelta(seconds=2))[0]
     with db.session() as s:
-        enqueue(s, s.get(Job, job_id), [ResultFile("SEG", "6.9", "1.2.840.10008.5.1.4.1.1.66.4", "x/SEG.dcm")], {})
+        enqueue(s, s.get(Job, job_id), [ResultFile(ResultKind.parse("SEG"), "6.9", "1.2.840.10008.5.1.4.1.1.66.4", "x/SEG.dcm")], {})
         assert record_instances(s, [instance("6.9", series="1.2.9.901")], t0 + timedelta(seconds=3)) == 0
         assert s.get(Study, 1).state == StudyState.QUEUED

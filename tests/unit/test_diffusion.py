@@ -15,6 +15,8 @@ from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
 from service.phantom.truth_files import read_nifti
 
+THRESHOLDS = {"adc_threshold": 620.0, "min_lesion_ml": 0.3}  # the settings' defaults
+
 # --- analytic ---------------------------------------------------------------------------------
 
 
@@ -62,7 +64,7 @@ def test_core_mask_keeps_lesions_drops_specks_background_and_outside() -> None:
     assert result.volume_ml == pytest.approx(4.0)
     assert core_mask(adc, brain, 620.0, voxel_ml=0.01, min_volume_ml=0.0).volume_ml == pytest.approx(4.03)
     assert core_mask(adc, brain, 620.0, voxel_ml=0.01, min_volume_ml=5.0).volume_ml == 0.0
-    assert core_mask(adc, brain, 450.0, voxel_ml=0.01).volume_ml == 0.0  # strictly below the threshold
+    assert core_mask(adc, brain, 450.0, voxel_ml=0.01, min_volume_ml=0.3).volume_ml == 0.0  # strictly below the threshold
 
 
 def test_core_mask_connectivity() -> None:
@@ -70,8 +72,8 @@ def test_core_mask_connectivity() -> None:
     adc = np.full((3, 3, 3), 800.0)
     adc[0, 0, 0] = adc[1, 1, 1] = 500.0
     brain = np.ones(adc.shape, dtype=bool)
-    assert core_mask(adc, brain, voxel_ml=1.0, min_volume_ml=2.0, connectivity=3).volume_ml == 2.0
-    assert core_mask(adc, brain, voxel_ml=1.0, min_volume_ml=2.0, connectivity=1).volume_ml == 0.0
+    assert core_mask(adc, brain, 620.0, voxel_ml=1.0, min_volume_ml=2.0, connectivity=3).volume_ml == 2.0
+    assert core_mask(adc, brain, 620.0, voxel_ml=1.0, min_volume_ml=2.0, connectivity=1).volume_ml == 0.0
 
 
 # --- phantom studies --------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def series(root: Path, *names: str) -> dict[str, list[Path]]:
 def test_core_volume_matches_the_truth(phantoms: dict[int, Path], seed: int, kinds: tuple[str, ...]) -> None:
     root = phantoms[seed]
     truth_mask, truth_ml = truth_core_ml(root)
-    findings = analyse_diffusion_core(series(root, *kinds), version=3)
+    findings = analyse_diffusion_core(series(root, *kinds), version=3, **THRESHOLDS)
     measured = findings.measurements["core_volume_ml"]
     assert truth_ml > 10
     assert measured == pytest.approx(truth_ml, rel=0.10), f"seed {seed}: {measured:.2f} mL vs truth {truth_ml:.2f} mL"
@@ -118,7 +120,7 @@ def test_no_stroke_gives_no_core(phantoms: dict[int, Path]) -> None:
     root = phantoms[NO_STROKE]
     assert json.loads((root / "truth" / "clinical.json").read_text())["hypoperfused_ml"] == 0
     for kinds in (("dwi",), ("dwi", "adc")):
-        assert analyse_diffusion_core(series(root, *kinds)).measurements["core_volume_ml"] < 1.0
+        assert analyse_diffusion_core(series(root, *kinds), **THRESHOLDS).measurements["core_volume_ml"] < 1.0
 
 
 def test_findings_from_the_whole_study(phantoms: dict[int, Path]) -> None:
@@ -146,7 +148,7 @@ def test_findings_from_the_whole_study(phantoms: dict[int, Path]) -> None:
 
 
 def test_findings_on_the_dwi_grid_without_adc(phantoms: dict[int, Path]) -> None:
-    findings = analyse_diffusion_core(series(phantoms[STROKES[0]], "dwi"))
+    findings = analyse_diffusion_core(series(phantoms[STROKES[0]], "dwi"), **THRESHOLDS)
     assert [float(h.DiffusionBValue) for h in findings.source_images] == [1000.0] * 20
     z = [float(h.ImagePositionPatient[2]) for h in findings.source_images]
     assert z == sorted(z)
@@ -155,7 +157,7 @@ def test_findings_on_the_dwi_grid_without_adc(phantoms: dict[int, Path]) -> None
 def test_adc_series_alone_is_flagged(phantoms: dict[int, Path]) -> None:
     root = phantoms[STROKES[1]]
     _, truth_ml = truth_core_ml(root)
-    findings = analyse_diffusion_core(series(root, "adc"))
+    findings = analyse_diffusion_core(series(root, "adc"), **THRESHOLDS)
     assert any("brain mask from the ADC alone" in flag for flag in findings.qc_flags)
     assert findings.measurements["core_volume_ml"] == pytest.approx(truth_ml, rel=0.15)
 
@@ -176,11 +178,11 @@ def test_brain_mask_excludes_scalp_and_skull(phantoms: dict[int, Path]) -> None:
 def test_no_diffusion_series(phantoms: dict[int, Path]) -> None:
     root = phantoms[NO_STROKE]
     with pytest.raises(InputError, match=r"no DWI or ADC series in the study \(found: flair\)"):
-        analyse_diffusion_core(sorted((root / "dicom" / "MR" / "flair").glob("*.dcm")))
+        analyse_diffusion_core(sorted((root / "dicom" / "MR" / "flair").glob("*.dcm")), **THRESHOLDS)
     with pytest.raises(InputError, match="no DWI or ADC series"):
-        analyse_diffusion_core({"flair": series(root, "flair")["flair"]})
+        analyse_diffusion_core({"flair": series(root, "flair")["flair"]}, **THRESHOLDS)
 
 
 def test_wrong_study_refused(phantoms: dict[int, Path]) -> None:
     with pytest.raises(InputError, match="mixed into study 1.2.3"):
-        analyse_diffusion_core(series(phantoms[NO_STROKE], "dwi"), study_uid="1.2.3")
+        analyse_diffusion_core(series(phantoms[NO_STROKE], "dwi"), study_uid="1.2.3", **THRESHOLDS)

@@ -3,6 +3,7 @@ reports it: read back with highdicom, every value equals the Findings."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from io import BytesIO
 from pathlib import Path
@@ -12,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from service.analysis.findings import Findings
+from service.findings import Findings
 from service.analysis.pipeline import AnalysisParameters, analyse_study, dispatch, study_series
 from service.config import Settings
 from service.errors import InputError
@@ -23,6 +24,7 @@ from service.results.coding import MEASUREMENT_CODES, QC_FLAG, TARGET_MISMATCH
 from service.results.seg import build_seg
 from service.results.sr import build_sr
 
+DEFAULTS = AnalysisParameters.from_settings(Settings())
 SMALL = PhantomOptions(ct_matrix=96, ct_slices=8, ct_frames=16, noise_hu=0.0, mr_matrix=64, mr_slices=10, mr_snr=40.0)
 
 
@@ -48,7 +50,7 @@ def files(*folders: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def mismatch(small_mri: Path) -> Findings:
-    return dispatch(study_series(files(small_mri)), 1, AnalysisParameters(), None)
+    return dispatch(study_series(files(small_mri)), 1, DEFAULTS, None)
 
 
 def test_series_are_classified(small_mri: Path) -> None:
@@ -58,7 +60,7 @@ def test_series_are_classified(small_mri: Path) -> None:
 
 
 def test_dwi_alone_gives_the_diffusion_core(small_mri: Path) -> None:
-    findings = dispatch(study_series(files(small_mri / "dwi")), 1, AnalysisParameters(), None)
+    findings = dispatch(study_series(files(small_mri / "dwi")), 1, DEFAULTS, None)
     assert findings.analysis == "mri-diffusion-core"
     assert [s.key for s in findings.segments] == ["core"]
     assert findings.measurements["core_volume_ml"] > 1
@@ -80,7 +82,7 @@ def test_dwi_and_pwi_give_the_mismatch(mismatch: Findings) -> None:
 
 
 def test_thresholds_reach_the_mri_analysis(small_mri: Path, mismatch: Findings) -> None:
-    strict = AnalysisParameters(tmax_threshold_s=8.0, criteria=Defuse3Criteria(max_core_ml=1.0))
+    strict = dataclasses.replace(DEFAULTS, tmax_threshold_s=8.0, criteria=Defuse3Criteria(max_core_ml=1.0))
     findings = dispatch(study_series(files(small_mri)), 1, strict, None)
     assert findings.measurements["hypoperfused_volume_ml"] < mismatch.measurements["hypoperfused_volume_ml"]
     assert findings.measurements["target_mismatch"] == 0.0
@@ -94,24 +96,24 @@ def test_a_dsc_series_that_cannot_be_analysed_leaves_the_core_with_a_flag(small_
         ds = pydicom.dcmread(path)
         del ds.EchoTime
         ds.save_as(tmp_path / "pwi" / path.name)
-    findings = dispatch(study_series(files(tmp_path / "dwi", tmp_path / "pwi")), 1, AnalysisParameters(), None)
+    findings = dispatch(study_series(files(tmp_path / "dwi", tmp_path / "pwi")), 1, DEFAULTS, None)
     assert findings.analysis == "mri-diffusion-core"
     assert [f for f in findings.qc_flags if f.startswith("DSC perfusion not analysed:") and "EchoTime" in f]
 
 
 def test_ctp_gives_ct_perfusion_with_the_configured_verdict(small_ctp: Path) -> None:
     ctp = study_series(files(small_ctp / "dicom" / "CT" / "ctp"))
-    findings = dispatch(ctp, 3, AnalysisParameters(), None)
+    findings = dispatch(ctp, 3, DEFAULTS, None)
     assert findings.analysis == "ct-perfusion" and findings.version == 3
     m = findings.measurements
     assert m["target_mismatch"] == float(Defuse3Criteria().is_target(m["core_volume_ml"], m["hypoperfused_volume_ml"]))
-    never = dispatch(ctp, 3, AnalysisParameters(criteria=Defuse3Criteria(min_mismatch_ml=1e6)), None)
+    never = dispatch(ctp, 3, dataclasses.replace(DEFAULTS, criteria=Defuse3Criteria(min_mismatch_ml=1e6)), None)
     assert never.measurements["target_mismatch"] == 0.0 and never.parameters["min_mismatch_ml"] == 1e6
     assert [s.key for s in findings.segments][0] == "core"
 
 
 def test_vendor_maps_give_core_and_penumbra(small_maps: Path) -> None:
-    findings = dispatch(study_series(files(small_maps)), 1, AnalysisParameters(), None)
+    findings = dispatch(study_series(files(small_maps)), 1, DEFAULTS, None)
     assert findings.analysis == "vendor-perfusion-maps"
     assert [s.key for s in findings.segments] == ["core", "penumbra"]
     m = findings.measurements
@@ -121,23 +123,26 @@ def test_vendor_maps_give_core_and_penumbra(small_maps: Path) -> None:
 
 def test_vendor_maps_without_tmax_are_refused(small_maps: Path) -> None:
     with pytest.raises(InputError, match="without TMAX"):
-        dispatch(study_series(files(small_maps / "cbf", small_maps / "cbv")), 1, AnalysisParameters(), None)
+        dispatch(study_series(files(small_maps / "cbf", small_maps / "cbv")), 1, DEFAULTS, None)
 
 
 def test_a_study_with_nothing_to_analyse_is_refused_with_what_it_holds(small_mri: Path) -> None:
     with pytest.raises(InputError, match=r"nothing to analyse.*1 flair"):
-        analyse_study(files(small_mri / "flair"), 1, AnalysisParameters())
+        analyse_study(files(small_mri / "flair"), 1, DEFAULTS)
     with pytest.raises(InputError, match="no instances"):
-        analyse_study([], 1, AnalysisParameters())
+        analyse_study([], 1, DEFAULTS)
 
 
 def test_parameters_come_from_the_settings() -> None:
-    assert AnalysisParameters.from_settings(Settings()) == AnalysisParameters()
+    assert AnalysisParameters.from_settings(Settings()) == AnalysisParameters(
+        adc_threshold=620, min_lesion_ml=0.3, core_rcbf=0.3, tmax_threshold_s=6, vessel_cbv=8, anatomy_detail=True,
+        criteria=Defuse3Criteria(70, 1.8, 15),
+    )
     settings = Settings(core_rcbf_threshold=0.2, tmax_threshold_s=8, target_max_core_ml=50,
                         target_min_mismatch_ratio=2, target_min_mismatch_ml=10, adc_core_threshold=600,
                         vessel_cbv_threshold=10, ctp_anatomy_detail=False)
     assert AnalysisParameters.from_settings(settings) == AnalysisParameters(
-        adc_threshold=600, core_rcbf=0.2, tmax_threshold_s=8, vessel_cbv=10, anatomy_detail=False,
+        adc_threshold=600, min_lesion_ml=0.3, core_rcbf=0.2, tmax_threshold_s=8, vessel_cbv=10, anatomy_detail=False,
         criteria=Defuse3Criteria(50, 2, 10),
     )
     with pytest.raises(ValueError):

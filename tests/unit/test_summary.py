@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from service.analysis.findings import Findings, Segment
+from service.findings import Findings, Segment
 from service.imaging.geometry import Geometry
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions

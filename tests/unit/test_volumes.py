@@ -319,4 +319,4 @@ def test_separate_directions_refused(dwi: list[Dataset]) -> None:
 def test_one_b_value_without_adc_is_refused(dwi: list[Dataset]) -> None:
     b1000 = [ds for ds in dwi if float(ds.DiffusionBValue) == 1000]
     with pytest.raises(InputError, match=r"DWI has only one b-value \(1000\); need b=0 and b>=500, or an ADC series"):
-        analyse_diffusion_core({"dwi": b1000})
+        analyse_diffusion_core({"dwi": b1000}, adc_threshold=620.0, min_lesion_ml=0.3)

@@ -1,0 +1,256 @@
+"""What one analysis of one study version found: the contract between the stages.
+
+Analysis fills a ``Findings``; results turn it into DICOM objects; delivery and the API read the
+vocabularies below. Every stage imports this module and it imports nothing of StrokeGate's (the
+geometry type is named for type checkers only), so no stage needs another's internals to talk
+about a study's results.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from importlib.metadata import version
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the annotations only: importing this module costs nothing
+    import numpy as np
+    from pydicom.dataset import Dataset
+
+    from service.imaging.geometry import Geometry
+
+VERSION = version("strokegate")
+"""StrokeGate's version as written into results (pyproject.toml's)."""
+
+
+class SeriesKind(StrEnum):
+    """What a received series is, as far as the analyses care (``imaging.classify``)."""
+
+    DWI = "dwi"
+    ADC = "adc"
+    PWI = "pwi"  # DSC perfusion MRI
+    CTP = "ctp"  # CT perfusion, 4D
+    CT_MAP = "ct-map"  # a vendor's derived perfusion map
+    FLAIR = "flair"
+    OTHER = "other"
+
+
+class Analysis(StrEnum):
+    """Which analysis produced a Findings (``analysis.pipeline`` picks it from the series)."""
+
+    MRI_MISMATCH = "mri-perfusion-diffusion-mismatch"
+    MRI_DIFFUSION_CORE = "mri-diffusion-core"
+    CT_PERFUSION = "ct-perfusion"
+    VENDOR_MAPS = "vendor-perfusion-maps"
+
+
+class MapName(StrEnum):
+    """A quantitative map a Findings may carry, in the order its result series are numbered."""
+
+    CBF = "cbf"
+    CBV = "cbv"
+    MTT = "mtt"
+    TTP = "ttp"
+    TMAX = "tmax"
+    ADC = "adc"
+
+    @property
+    def unit(self) -> str:
+        """UCUM unit of the map's values."""
+        return _MAP_UNITS[self]
+
+    @property
+    def title(self) -> str:
+        """The name a reader knows it by."""
+        return "Tmax" if self is MapName.TMAX else self.value.upper()
+
+    @property
+    def place(self) -> int:
+        """Offset of its series numbers after the first map's (CBF 0, CBV 1, ... ADC 5)."""
+        return list(MapName).index(self)
+
+
+_MAP_UNITS = {
+    MapName.CBF: "ml/100g/min",
+    MapName.CBV: "ml/100g",
+    MapName.MTT: "s",
+    MapName.TTP: "s",
+    MapName.TMAX: "s",
+    MapName.ADC: "um2/s",  # 1e-6 mm2/s
+}
+
+
+class Measurement(StrEnum):
+    """A number a Findings reports; its value is the key used in the API and ``findings.json``."""
+
+    CORE_VOLUME = "core_volume_ml"
+    PENUMBRA_VOLUME = "penumbra_volume_ml"
+    HYPOPERFUSED_VOLUME = "hypoperfused_volume_ml"
+    MISMATCH_VOLUME = "mismatch_volume_ml"
+    MISMATCH_RATIO = "mismatch_ratio"
+    HYPOPERFUSION_INTENSITY_RATIO = "hypoperfusion_intensity_ratio"
+    TARGET_MISMATCH = "target_mismatch"  # 1: DEFUSE 3 target mismatch criteria met, 0: not
+
+    @property
+    def unit(self) -> str:
+        """Unit of the value: "ml", "ratio" or "1" (a yes/no verdict)."""
+        if self.value.endswith("_ml"):
+            return "ml"
+        return "1" if self is Measurement.TARGET_MISMATCH else "ratio"
+
+
+class SegmentKind(StrEnum):
+    """A labelled region a Findings may carry (each becomes one SEG segment)."""
+
+    CORE = "core"
+    PENUMBRA = "penumbra"
+
+
+class ResultCategory(StrEnum):
+    """What a destination can be sent: the SEG, the SR, the summary image, the colour map series
+    and the map values (Parametric Maps)."""
+
+    SEG = "seg"
+    SR = "sr"
+    SUMMARY = "summary"
+    MAPS = "maps"
+    VALUES = "values"
+
+
+_RESULT_NAME = re.compile(r"^(SEG|SR|SUMMARY)$|^MAP-([a-z]+)-(\d{3})$|^PM-([a-z]+)$")
+
+
+@dataclass(frozen=True)
+class ResultKind:
+    """One result object of a study version: its category, and for map series which map (and, for
+    a colour series, which slice, from 1)."""
+
+    category: ResultCategory
+    map: MapName | None = None
+    index: int | None = None
+
+    def __post_init__(self) -> None:
+        per_map = self.category in (ResultCategory.MAPS, ResultCategory.VALUES)
+        if per_map != (self.map is not None) or (self.category is ResultCategory.MAPS) != (self.index is not None):
+            raise ValueError(f"not a result kind: {self.category} {self.map} {self.index}")
+
+    @property
+    def name(self) -> str:
+        """Its name in file names and the database: "SEG", "SR", "SUMMARY", "MAP-cbf-001", "PM-cbf"."""
+        if self.category is ResultCategory.MAPS:
+            return f"MAP-{self.map}-{self.index:03d}"
+        if self.category is ResultCategory.VALUES:
+            return f"PM-{self.map}"
+        return self.category.name
+
+    @classmethod
+    def parse(cls, name: str) -> ResultKind:
+        """The kind a stored ``name`` stands for."""
+        match = _RESULT_NAME.match(name)
+        if match is None:
+            raise ValueError(f"not a result kind name: {name!r}")
+        fixed, colour_map, index, value_map = match.groups()
+        if fixed:
+            return cls(ResultCategory[fixed])
+        if colour_map:
+            return cls(ResultCategory.MAPS, MapName(colour_map), int(index))
+        return cls(ResultCategory.VALUES, MapName(value_map))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+SEG = ResultKind(ResultCategory.SEG)
+SR = ResultKind(ResultCategory.SR)
+SUMMARY = ResultKind(ResultCategory.SUMMARY)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A learned model that contributed to a Findings: written into the results' algorithm
+    identification and the API."""
+
+    name: str
+    version: str
+    sha256: str  # of the model file its card names
+    backend: str  # what ran it, e.g. "onnxruntime (CPUExecutionProvider)"
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """Identification written into every result object."""
+
+    name: str = "StrokeGate"
+    version: str = VERSION
+    family: str = "research use only, not for diagnosis"
+
+
+@dataclass
+class Segment:
+    """One labelled region on the source grid: a boolean [slice, row, column] mask."""
+
+    key: SegmentKind
+    label: str  # shown to the reader, e.g. "Ischemic core"
+    mask: np.ndarray
+    volume_ml: float
+    model: ModelInfo | None = None  # the learned model that drew it; None: the threshold method
+
+    def __post_init__(self) -> None:
+        self.key = SegmentKind(self.key)
+
+    @property
+    def ident(self) -> str:
+        """Unique among a Findings' segments: the kind, and for a model's segment the model's name."""
+        return self.key.value if self.model is None else f"{self.key.value}-{self.model.name}"
+
+
+@dataclass
+class Findings:
+    """Everything the results need, with no DICOM encoding decisions in it.
+
+    ``source_images`` are the headers (pydicom Datasets, pixel data not needed) of the series the
+    segments are drawn on, ordered like the mask's slices; every result references them and copies
+    the patient and study identifiers from them.
+    """
+
+    study_uid: str
+    version: int
+    analysis: Analysis
+    geometry: Geometry
+    source_images: list[Dataset]
+    segments: list[Segment]
+    measurements: dict[Measurement, float]
+    qc_flags: list[str] = field(default_factory=list)
+    maps: dict[MapName, np.ndarray] = field(default_factory=dict)  # float32 on the source grid, in MapName.unit
+    parameters: dict[str, float] = field(default_factory=dict)  # thresholds used
+    algorithm: Algorithm = field(default_factory=Algorithm)
+    models: list[ModelInfo] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Names given as plain strings become the vocabularies' members (ValueError if unknown)."""
+        self.analysis = Analysis(self.analysis)
+        self.measurements = {Measurement(k): v for k, v in self.measurements.items()}
+        self.maps = {MapName(k): v for k, v in self.maps.items()}
+
+    def segment(self, kind: SegmentKind) -> Segment | None:
+        """The segment of ``kind`` drawn by the threshold method, if there is one."""
+        return next((s for s in self.segments if s.key is kind and s.model is None), None)
+
+    def summary(self) -> dict:
+        """JSON-able record (no arrays, no patient identifiers) for the database and the API."""
+        return {
+            "study_uid": self.study_uid,
+            "version": self.version,
+            "analysis": self.analysis.value,
+            "measurements": {Measurement(k).value: round(float(v), 3) for k, v in self.measurements.items()},
+            "segments": {s.key.value: round(float(s.volume_ml), 3) for s in self.segments if s.model is None},
+            "qc_flags": list(self.qc_flags),
+            "parameters": dict(self.parameters),
+            "algorithm": {"name": self.algorithm.name, "version": self.algorithm.version},
+            "models": [
+                {"name": m.name, "version": m.version, "sha256": m.sha256, "backend": m.backend} for m in self.models
+            ],
+            "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+        }
