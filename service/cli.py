@@ -208,6 +208,8 @@ def log_tag(
 def process(
     input_dir: Annotated[Path, typer.Argument(help="Folder of DICOM files (any depth).", exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option("--out", help="Folder for result objects and findings.json.")],
+    nihss: Annotated[int | None, typer.Option("--nihss", min=0, max=42,
+                                              help="The patient's NIHSS (0-42), for the learned models that take it.")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Analyse a folder offline and write every result object as .dcm plus findings.json."""
@@ -216,9 +218,9 @@ def process(
 
     settings = _settings(config)
     try:
-        written = process_folder(input_dir, out, settings)
+        written = process_folder(input_dir, out, settings, nihss=nihss)
     except InputError as error:
-        console.print(f"[red]cannot analyse {input_dir}:[/red] {error}")
+        console.print(f"[red]cannot analyse {input_dir}:[/red] {error}", soft_wrap=True)
         raise typer.Exit(1) from error
     for path in written:
         console.print(f"wrote {path}")
@@ -314,14 +316,14 @@ def models(
     console.print(table)
     found = shipped_models(settings.models_dir)
     if not found:
-        console.print(f"[red]no model files with cards in {settings.models_dir}[/red]")
+        console.print(f"[red]no model files with cards in {settings.models_dir}[/red]", soft_wrap=True)
         raise typer.Exit(1)
     failed = False
     for path in found:
         try:
             card = read_card(card_path(path))
         except ModelError as error:
-            console.print(f"[red]refused:[/red] {error}")
+            console.print(f"[red]refused:[/red] {error}", soft_wrap=True)
             failed = True
             continue
         t = card.training

@@ -14,8 +14,9 @@ from service.imaging.discover import studies_in
 log = logging.getLogger(__name__)
 
 
-def process_folder(input_dir: Path, out: Path, settings: Settings) -> list[Path]:
+def process_folder(input_dir: Path, out: Path, settings: Settings, nihss: int | None = None) -> list[Path]:
     """Analyse every study under ``input_dir``; write its result objects and findings.json.
+    ``nihss``: the patient's NIHSS, for the learned models that take it (None: not known).
 
     One study: results directly in ``out``; several: one sub-folder per study. Returns the paths
     written. Raises InputError if there is no DICOM or no study could be analysed.
@@ -31,7 +32,7 @@ def process_folder(input_dir: Path, out: Path, settings: Settings) -> list[Path]
     for index, (study_uid, paths) in enumerate(sorted(studies.items()), start=1):
         target = out if len(studies) == 1 else out / f"study-{index:03d}"
         try:
-            outcome = analyse_study(paths, 1, parameters, study_uid=study_uid)
+            outcome = analyse_study(paths, 1, parameters, study_uid=study_uid, nihss=nihss)
         except InputError as error:
             errors[study_uid] = str(error)
             target.mkdir(parents=True, exist_ok=True)
