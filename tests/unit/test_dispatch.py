@@ -16,7 +16,9 @@ from pydicom.sr.codedict import codes
 from service.findings import CoreMethod, Findings
 from service.analysis.pipeline import AnalysisParameters, analyse_study, dispatch, study_series
 from service.config import Settings
-from service.errors import InputError
+from service.analysis.ctp_model import MODEL_NAME
+from service.errors import InputError, ModelError
+from service.inference.ctp_inputs import CTP_CONTRACT
 from service.inference.engine import Backend
 from service.inference.model_set import ModelSet
 from service.perfusion.thresholds import Defuse3Criteria
@@ -132,10 +134,6 @@ def test_the_ct_model_adds_its_segments_and_gives_the_verdict_when_asked(model_s
     model_core = next(s for s in findings.segments if s.label == "Ischemic core (model)")
     assert findings.measurements["core_volume_ml"] == model_core.volume_ml
     assert any("NIHSS 14 given" in flag for flag in findings.qc_flags)
-    by_threshold = dispatch(ctp, 1, DEFAULTS, None)
-    threshold_core = next(s for s in by_threshold.segments if s.label == "Ischemic core")
-    assert by_threshold.measurements["core_volume_ml"] == threshold_core.volume_ml
-    assert any("no NIHSS known" in flag for flag in by_threshold.qc_flags)
     sr = sr_back(findings)  # the SR encodes the model's volumes as the verdict's
     assert {str(g.tracking_identifier) for g in sr.content.get_volumetric_roi_measurement_groups()} >= {"Ischemic core (model)"}
 
@@ -148,15 +146,20 @@ def test_a_model_that_cannot_run_leaves_the_threshold_results_with_the_reason(mo
     assert findings.core_method is CoreMethod.THRESHOLD and findings.models == []
     assert any(f.startswith("CT perfusion model not run: model ctp-core-penumbra is not installed") for f in findings.qc_flags)
     assert "core and penumbra by the threshold method: the model did not run" in findings.qc_flags
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    source = DEFAULTS.models.folder
+    threshold_core = next(s for s in findings.segments if s.label == "Ischemic core")
+    assert findings.measurements["core_volume_ml"] == threshold_core.volume_ml
+
+
+def test_a_tampered_model_file_is_refused_each_time_it_is_asked_for(tmp_path: Path) -> None:
     for name in ("ctp-core-penumbra.onnx", "ctp-core-penumbra.card.json"):
-        shutil.copy(source / name, broken / name)
-    with open(broken / "ctp-core-penumbra.onnx", "ab") as handle:
+        shutil.copy(DEFAULTS.models.folder / name, tmp_path / name)
+    with open(tmp_path / "ctp-core-penumbra.onnx", "ab") as handle:
         handle.write(b"tampered")
-    findings = dispatch(ctp, 1, dataclasses.replace(DEFAULTS, models=ModelSet(broken)), None)
-    assert any(f.startswith("CT perfusion model not run:") and "sha256" in f for f in findings.qc_flags), findings.qc_flags
+    models = ModelSet(tmp_path)
+    for _ in range(2):
+        with pytest.raises(ModelError, match="sha256"):
+            with models.use(MODEL_NAME, CTP_CONTRACT):
+                pass
 
 
 def test_vendor_maps_give_core_and_penumbra(small_maps: Path) -> None:
