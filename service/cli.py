@@ -89,9 +89,14 @@ def serve(
         config, port=port, ae_title=ae_title, destinations=destination or None, database_url=database_url,
         spool_dir=spool_dir, results_dir=results_dir, http_port=http_port, host=host, http_host=http_host,
     )
+    from service.config import JobQueueKind
+    from service.ops.startup import check_broker
+
     try:
         private_folder(settings.spool_dir, "spool", "spool_dir")
         configure(settings.log_level, tag_key(settings.log_tag_key, settings.spool_dir))
+        if settings.job_queue == JobQueueKind.CELERY:
+            check_broker(settings.broker_url)
     except (SetupError, OSError) as error:
         raise fail(str(error)) from None
     db = _database(settings.database_url)  # before the heavy imports: a bad URL is told at once

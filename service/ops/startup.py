@@ -102,10 +102,10 @@ def check_broker(url: str, timeout_s: float = 5.0) -> None:
         connection.ensure_connection(max_retries=1, timeout=timeout_s)
     except Exception as error:  # noqa: BLE001 - refused, unknown host, wrong credentials, timeout
         text = str(error) or type(error).__name__
-        if "refused" in text.lower():
-            why = "connection refused"
-        elif "ACCESS_REFUSED" in text or "authentication" in text.lower() or "login" in text.lower():
+        if "ACCESS_REFUSED" in text or "login" in text.lower():
             why = "user or password refused"
+        elif "refused" in text.lower():
+            why = "connection refused"
         else:
             why = text.splitlines()[0]
         raise SetupError(f"cannot reach the message broker at {shown} ({why}): start RabbitMQ, or fix broker_url "
