@@ -136,7 +136,7 @@ def worker(
     from service.config import JobQueueKind
     from service.errors import SetupError
     from service.ops.logging import configure, tag_key
-    from service.ops.startup import check_broker
+    from service.ops.startup import check_broker, shown_url
 
     settings = _settings(
         config, broker_url=broker_url, database_url=database_url, spool_dir=spool_dir, results_dir=results_dir,
@@ -166,8 +166,11 @@ def worker(
         console.print(f"{released} jobs of workers no longer running on this host requeued")
     app_ = celery_app(settings.broker_url, settings.celery_queue)
     register_analysis(app_, job_runner(settings, db))
-    console.print(f"StrokeGate worker: {settings.workers} analyses at once from queue {settings.celery_queue!r}", soft_wrap=True)
-    code = run_worker(app_, settings.celery_queue, settings.workers, f"strokegate@{lease.HOST}.{os.getpid()}", settings.log_level)
+    code = run_worker(
+        app_, settings.celery_queue, settings.workers, f"strokegate@{lease.HOST}.{os.getpid()}", settings.log_level,
+        on_ready=lambda: console.print(f"StrokeGate worker ready: {settings.workers} analyses at once from queue "
+                                       f"{settings.celery_queue!r} on {shown_url(settings.broker_url)}", soft_wrap=True),
+    )
     db.dispose()
     raise typer.Exit(code)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from celery import Celery, Task
 from sqlalchemy import select
@@ -138,10 +139,16 @@ def register_analysis(app: Celery, runner: JobRunner) -> Task:
     return analyse
 
 
-def run_worker(app: Celery, queue: str, concurrency: int, hostname: str, log_level: str) -> int:
+def run_worker(
+    app: Celery, queue: str, concurrency: int, hostname: str, log_level: str, on_ready: Callable[[], None] = lambda: None,
+) -> int:
     """Consume ``queue`` with ``concurrency`` threads until a signal stops the worker (SIGTERM:
-    the jobs in progress finish first); returns its exit code."""
+    the jobs in progress finish first); returns its exit code. ``on_ready``: called once it
+    consumes."""
     from celery.concurrency import get_implementation
+    from celery.signals import worker_ready
+
+    worker_ready.connect(lambda **_: on_ready(), weak=False)
 
     worker = app.Worker(
         pool_cls=get_implementation("threads"), concurrency=concurrency, queues=[queue], hostname=hostname, loglevel=log_level,

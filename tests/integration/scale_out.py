@@ -80,7 +80,7 @@ class Worker:
         def ready() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-            return " ready." in self.log.read_text()
+            return "StrokeGate worker ready" in self.log.read_text()
 
         wait_for(ready, timeout, f"the worker to be ready (log: {self.log})", interval=0.5)
 
