@@ -187,3 +187,53 @@ def test_serve_replicas_sending_together_deliver_each_result_once(database_url: 
         assert states == {DeliveryState.SENT: 24}
     finally:
         pacs.stop()
+
+
+def test_serve_publishes_each_runnable_job_once_per_attempt(database_url: str, tmp_path: Path) -> None:
+    """job_queue celery, serve's side, on the machine's RabbitMQ: each queued job is published
+    once; a job back in the queue after a failed attempt, or whose worker's lease expired, is
+    published again; a job running under a live lease or done is not."""
+    from scale_out import BROKER, delete_queue, queue_name, rabbitmq_available
+
+    if not rabbitmq_available():
+        pytest.skip("RabbitMQ is not reachable on 127.0.0.1:5672")
+    from kombu import Connection
+
+    from service.jobs.celery_queue import TASK, CeleryQueue, celery_app
+
+    name = queue_name()
+    quiet_studies(database_url, 3)
+    db = Database(database_url)
+    app = celery_app(BROKER, name)
+
+    def messages() -> list[tuple[str, int]]:
+        """(task, job id) of each message waiting in the queue, taken off it."""
+        taken = []
+        with Connection(BROKER) as connection:
+            queue = connection.SimpleQueue(name, no_ack=True)
+            while True:
+                try:
+                    message = queue.get(timeout=1)
+                except queue.Empty:
+                    break
+                taken.append((message.headers["task"], message.payload[0][0]))
+            queue.close()
+        return sorted(taken)
+
+    try:
+        first, second, third = Tracker(db, Spool(tmp_path / "spool"), 1, 24).tick(utcnow())
+        publisher = CeleryQueue(db, app, name, republish_s=300)
+        assert publisher.publish_runnable(now=0.0) == 3
+        assert publisher.publish_runnable(now=1.0) == 0  # once per attempt
+        assert messages() == [(TASK, first), (TASK, second), (TASK, third)]
+        assert lease.claim(db, "host:1:a", lease_s=60, max_attempts=3, job_id=first)
+        lease.record_error(db, first, "host:1:a", "RuntimeError: out of memory")  # back in the queue: attempt 2
+        assert lease.claim(db, "host:1:b", lease_s=0, max_attempts=3, job_id=second)  # its lease expires at once
+        assert lease.claim(db, "host:1:c", lease_s=60, max_attempts=3, job_id=third)  # running, alive
+        assert publisher.publish_runnable(now=2.0) == 2
+        assert messages() == [(TASK, first), (TASK, second)]
+        assert publisher.publish_runnable(now=400.0) == 2  # still waiting after republish_s: a lost message
+        assert messages() == [(TASK, first), (TASK, second)]
+    finally:
+        db.dispose()
+        delete_queue(name)

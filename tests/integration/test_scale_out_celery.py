@@ -99,6 +99,8 @@ def test_three_workers_analyse_twelve_studies_once_and_deliver_each_result_once_
             assert started_events == {job.id: 2 if job.id == killed_job else 1 for job in jobs}
             worker_logs = "".join(worker.log.read_text() for worker in workers)
             assert sum(f"job {killed_job} done" in line for line in worker_logs.splitlines()) == 1
+            # Taken over at once (the dead worker ran on this host), not after its lease of 60 s.
+            assert f"job {killed_job}: its worker on this host is gone; taking it over" in worker_logs
             # Each result delivered once: a SEG and an SR per study, one file each at the PACS.
             assert len(deliveries) == 2 * STUDIES and all(d.attempts == 1 for d in deliveries)
             files = pacs.files()
