@@ -136,7 +136,7 @@ def worker(
     from service.config import JobQueueKind
     from service.errors import SetupError
     from service.ops.logging import configure, tag_key
-    from service.ops.startup import check_broker, shown_url
+    from service.ops.startup import check_broker, private_folder, shown_url
 
     settings = _settings(
         config, broker_url=broker_url, database_url=database_url, spool_dir=spool_dir, results_dir=results_dir,
@@ -156,8 +156,6 @@ def worker(
     from service.server import job_runner
 
     try:
-        from service.ops.startup import private_folder
-
         private_folder(settings.results_dir, "results", "results_dir")
     except SetupError as error:
         raise fail(str(error)) from None
