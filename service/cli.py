@@ -89,9 +89,14 @@ def serve(
         config, port=port, ae_title=ae_title, destinations=destination or None, database_url=database_url,
         spool_dir=spool_dir, results_dir=results_dir, http_port=http_port, host=host, http_host=http_host,
     )
+    from service.config import JobQueueKind
+    from service.ops.startup import check_broker
+
     try:
         private_folder(settings.spool_dir, "spool", "spool_dir")
         configure(settings.log_level, tag_key(settings.log_tag_key, settings.spool_dir))
+        if settings.job_queue == JobQueueKind.CELERY:
+            check_broker(settings.broker_url)
     except (SetupError, OSError) as error:
         raise fail(str(error)) from None
     db = _database(settings.database_url)  # before the heavy imports: a bad URL is told at once
@@ -111,6 +116,61 @@ def serve(
                   f"{http} {settings.http_host}:{gate.http_port}", soft_wrap=True)
     stop.wait()
     gate.stop()
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    broker_url: Annotated[str | None, typer.Option(help="RabbitMQ URL, e.g. amqp://user:password@rabbitmq:5672//.")] = None,
+    database_url: Annotated[str | None, typer.Option(help="The database serve uses (PostgreSQL when they run on several machines).")] = None,
+    spool_dir: Annotated[Path | None, typer.Option(help="serve's spool folder (shared storage).")] = None,
+    results_dir: Annotated[Path | None, typer.Option(help="serve's results folder (shared storage).")] = None,
+    destination: Annotated[list[str] | None, typer.Option(help="Result destination AE@host:port (repeatable): the same as serve's.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Analyses run at once by this process (threads).")] = None,
+) -> None:
+    """Run analysis jobs that `strokegate serve` publishes (job_queue celery) until SIGTERM (the
+    jobs in progress finish first) or Ctrl-C. Give it serve's configuration: the database, the
+    spool and results folders, the destinations and the analysis settings."""
+    import os
+
+    from service.config import JobQueueKind
+    from service.errors import SetupError
+    from service.ops.logging import configure, tag_key
+    from service.ops.startup import check_broker, private_folder, shown_url
+
+    settings = _settings(
+        config, broker_url=broker_url, database_url=database_url, spool_dir=spool_dir, results_dir=results_dir,
+        destinations=destination or None, workers=workers,
+    )
+    if settings.job_queue != JobQueueKind.CELERY:
+        raise fail("job_queue is database: serve analyses in its own threads and publishes no jobs; set job_queue "
+                   "to celery (STROKEGATE_JOB_QUEUE=celery) for serve and its workers alike", 2)
+    try:
+        configure(settings.log_level, tag_key(settings.log_tag_key, settings.spool_dir))
+        check_broker(settings.broker_url)
+    except (SetupError, OSError) as error:
+        raise fail(str(error)) from None
+    db = _database(settings.database_url)
+    from service.jobs import lease
+    from service.jobs.celery_queue import celery_app, register_analysis, run_worker
+    from service.server import job_runner
+
+    try:
+        private_folder(settings.results_dir, "results", "results_dir")
+    except SetupError as error:
+        raise fail(str(error)) from None
+    released = lease.release_dead_leases(db)
+    if released:
+        console.print(f"{released} jobs of workers no longer running on this host requeued")
+    app_ = celery_app(settings.broker_url, settings.celery_queue)
+    register_analysis(app_, job_runner(settings, db))
+    code = run_worker(
+        app_, settings.celery_queue, settings.workers, f"strokegate@{lease.HOST}.{os.getpid()}", settings.log_level,
+        on_ready=lambda: console.print(f"StrokeGate worker ready: {settings.workers} analyses at once from queue "
+                                       f"{settings.celery_queue!r} on {shown_url(settings.broker_url)}", soft_wrap=True),
+    )
+    db.dispose()
+    raise typer.Exit(code)
 
 
 @db_app.command("upgrade")

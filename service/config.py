@@ -51,6 +51,13 @@ class DicomTransport(str, enum.Enum):
     BOTH = "both"  # either, told apart by the first byte the peer sends (while senders move to TLS)
 
 
+class JobQueueKind(str, enum.Enum):
+    """Where analysis jobs wait and who takes them."""
+
+    DATABASE = "database"  # worker threads of `strokegate serve` claim them from the database (embedded)
+    CELERY = "celery"  # `serve` publishes them to RabbitMQ; `strokegate worker` processes run them
+
+
 class Destination(BaseModel):
     """A DICOM node results are sent to by C-STORE, which of the results it gets and how their
     series are labelled there."""
@@ -145,7 +152,16 @@ class Settings(BaseSettings):
 
     # Study completion and jobs
     series_idle_s: float = Field(15.0, gt=0, description="a series is complete this long after its last instance")
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, description="analysis threads of serve (job_queue database) or of each `strokegate worker`")
+    job_queue: JobQueueKind = Field(
+        JobQueueKind.DATABASE, description="database: serve analyses in its own threads; celery: `strokegate worker` "
+        "processes on other machines do, taking the jobs from broker_url"
+    )
+    broker_url: str = Field("amqp://guest:guest@127.0.0.1:5672//", description="RabbitMQ for job_queue celery")
+    celery_queue: str = Field(
+        "strokegate-analysis", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$",
+        description="the RabbitMQ queue of the analysis tasks; serve and its workers name the same",
+    )
     job_lease_s: float = Field(300.0, gt=0, description="a job whose worker is silent this long is retried")
     job_max_attempts: int = Field(3, ge=1)
 

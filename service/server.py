@@ -1,5 +1,6 @@
-"""The running service: receiver, recorder, tracker, workers, sender and HTTP, started and stopped
-together. Everything is in-process; the state lives in the database and the spool."""
+"""The running service: receiver, recorder, tracker, job queue, sender and HTTP, started and stopped
+together. Analysis runs in-process (job_queue database) or in `strokegate worker` processes (celery);
+the state lives in the database and the spool."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from datetime import datetime
 
 import uvicorn
 
 from service.analysis.pipeline import AnalysisParameters
-from service.analysis.worker import Workers
-from service.config import DicomTransport, Settings
+from service.config import DicomTransport, JobQueueKind, Settings
 from service.delivery.outbox import Sender
 from service.dicomnet import tls
 from service.errors import SetupError
@@ -23,8 +24,11 @@ from service.ingest.spool import Spool
 from service.ingest.tracker import Recorder, Tracker, reconcile
 from service.ops.http import create_app
 from service.ops.loops import Loop, all_up
-from service.ops.startup import bind, open_database, port_problem, private_folder
-from service.store import jobs, tokens
+from service.jobs import lease
+from service.jobs.queue import job_queue
+from service.jobs.runner import JobRunner
+from service.ops.startup import bind, check_broker, open_database, port_problem, private_folder
+from service.store import tokens
 from service.store.database import Database
 
 log = logging.getLogger(__name__)
@@ -58,16 +62,13 @@ class StrokeGate:
             self.spool,
             self.recorder.record,
         )
-        self.tracker = Tracker(self.db, self.spool, settings.series_idle_s, settings.retention_hours,
-                               unsettled_since=self._unsettled_since)
         self.sender = Sender(self.db, settings.results_dir, settings.ae_title, settings.delivery_backoff_s,
                              settings.delivery_backoff_max_s, settings.destinations, tls=_destination_tls(settings))
-        self.workers = Workers(
-            self.db, settings.spool_dir, settings.results_dir,
-            AnalysisParameters.from_settings(settings),
-            {d.name: frozenset(d.send) for d in settings.destinations}, settings.job_lease_s, settings.job_max_attempts,
-            count=settings.workers, on_results=self.sender.wake,
-        )
+        if settings.job_queue == JobQueueKind.CELERY:
+            check_broker(settings.broker_url)
+        self.jobs = job_queue(settings, self.db, job_runner(settings, self.db, on_results=self.sender.wake))
+        self.tracker = Tracker(self.db, self.spool, settings.series_idle_s, settings.retention_hours,
+                               unsettled_since=self._unsettled_since, on_queued=self.jobs.queued)
         self._running = False
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
@@ -89,7 +90,7 @@ class StrokeGate:
     @property
     def loops(self) -> list[Loop]:
         """Every background loop, each restarted after a crash."""
-        return [*self.receiver.loops, self.recorder.loop, self.tracker.loop, *self.workers.loops, self.sender.loop]
+        return [*self.receiver.loops, self.recorder.loop, self.tracker.loop, *self.jobs.loops, self.sender.loop]
 
     def ready(self) -> bool:
         """Readiness: started, every background loop up, and the receiver able to make instances
@@ -110,7 +111,7 @@ class StrokeGate:
         if journalled:
             log.info("recovered after restart: %d journalled instances filed into the spool", journalled)
         recovered = reconcile(self.spool, self.db)
-        released = jobs.release_dead_leases(self.db)
+        released = lease.release_dead_leases(self.db)
         if recovered or released:
             log.info("recovered after restart: %d instances recorded, %d jobs requeued", recovered, released)
         try:
@@ -121,7 +122,7 @@ class StrokeGate:
             raise SetupError(port_problem(error, self.settings.host, self.settings.port, "DICOM", "--port")) from None
         self.recorder.start()
         self.tracker.start()
-        self.workers.start()
+        self.jobs.start()
         self.sender.start()
         if self._http is not None:
             self._http_thread = threading.Thread(target=self._http.run, args=([self._http_socket],), name="http", daemon=True)
@@ -164,13 +165,22 @@ class StrokeGate:
         self.receiver.stop()
         self.recorder.stop()
         self.tracker.stop()
-        self.workers.stop()
+        self.jobs.stop()
         self.sender.stop()
         if self._http is not None:
             self._http.should_exit = True
             if self._http_thread is not None:
                 self._http_thread.join(timeout=10)
         self.db.dispose()
+
+
+def job_runner(settings: Settings, db: Database, on_results: Callable[[], None] | None = None) -> JobRunner:
+    """What runs a claimed job, as ``settings`` configure the analysis and the destinations."""
+    return JobRunner(
+        db, settings.spool_dir, settings.results_dir, AnalysisParameters.from_settings(settings),
+        {d.name: frozenset(d.send) for d in settings.destinations}, settings.job_lease_s, settings.job_max_attempts,
+        on_results=on_results,
+    )
 
 
 def _loopback(host: str) -> bool:

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from service.config import Destination
 from service.delivery.scu import SendOutcome, SeriesRelabel, send_files
@@ -92,8 +92,11 @@ class Sender:
     def __init__(
         self, db: Database, results_dir: Path, calling_ae: str, backoff_s: float, backoff_max_s: float,
         destinations: Collection[Destination] = (), interval_s: float = 0.5, tls: dict[str, ssl.SSLContext] | None = None,
+        claim_s: float = 600.0,
     ) -> None:
-        """``tls``: the TLS context of each destination (by name) that is sent to over DICOM TLS."""
+        """``tls``: the TLS context of each destination (by name) that is sent to over DICOM TLS;
+        ``claim_s``: how long a round's deliveries are this sender's before another may take them
+        (longer than a round of 200 objects takes; a sender that dies mid-round leaves them this long)."""
         self.db = db
         self.destinations = {d.name: d for d in destinations}
         self.tls = tls or {}
@@ -102,6 +105,7 @@ class Sender:
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.interval_s = interval_s
+        self.claim_s = claim_s
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.loop = Loop("sender", self._run)
@@ -129,27 +133,58 @@ class Sender:
             self._wake.clear()
 
     def send_due(self, now: datetime) -> int:
-        """One round: every due delivery, grouped by destination. Returns the number delivered."""
+        """One round: every due delivery, grouped by destination. Returns the number delivered.
+
+        The round's deliveries are claimed first: locked with ``FOR UPDATE SKIP LOCKED`` and moved
+        ``claim_s`` into the future, so that another sender sharing the database (a second serve
+        replica) neither waits for them nor sends them too; each outcome then sets the row's real
+        state, and what this round did not get to is released when it ends."""
         with self.db.session() as session:
-            due = session.scalars(
-                select(Delivery).where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-                .options(selectinload(Delivery.result)).order_by(Delivery.id).limit(200)
+            due = session.execute(
+                select(Delivery, ResultObject.path, ResultObject.kind).join(ResultObject)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+                .order_by(Delivery.id).limit(200).with_for_update(skip_locked=True, of=Delivery)
             ).all()
+            claimed_until = now + timedelta(seconds=self.claim_s)
             batches: dict[str, list[tuple[int, Path, ResultKind]]] = defaultdict(list)
-            for d in due:
-                batches[d.destination].append((d.id, self.results_dir / d.result.path, ResultKind.parse(d.result.kind)))
+            for delivery, path, kind in due:
+                delivery.next_attempt_at = claimed_until
+                batches[delivery.destination].append((delivery.id, self.results_dir / path, ResultKind.parse(kind)))
         delivered = 0
-        for name, items in batches.items():
-            if self._stop.is_set():
-                break
-            destination = self.destinations.get(name) or Destination.parse(name)  # one no longer configured
-            labels = [series_label(destination, kind) for _, _, kind in items]
-            outcomes = send_files(
-                destination, [path for _, path, _ in items], self.calling_ae, labels=labels, tls=self.tls.get(name),
-                on_outcome=lambda index, outcome, items=items, name=name: self._record(items[index][0], outcome, name),
-            )
-            delivered += sum(outcome.delivered for outcome in outcomes)
+        untried = {delivery.id for delivery, _, _ in due}
+        try:
+            for name, items in batches.items():
+                if self._stop.is_set():
+                    break
+                destination = self.destinations.get(name) or Destination.parse(name)  # one no longer configured
+                labels = [series_label(destination, kind) for _, _, kind in items]
+
+                def record(index: int, outcome: SendOutcome, items: list = items, name: str = name) -> None:
+                    untried.discard(items[index][0])
+                    self._record(items[index][0], outcome, name)
+
+                outcomes = send_files(
+                    destination, [path for _, path, _ in items], self.calling_ae, labels=labels, tls=self.tls.get(name),
+                    on_outcome=record,
+                )
+                delivered += sum(outcome.delivered for outcome in outcomes)
+        finally:
+            if untried:
+                self._release(untried, claimed_until, now)
         return delivered
+
+    def _release(self, delivery_ids: set[int], claimed_until: datetime, due_at: datetime) -> None:
+        """Give back claimed deliveries this round did not try (stopping, or an association that
+        ended early): due again at once rather than when the claim runs out."""
+        try:
+            with self.db.session() as session:
+                session.execute(
+                    update(Delivery).where(Delivery.id.in_(delivery_ids), Delivery.state == DeliveryState.PENDING,
+                                           Delivery.next_attempt_at == claimed_until)
+                    .values(next_attempt_at=due_at)
+                )
+        except Exception as error:  # noqa: BLE001 - they are due again when the claim runs out
+            log.error("releasing %d claimed deliveries failed: %s", len(delivery_ids), error)
 
     def _record(self, delivery_id: int, outcome: SendOutcome, destination: str) -> None:
         """Commit one object's outcome, retried through a database hiccup: an outcome not recorded

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 
 from pathlib import Path
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, selectinload
 
@@ -261,11 +261,14 @@ class Tracker:
     def __init__(
         self, db: Database, spool: Spool, series_idle_s: float, retention_hours: float, interval_s: float = 0.5,
         unsettled_since: Callable[[], datetime | None] = lambda: None,
+        on_queued: Callable[[list[int]], None] = lambda job_ids: None,
     ) -> None:
         """``unsettled_since`` tells when the oldest instance that was received but is not yet in
-        the database arrived (None: there is none); no study goes quiet before it is recorded."""
+        the database arrived (None: there is none); no study goes quiet before it is recorded.
+        ``on_queued`` hears of the jobs each tick queued (the job queue, to run them now)."""
         self.db = db
         self.unsettled_since = unsettled_since
+        self.on_queued = on_queued
         self.spool = spool
         self.series_idle = timedelta(seconds=series_idle_s)
         self.retention = timedelta(hours=retention_hours)
@@ -285,7 +288,9 @@ class Tracker:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                self.tick(utcnow())
+                created = self.tick(utcnow())
+                if created:
+                    self.on_queued(created)
             except Exception as error:  # noqa: BLE001 - next tick retries; the state is in the database
                 log.error("tracker tick failed: %s", error)
 
@@ -300,16 +305,22 @@ class Tracker:
             for study in receiving:
                 if not self._complete(study, now, unsettled):
                     continue
-                study.versions += 1
-                study.state = StudyState.QUEUED
-                job = Job(study=study, version=study.versions, last_instance_at=study.last_received_at, created_at=now)
+                version = study.versions + 1
+                # Conditional, so that of several serve processes sharing the database one queues it.
+                taken = session.execute(
+                    update(Study).where(Study.id == study.id, Study.state == StudyState.RECEIVING, Study.versions == study.versions)
+                    .values(state=StudyState.QUEUED, versions=version)
+                ).rowcount
+                if not taken:
+                    continue
+                job = Job(study_id=study.id, version=version, last_instance_at=study.last_received_at, created_at=now)
                 session.add(job)
-                session.add(AuditEvent(kind="job_queued", study_id=study.id, detail={"version": study.versions}))
+                session.add(AuditEvent(kind="job_queued", study_id=study.id, detail={"version": version}))
                 session.flush()
                 created.append(job.id)
                 metrics.SERIES_COMPLETED.inc(len(study.series))
                 metrics.STUDIES_COMPLETED.inc()
-                log.info("study %d version %d complete (%d series): job %d queued", study.id, study.versions, len(study.series), job.id)
+                log.info("study %d version %d complete (%d series): job %d queued", study.id, version, len(study.series), job.id)
             counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         for state in JobState:
             metrics.JOBS.labels(state=state.value).set(counts.get(state, 0))

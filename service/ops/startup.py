@@ -89,6 +89,32 @@ def _database_problem(parsed, shown: str, error: DBAPIError) -> str:  # noqa: AN
     return f"cannot use the database at {shown}: {first}; check the server, the user's rights and --database-url"
 
 
+def check_broker(url: str, timeout_s: float = 5.0) -> None:
+    """SetupError unless the message broker at ``url`` (job_queue celery) accepts a connection."""
+    from kombu import Connection
+
+    shown = shown_url(url)
+    try:
+        connection = Connection(url, connect_timeout=timeout_s)
+    except Exception as error:  # noqa: BLE001 - kombu raises many types for a malformed URL
+        raise SetupError(f"broker_url {shown!r} is not a broker URL ({error}): give amqp://user:password@host:5672//") from None
+    try:
+        connection.ensure_connection(max_retries=1, timeout=timeout_s)
+    except Exception as error:  # noqa: BLE001 - refused, unknown host, wrong credentials, timeout
+        text = str(error) or type(error).__name__
+        if "ACCESS_REFUSED" in text or "login" in text.lower():
+            why = "user or password refused"
+        elif "refused" in text.lower():
+            why = "connection refused"
+        else:
+            why = text.splitlines()[0]
+        raise SetupError(f"cannot reach the message broker at {shown} ({why}): start RabbitMQ, or fix broker_url "
+                         "(STROKEGATE_BROKER_URL, e.g. amqp://user:password@rabbitmq:5672//), or set job_queue "
+                         "to database") from None
+    finally:
+        connection.release()
+
+
 def bind(host: str, port: int, what: str, option: str) -> socket.socket:
     """A listening TCP socket on ``host``:``port``; SetupError when it cannot be had."""
     try:

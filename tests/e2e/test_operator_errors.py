@@ -91,3 +91,54 @@ def test_a_dicom_or_http_port_in_use_ends_the_start_in_one_line(tmp_path: Path) 
         http = serve(tmp_path / "http", "--http-port", taken)  # side by side: quicker
         assert_one_line(*ended(dicom), f"DICOM port {taken} is in use", "--port")
         assert_one_line(*ended(http), f"HTTP port {taken} is in use", "--http-port")
+
+
+def worker(tmp_path: Path, *options: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`strokegate worker` with ``options`` (job_queue celery unless ``env`` says otherwise), started."""
+    command = [str(STROKEGATE), "worker", "--spool-dir", str(tmp_path / "spool"), "--results-dir", str(tmp_path / "results"), *options]
+    if "--database-url" not in options:
+        command += ["--database-url", f"sqlite:///{tmp_path / 'strokegate.db'}"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "COLUMNS": "80", "STROKEGATE_JOB_QUEUE": "celery", **(env or {})})
+
+
+def rabbitmq_available() -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", 5672)) == 0
+
+
+def test_a_worker_without_a_broker_ends_in_one_line(tmp_path: Path) -> None:
+    assert_one_line(*ended(worker(tmp_path, "--broker-url", f"amqp://guest:guest@127.0.0.1:{free_port()}//")),
+                    "cannot reach the message broker", "connection refused", "broker_url")
+
+
+def test_a_worker_with_a_wrong_broker_password_ends_in_one_line_without_showing_it(tmp_path: Path) -> None:
+    if not rabbitmq_available():
+        pytest.skip("RabbitMQ is not reachable on 127.0.0.1:5672")
+    code, lines, stdout = ended(worker(tmp_path, "--broker-url", "amqp://guest:not-the-password@127.0.0.1:5672//"))
+    assert_one_line(code, lines, stdout, "user or password refused", "broker_url")
+    assert "not-the-password" not in lines[0]
+
+
+def test_a_worker_without_its_database_ends_in_one_line(tmp_path: Path) -> None:
+    if not rabbitmq_available():
+        pytest.skip("RabbitMQ is not reachable on 127.0.0.1:5672")
+    assert_one_line(*ended(worker(tmp_path, "--database-url", f"postgresql://strokegate@127.0.0.1:{free_port()}/strokegate")),
+                    "cannot connect to the database server", "connection refused")
+
+
+def test_a_worker_for_the_embedded_job_queue_says_how_to_configure_it(tmp_path: Path) -> None:
+    assert_one_line(*ended(worker(tmp_path, env={"STROKEGATE_JOB_QUEUE": "database"})), "set job_queue to celery")
+
+
+def test_serve_on_celery_without_a_broker_ends_in_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [str(STROKEGATE), "serve", "--spool-dir", str(tmp_path / "spool"), "--results-dir", str(tmp_path / "results"),
+         "--port", "0", "--http-port", str(free_port()), "--database-url", f"sqlite:///{tmp_path / 'strokegate.db'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        env={**os.environ, "COLUMNS": "80", "STROKEGATE_JOB_QUEUE": "celery",
+             "STROKEGATE_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{port}//"},
+    )
+    assert_one_line(*ended(process), "cannot reach the message broker", "or set job_queue to database")

@@ -12,7 +12,6 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from service.config import RESULT_CATEGORIES, Destination, load_settings
-from service.analysis.worker import _Heartbeat
 from service.delivery.outbox import ResultFile, backoff, enqueue, series_label
 from service.delivery.scu import SeriesRelabel
 from service.errors import InputError
@@ -20,8 +19,10 @@ from service.findings import ResultKind
 from service.ingest.header import ReceivedInstance
 from service.ingest.spool import Spool
 from service.ingest.tracker import Tracker, record_instances
+from service.jobs import lease
+from service.jobs.runner import _Heartbeat
 from service.ops.http import create_app
-from service.store import jobs, tokens
+from service.store import tokens
 from service.store.database import Database
 from service.store.models import Delivery, Job, JobState, Study, StudyState, utcnow
 
@@ -131,21 +132,21 @@ def queued_job(db: Database) -> int:
 
 def test_a_job_is_claimed_by_one_worker_and_retried_when_its_lease_expires(db: Database) -> None:
     job_id = queued_job(db)
-    first = jobs.claim(db, "host:1:a", lease_s=60, max_attempts=3)
+    first = lease.claim(db, "host:1:a", lease_s=60, max_attempts=3)
     assert first is not None and first.id == job_id
-    assert jobs.claim(db, "host:2:b", lease_s=60, max_attempts=3) is None  # never twice at once
+    assert lease.claim(db, "host:2:b", lease_s=60, max_attempts=3) is None  # never twice at once
     later = utcnow() + timedelta(seconds=61)
-    second = jobs.claim(db, "host:2:b", lease_s=60, max_attempts=3, now=later)
+    second = lease.claim(db, "host:2:b", lease_s=60, max_attempts=3, now=later)
     assert second is not None and second.attempts == 2
-    assert not jobs.finish(db, job_id, "host:1:a", JobState.DONE)  # the first worker lost its lease
-    assert jobs.finish(db, job_id, "host:2:b", JobState.DONE, findings={"core": 1.0})
+    assert not lease.finish(db, job_id, "host:1:a", JobState.DONE)  # the first worker lost its lease
+    assert lease.finish(db, job_id, "host:2:b", JobState.DONE, findings={"core": 1.0})
     with db.session() as s:
         assert s.get(Study, 1).state == StudyState.DONE
 
 
 def test_a_worker_whose_lease_was_taken_over_stops_renewing_it(db: Database) -> None:
     job_id = queued_job(db)
-    assert jobs.claim(db, "host:1:a", lease_s=0.3, max_attempts=3)
+    assert lease.claim(db, "host:1:a", lease_s=0.3, max_attempts=3)
     heartbeat = _Heartbeat(db, job_id, "host:1:a", lease_s=0.3)
     try:
         time.sleep(0.5)  # renewed meanwhile: still ours
@@ -165,11 +166,11 @@ def test_a_worker_whose_lease_was_taken_over_stops_renewing_it(db: Database) -> 
 
 def test_dead_local_owners_release_their_jobs_and_attempts_are_bounded(db: Database) -> None:
     job_id = queued_job(db)
-    dead = f"{jobs.HOST}:999999:zz"
-    assert jobs.claim(db, dead, lease_s=3600, max_attempts=2)
-    assert jobs.release_dead_leases(db) == 1
-    assert jobs.claim(db, "x:1:a", lease_s=0.0, max_attempts=2)  # attempt 2, lease already expired
-    assert jobs.claim(db, "x:1:b", lease_s=60, max_attempts=2) is None  # attempt 3 > 2: failed
+    dead = f"{lease.HOST}:999999:zz"
+    assert lease.claim(db, dead, lease_s=3600, max_attempts=2)
+    assert lease.release_dead_leases(db) == 1
+    assert lease.claim(db, "x:1:a", lease_s=0.0, max_attempts=2)  # attempt 2, lease already expired
+    assert lease.claim(db, "x:1:b", lease_s=60, max_attempts=2) is None  # attempt 3 > 2: failed
     with db.session() as s:
         job = s.get(Job, job_id)
         assert job.state == JobState.FAILED and "gave up after 2 attempts" in job.error
@@ -252,8 +253,8 @@ def test_spool_of_finished_studies_is_purged_after_the_retention_period(db: Data
     job_id = tracker.tick(t0 + timedelta(seconds=2))[0]
     assert tracker.purge(t0 + timedelta(hours=3)) == 0  # not finished yet: kept
     owner = "h:1:a"
-    assert jobs.claim(db, owner, 60, 3, now=t0 + timedelta(seconds=3))
-    assert jobs.finish(db, job_id, owner, JobState.DONE)
+    assert lease.claim(db, owner, 60, 3, now=t0 + timedelta(seconds=3))
+    assert lease.finish(db, job_id, owner, JobState.DONE)
     assert tracker.purge(t0 + timedelta(hours=1)) == 0  # finished, but within retention
     assert tracker.purge(t0 + timedelta(hours=3)) == 1
     assert spool.files() == []

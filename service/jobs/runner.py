@@ -1,12 +1,12 @@
-"""Workers: take jobs from the database under a lease, analyse, write results, fill the outbox."""
+"""Running one claimed job: analyse the study version, write the result files, and in one
+transaction mark the job done and fill the outbox. The same for every job queue."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Collection
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from sqlalchemy import select
@@ -14,17 +14,17 @@ from sqlalchemy import select
 from service.analysis.pipeline import AnalysisParameters, analyse_study, write_results
 from service.delivery.outbox import enqueue
 from service.errors import InputError
+from service.jobs import lease
 from service.ops import metrics
-from service.ops.loops import Loop
-from service.store import jobs
 from service.store.database import Database
 from service.store.models import Instance, Job, JobState, Series, Study
 
 log = logging.getLogger(__name__)
 
 
-class Workers:
-    """``count`` threads, each running one job at a time."""
+class JobRunner:
+    """What a worker needs to run a job: the database, the folders, the analysis parameters and
+    which result categories each destination wants."""
 
     def __init__(
         self,
@@ -35,10 +35,9 @@ class Workers:
         destinations: dict[str, Collection[str]],
         lease_s: float,
         max_attempts: int,
-        count: int = 1,
         on_results: Callable[[], None] | None = None,
-        poll_s: float = 0.5,
     ) -> None:
+        """``on_results``: called after a job's results are in the outbox (wakes an in-process sender)."""
         self.db = db
         self.spool_dir = spool_dir
         self.results_dir = results_dir
@@ -47,33 +46,10 @@ class Workers:
         self.lease_s = lease_s
         self.max_attempts = max_attempts
         self.on_results = on_results
-        self.poll_s = poll_s
-        self._stop = threading.Event()
-        self.loops = [Loop(f"worker-{i}", self._loop) for i in range(count)]
 
-    def start(self) -> None:
-        for loop in self.loops:
-            loop.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for loop in self.loops:
-            loop.stop()
-        for loop in self.loops:
-            loop.join(timeout=120)
-
-    def _loop(self) -> None:
-        owner = jobs.new_owner()
-        while not self._stop.is_set():
-            try:
-                job = jobs.claim(self.db, owner, self.lease_s, self.max_attempts)
-            except Exception as error:  # noqa: BLE001 - database hiccup; try again
-                log.error("claiming a job failed: %s", error)
-                job = None
-            if job is None:
-                self._stop.wait(self.poll_s)
-                continue
-            self.run(job.id, owner)
+    def claim(self, owner: str, job_id: int | None = None) -> Job | None:
+        """Claim the oldest runnable job (or job ``job_id``) for ``owner``."""
+        return lease.claim(self.db, owner, self.lease_s, self.max_attempts, job_id=job_id)
 
     def run(self, job_id: int, owner: str) -> None:
         """Analyse one claimed job and record its outcome."""
@@ -96,7 +72,7 @@ class Workers:
             files = write_results(outcome, self.results_dir)
         except InputError as error:
             heartbeat.stop()
-            jobs.finish(self.db, job_id, owner, JobState.FAILED, error=str(error))
+            lease.finish(self.db, job_id, owner, JobState.FAILED, error=str(error))
             metrics.JOBS_FAILED.labels(error="input").inc()
             log.warning("job %d failed: %s", job_id, error)
             return
@@ -105,15 +81,15 @@ class Workers:
             reason = f"{type(error).__name__}: {error}"
             log.exception("job %d attempt %d crashed", job_id, attempt)
             if attempt >= self.max_attempts:
-                jobs.finish(self.db, job_id, owner, JobState.FAILED, error=f"internal error after {attempt} attempts: {reason}")
+                lease.finish(self.db, job_id, owner, JobState.FAILED, error=f"internal error after {attempt} attempts: {reason}")
                 metrics.JOBS_FAILED.labels(error="internal").inc()
             else:
-                jobs.record_error(self.db, job_id, owner, reason)
+                lease.record_error(self.db, job_id, owner, reason)
             return
         heartbeat.stop()
         metrics.STAGE_SECONDS.labels(stage="job").observe(time.perf_counter() - started)
         summary = outcome.findings.summary()
-        done = jobs.finish(
+        done = lease.finish(
             self.db, job_id, owner, JobState.DONE, findings=summary,
             also=lambda session, job: enqueue(session, job, files, self.destinations),
         )
@@ -142,7 +118,7 @@ class _Heartbeat:
     def _run(self, db: Database, job_id: int, owner: str, lease_s: float) -> None:
         while not self._stop.wait(lease_s / 3):
             try:
-                if not jobs.extend(db, job_id, owner, lease_s):
+                if not lease.extend(db, job_id, owner, lease_s):
                     self._lost.set()
                     return
             except Exception as error:  # noqa: BLE001 - the next beat tries again

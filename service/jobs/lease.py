@@ -1,9 +1,11 @@
-"""The job queue in the database: claims under a lease, so a job is never run twice at once and a
-crashed worker's job is retried, never lost.
+"""The job rows as a queue: claims under a lease, so a job is never run twice at once and a crashed
+worker's job is retried, never lost.
 
-A claim is one conditional UPDATE (queued, or running with an expired lease), which works the same
-on SQLite and PostgreSQL and between processes. Owners are ``host:pid:token``; at start a process
-releases the leases of dead processes on its own host at once instead of waiting for them to expire.
+A claim locks the oldest runnable row with ``SELECT ... FOR UPDATE SKIP LOCKED`` (PostgreSQL: claims
+by several processes never wait on each other nor take the same row) and takes it with a conditional
+UPDATE (queued, or running with an expired lease), which alone keeps SQLite, where there are no row
+locks, correct. Owners are ``host:pid:token``; a lease held by a process of this host that no
+longer exists is released at once instead of waiting for it to expire.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.ops import metrics
@@ -28,26 +30,38 @@ def new_owner() -> str:
     return f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def claim(db: Database, owner: str, lease_s: float, max_attempts: int, now: datetime | None = None) -> Job | None:
-    """Take the oldest runnable job for ``owner``; jobs out of attempts are failed on the way."""
-    now = now or utcnow()
-    runnable = or_(
+def runnable(now: datetime) -> ColumnElement[bool]:
+    """Jobs a worker may take at ``now``: queued, or running under an expired lease."""
+    return or_(
         Job.state == JobState.QUEUED,
         (Job.state == JobState.RUNNING) & (Job.lease_expires_at < now),
     )
-    with db.session() as session:
-        candidates = session.scalars(select(Job.id).where(runnable).order_by(Job.id).limit(20)).all()
-    for job_id in candidates:
+
+
+def claim(
+    db: Database, owner: str, lease_s: float, max_attempts: int, now: datetime | None = None, job_id: int | None = None,
+) -> Job | None:
+    """Take the oldest runnable job (only job ``job_id`` where given) for ``owner``; jobs out of
+    attempts are failed on the way. None: nothing runnable (or every runnable row is being claimed
+    by another worker right now)."""
+    now = now or utcnow()
+    for _ in range(50):  # each pass takes a row or fails one out of attempts; SQLite races retry
         with db.session() as session:
+            query = select(Job).where(runnable(now)).order_by(Job.id).limit(1).with_for_update(skip_locked=True)
+            if job_id is not None:
+                query = query.where(Job.id == job_id)
+            job = session.scalars(query).first()
+            if job is None:
+                return None
             taken = session.execute(
                 update(Job)
-                .where(Job.id == job_id, runnable)
+                .where(Job.id == job.id, runnable(now))
                 .values(state=JobState.RUNNING, lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s),
                         attempts=Job.attempts + 1, started_at=now)
             ).rowcount
             if not taken:
-                continue  # another worker was faster
-            job = session.get(Job, job_id)
+                continue  # SQLite: another process was faster
+            session.refresh(job)
             if job.attempts > max_attempts:
                 _finish(session, job, JobState.FAILED, f"gave up after {max_attempts} attempts; last error: {job.error}", now)
                 metrics.JOBS_FAILED.labels(error="attempts").inc()
@@ -76,15 +90,37 @@ def record_error(db: Database, job_id: int, owner: str, error: str) -> None:
 
 
 def release_dead_leases(db: Database) -> int:
-    """Requeue running jobs owned by processes of this host that no longer exist."""
+    """At a process's start: requeue running jobs owned by processes of this host that no longer
+    exist (a lease of our own pid is from an earlier process that had it)."""
     released = 0
     with db.session() as session:
         for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING, Job.lease_owner.like(f"{HOST}:%"))):
-            pid = int(job.lease_owner.split(":")[1])
-            if pid == os.getpid() or not _alive(pid):
+            if _gone(job.lease_owner, own_pid_gone=True):
                 job.state, job.lease_owner, job.lease_expires_at = JobState.QUEUED, None, None
                 released += 1
     return released
+
+
+def release_if_owner_gone(db: Database, job_id: int) -> bool:
+    """Requeue job ``job_id`` when it runs under the lease of a process of this host that no longer
+    exists (a worker killed mid-job: its job need not wait for the lease to expire)."""
+    with db.session() as session:
+        job = session.get(Job, job_id, with_for_update={"skip_locked": True})
+        if job is None or job.state != JobState.RUNNING or not job.lease_owner or not _gone(job.lease_owner, own_pid_gone=False):
+            return False
+        job.state, job.lease_owner, job.lease_expires_at = JobState.QUEUED, None, None
+        return True
+
+
+def _gone(owner: str, own_pid_gone: bool) -> bool:
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != HOST or not pid_text.isdigit():
+        return False  # another machine's worker: only its lease's expiry tells
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return own_pid_gone
+    return not _alive(pid)
 
 
 def _alive(pid: int) -> bool:
@@ -122,7 +158,7 @@ def finish(
     """End a job we own as done or failed, with ``also`` run in the same transaction (the outbox
     rows of its results). False if the lease was lost: then someone else runs it again."""
     with db.session() as session:
-        job = session.get(Job, job_id)
+        job = session.get(Job, job_id, with_for_update=True)
         if job is None or job.lease_owner != owner or job.state != JobState.RUNNING:
             return False
         job.findings = findings
