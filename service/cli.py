@@ -76,6 +76,8 @@ def serve(
     http_port: Annotated[int | None, typer.Option(help="HTTP port for /metrics, /healthz and the API.")] = None,
     host: Annotated[str | None, typer.Option(help="Address the DICOM receiver binds (default 127.0.0.1; 0.0.0.0: all).")] = None,
     http_host: Annotated[str | None, typer.Option(help="Address the HTTP server binds (default 127.0.0.1).")] = None,
+    hl7_port: Annotated[int | None, typer.Option(help="HL7 v2 MLLP port for ORU^R01 with the NIHSS (default: none).")] = None,
+    fhir_base_url: Annotated[str | None, typer.Option(help="FHIR R4 base URL searched for each study's NIHSS.")] = None,
 ) -> None:
     """Run the service until SIGTERM or Ctrl-C. Everything it creates is readable by this user only."""
     import signal
@@ -88,6 +90,7 @@ def serve(
     settings = _settings(
         config, port=port, ae_title=ae_title, destinations=destination or None, database_url=database_url,
         spool_dir=spool_dir, results_dir=results_dir, http_port=http_port, host=host, http_host=http_host,
+        hl7_port=hl7_port, fhir_base_url=fhir_base_url,
     )
     try:
         private_folder(settings.spool_dir, "spool", "spool_dir")
@@ -108,7 +111,8 @@ def serve(
     dicom = {"plain": "DICOM", "tls": "DICOM TLS", "both": "DICOM and DICOM TLS"}[settings.dicom_transport.value]
     http = "HTTPS" if settings.http_tls_certificate else "HTTP"
     console.print(f"StrokeGate listening: {dicom} {settings.ae_title}@{settings.host}:{gate.dicom_port}, "
-                  f"{http} {settings.http_host}:{gate.http_port}", soft_wrap=True)
+                  f"{http} {settings.http_host}:{gate.http_port}"
+                  + (f", HL7 MLLP {settings.hl7_host}:{gate.hl7_port}" if gate.hl7_port else ""), soft_wrap=True)
     stop.wait()
     gate.stop()
 

@@ -23,7 +23,7 @@ from pydicom.uid import UID
 
 from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp
 from service.analysis.diffusion_core import analyse_diffusion_core
-from service.findings import SEG, SR, SUMMARY, Findings, ResultCategory, ResultKind, SeriesKind
+from service.findings import SEG, SR, SUMMARY, Findings, NihssUsed, ResultCategory, ResultKind, SeriesKind
 from service.analysis.mri_perfusion import MriPerfusionParameters, add_mismatch, dsc_maps
 from service.analysis.vendor_maps import MapParameters, analyse_vendor_maps
 from service.delivery.outbox import ResultFile
@@ -136,8 +136,12 @@ def check_sop_class(ds: Dataset, series_uid: str) -> None:
                          f"(which requires {required}); the study is not analysed")
 
 
-def analyse_study(paths: list[Path], version: int, parameters: AnalysisParameters, study_uid: str | None = None) -> StudyOutcome:
-    """Analyse the instances at ``paths`` (one study) as result version ``version``.
+def analyse_study(
+    paths: list[Path], version: int, parameters: AnalysisParameters, study_uid: str | None = None,
+    nihss: NihssUsed | None = None,
+) -> StudyOutcome:
+    """Analyse the instances at ``paths`` (one study) as result version ``version``; the results
+    name ``nihss`` as the clinical input (None: "NIHSS not available: imaging only").
 
     Raises InputError when the study cannot be analysed, with the reason.
     """
@@ -151,6 +155,7 @@ def analyse_study(paths: list[Path], version: int, parameters: AnalysisParameter
         raise InputError(f"the {findings.analysis} analysis has {findings.geometry.shape[0]} slice; "
                          f"a lesion volume needs at least {MIN_SLICES} slices")
     findings.timings_s = {"classify": classified, **findings.timings_s}
+    findings.nihss = nihss
     started = time.perf_counter()
     seg = build_seg(findings)
     objects = [(SEG, seg), (SR, build_sr(findings, seg)), *reader_series(findings)]
