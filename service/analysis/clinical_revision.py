@@ -69,7 +69,7 @@ class ClinicalReviser:
         self.on_results, self.on_outcome_stale, self.poll_s = on_results, on_outcome_stale, poll_s
         self._wake, self._stop = threading.Event(), threading.Event()
         self._seen_record = 0
-        self._seen_finished = datetime.min
+        self._seen_finished = datetime(1970, 1, 1)  # every job at the first look
         self.loop = Loop("clinical", self._run)
 
     def start(self) -> None:

@@ -254,6 +254,29 @@ def clinical_group(study_uid: str, version: int, nihss: NihssUsed | None) -> hd.
     return group
 
 
+def clinical_input(report: Dataset) -> dict[str, object]:
+    """What a report's clinical group says, by concept code value: "72089-6" -> (value, unit code),
+    TEXT items -> their text, DATETIME -> its value (the group's tracking items left out).
+    ValueError when the report has none."""
+    groups = [item for container in report.ContentSequence for item in container.get("ContentSequence", [])
+              if _is_clinical_group(item)]
+    if not groups:
+        raise ValueError("the report has no clinical input group")
+    found: dict[str, object] = {}
+    for item in groups[0].ContentSequence:
+        code = item.ConceptNameCodeSequence[0].CodeValue
+        if code in ("112039", "112040"):  # tracking identifier and tracking UID
+            continue
+        if item.ValueType == "NUM":
+            value = item.MeasuredValueSequence[0]
+            found[code] = (float(value.NumericValue), value.MeasurementUnitsCodeSequence[0].CodeValue)
+        elif item.ValueType == "TEXT":
+            found[code] = item.TextValue
+        elif item.ValueType == "DATETIME":
+            found[code] = item.DateTime
+    return found
+
+
 def _is_clinical_group(item: Dataset) -> bool:
     return any(
         child.get("ValueType") == "TEXT" and child.get("TextValue") == CLINICAL_GROUP

@@ -21,7 +21,10 @@ FHIR_JSON = "application/fhir+json"
 
 def nihss_observation(patient_id: str, value: int, effective: datetime, status: str = "final",
                       code: str = "72089-6") -> Observation:
-    """An NIHSS total score Observation for the patient with identifier ``patient_id``."""
+    """An NIHSS total score Observation for the patient with identifier ``patient_id`` (a naive
+    ``effective`` is UTC)."""
+    if effective.tzinfo is None:
+        effective = effective.replace(tzinfo=timezone.utc)
     return Observation.model_validate({
         "resourceType": "Observation",
         "status": status,

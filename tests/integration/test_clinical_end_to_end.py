@@ -20,14 +20,14 @@ import pydicom
 import pytest
 from hl7.client import MLLPClient
 
-from dicom_tools import free_port, requires_storescu, storescu
+from dicom_tools import dciodvfy_errors, free_port, requires_dciodvfy, requires_storescu, storescu
 from fhir_server import FhirServer, nihss_observation
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
+from service.results.sr import clinical_input
 from service_harness import Service, StoreSCP, wait_for
-from test_clinical_report import clinical_items
 
-pytestmark = [pytest.mark.integration, requires_storescu, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, requires_storescu, requires_dciodvfy, pytest.mark.timeout(300)]
 
 PATIENT = "SGPH00000002"
 
@@ -67,7 +67,7 @@ def test_nihss_by_hl7_fhir_and_rest_reaches_the_pacs_as_new_report_versions(tmp_
         storescu(dwi, service.port, "STROKEGATE")
         first = wait_for(lambda: len(pacs.files()) >= 3 and pacs.files(), 120, "SEG, SR and summary at the PACS")
         (report,) = reports_at(pacs)
-        items = clinical_items(report)
+        items = clinical_input(report)
         assert items["72089-6"] == (14.0, "{score}") and items["NIHSSSOURCE"] == "HL7 v2 ORU^R01, id MSG0001"
         study_uid = report.StudyInstanceUID
 
@@ -86,10 +86,13 @@ def test_nihss_by_hl7_fhir_and_rest_reaches_the_pacs_as_new_report_versions(tmp_
         reports = reports_at(pacs)
         assert [int(r.InstanceNumber) for r in reports] == [1, 2, 3, 4]
         assert len({r.SeriesInstanceUID for r in reports}) == 1 and len({r.SOPInstanceUID for r in reports}) == 4
-        assert [clinical_items(r)["72089-6"][0] for r in reports] == [14, 22, 25, 30]
-        assert [clinical_items(r)["NIHSSSOURCE"].split(",")[0] for r in reports] == [
+        assert [clinical_input(r)["72089-6"][0] for r in reports] == [14, 22, 25, 30]
+        assert [clinical_input(r)["NIHSSSOURCE"].split(",")[0] for r in reports] == [
             "HL7 v2 ORU^R01", "HL7 v2 ORU^R01", "FHIR R4 Observation", "StrokeGate REST API"]
         assert len(pacs.files()) == len(first) + 3  # only the three new reports: no imaging object again
+        for path in pacs.files():
+            if pydicom.dcmread(path, stop_before_pixels=True).Modality == "SR":
+                assert dciodvfy_errors(path) == [], path
         deliveries = service.get("/api/deliveries")
         assert sorted(d["kind"] for d in deliveries) == ["SEG", "SR", "SR", "SR", "SR", "SUMMARY"]
 
@@ -99,6 +102,7 @@ def test_nihss_by_hl7_fhir_and_rest_reaches_the_pacs_as_new_report_versions(tmp_
         assert [r["revision"] for r in nihss["clinical_results"]] == [1, 2, 3, 4]
         job = service.get(f"/api/studies/{study_uid}")["jobs"][-1]
         assert job["findings"]["nihss"]["value"] == 30 and job["findings"]["clinical_revision"] == 4
+        assert PATIENT not in service.log.read_text()  # identifiers stay out of the log (FHIR URLs hold them)
     finally:
         service.stop()
         pacs.stop()

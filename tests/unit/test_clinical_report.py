@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 
 from service.findings import NIHSS_NOT_AVAILABLE, NihssSource, NihssUsed
 from service.results.seg import build_seg
-from service.results.sr import CLINICAL_GROUP, build_sr, revise_sr
+from service.results.sr import build_sr, clinical_input, revise_sr
 from test_results import make_findings, patient, write_and_read  # noqa: F401 - the fixture too
 
 HL7_14 = NihssUsed(14, NihssSource.HL7, "MSG0001", datetime(2026, 12, 4, 10, 15), datetime(2026, 12, 4, 10, 20), 1)
@@ -23,25 +23,6 @@ def _walk(items):  # noqa: ANN001, ANN202
     for item in items:
         yield item
         yield from _walk(item.get("ContentSequence", []))
-
-
-def clinical_items(sr: Dataset) -> dict[str, object]:
-    """The clinical group's items by concept code value."""
-    group = next(item for item in _walk(sr.ContentSequence)
-                 if any(c.get("TextValue") == CLINICAL_GROUP for c in item.get("ContentSequence", [])))
-    found = {}
-    for item in group.ContentSequence:
-        code = item.ConceptNameCodeSequence[0].CodeValue
-        if code in ("112039", "112040"):  # the group's tracking identifier and UID
-            continue
-        if item.ValueType == "NUM":
-            found[code] = (float(item.MeasuredValueSequence[0].NumericValue),
-                           item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue)
-        elif item.ValueType == "TEXT":
-            found[code] = item.TextValue
-        elif item.ValueType == "DATETIME":
-            found[code] = item.DateTime
-    return found
 
 
 def imaging_numbers(sr: Dataset) -> list[float]:
@@ -58,7 +39,7 @@ def reports(patient: Path) -> tuple[Dataset, Dataset]:  # noqa: F811
 
 
 def test_the_sr_names_the_nihss_used_with_its_source_and_time(reports: tuple[Dataset, Dataset]) -> None:
-    items = clinical_items(reports[1])
+    items = clinical_input(reports[1])
     assert items["72089-6"] == (14.0, "{score}")
     assert items["CLINICALINPUT"] == "NIHSS 14 (HL7 v2 ORU^R01, assessed 2026-12-04 10:15 UTC)"
     assert items["NIHSSSOURCE"] == "HL7 v2 ORU^R01, id MSG0001"
@@ -66,7 +47,7 @@ def test_the_sr_names_the_nihss_used_with_its_source_and_time(reports: tuple[Dat
 
 
 def test_without_nihss_the_sr_says_imaging_only(reports: tuple[Dataset, Dataset]) -> None:
-    assert clinical_items(reports[0]) == {"CLINICALINPUT": NIHSS_NOT_AVAILABLE}
+    assert clinical_input(reports[0]) == {"CLINICALINPUT": NIHSS_NOT_AVAILABLE}
 
 
 def test_a_revision_is_a_new_instance_of_the_same_series_naming_the_new_nihss(reports: tuple[Dataset, Dataset]) -> None:
@@ -77,8 +58,8 @@ def test_a_revision_is_a_new_instance_of_the_same_series_naming_the_new_nihss(re
     assert second.SeriesInstanceUID == first.SeriesInstanceUID and second.InstanceNumber == 2
     predecessor = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert predecessor.ReferencedSOPInstanceUID == first.SOPInstanceUID
-    assert clinical_items(second)["72089-6"] == (22.0, "{score}")
+    assert clinical_input(second)["72089-6"] == (22.0, "{score}")
     assert imaging_numbers(second) == imaging_numbers(first) != []
     third = revise_sr(second, first.StudyInstanceUID, 1, 3, None)
-    assert clinical_items(third) == {"CLINICALINPUT": NIHSS_NOT_AVAILABLE} and third.InstanceNumber == 3
+    assert clinical_input(third) == {"CLINICALINPUT": NIHSS_NOT_AVAILABLE} and third.InstanceNumber == 3
     assert len({first.SOPInstanceUID, second.SOPInstanceUID, third.SOPInstanceUID}) == 3
