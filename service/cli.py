@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
@@ -213,14 +214,23 @@ def process(
     input_dir: Annotated[Path, typer.Argument(help="Folder of DICOM files (any depth).", exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option("--out", help="Folder for result objects and findings.json.")],
     config: ConfigOption = None,
+    nihss: Annotated[int | None, typer.Option(min=0, max=42, help="The patient's NIHSS (0-42), named in the results.")] = None,
+    nihss_assessed: Annotated[datetime | None, typer.Option(
+        help="When the NIHSS was assessed, UTC, e.g. 2026-12-04T10:15:00 (default: now).")] = None,
 ) -> None:
     """Analyse a folder offline and write every result object as .dcm plus findings.json."""
     from service.analysis.offline import process_folder
     from service.errors import InputError
+    from service.findings import NihssSource, NihssUsed
 
+    if nihss_assessed is not None and nihss is None:
+        raise typer.BadParameter("give the NIHSS too (--nihss)", param_hint="--nihss-assessed")
     settings = _settings(config)
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    given = None if nihss is None else NihssUsed(nihss, NihssSource.DICOM_CLI, "strokegate process --nihss",
+                                                 nihss_assessed or now, now)
     try:
-        written = process_folder(input_dir, out, settings)
+        written = process_folder(input_dir, out, settings, nihss=given)
     except InputError as error:
         console.print(f"[red]cannot analyse {input_dir}:[/red] {error}")
         raise typer.Exit(1) from error

@@ -9,13 +9,15 @@ from pathlib import Path
 from service.analysis.pipeline import AnalysisParameters, analyse_study
 from service.config import Settings
 from service.errors import InputError
+from service.findings import NihssUsed
 from service.imaging.discover import studies_in
 
 log = logging.getLogger(__name__)
 
 
-def process_folder(input_dir: Path, out: Path, settings: Settings) -> list[Path]:
-    """Analyse every study under ``input_dir``; write its result objects and findings.json.
+def process_folder(input_dir: Path, out: Path, settings: Settings, nihss: NihssUsed | None = None) -> list[Path]:
+    """Analyse every study under ``input_dir``; write its result objects and findings.json; the
+    results name ``nihss`` (given on the command line) or say "NIHSS not available: imaging only".
 
     One study: results directly in ``out``; several: one sub-folder per study. Returns the paths
     written. Raises InputError if there is no DICOM or no study could be analysed.
@@ -31,7 +33,7 @@ def process_folder(input_dir: Path, out: Path, settings: Settings) -> list[Path]
     for index, (study_uid, paths) in enumerate(sorted(studies.items()), start=1):
         target = out if len(studies) == 1 else out / f"study-{index:03d}"
         try:
-            outcome = analyse_study(paths, 1, parameters, study_uid=study_uid)
+            outcome = analyse_study(paths, 1, parameters, study_uid=study_uid, nihss=nihss)
         except InputError as error:
             errors[study_uid] = str(error)
             target.mkdir(parents=True, exist_ok=True)
