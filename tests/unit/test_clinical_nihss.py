@@ -157,3 +157,63 @@ def test_findings_summary_says_when_there_is_no_nihss() -> None:
     from service.findings import nihss_summary
 
     assert nihss_summary(None) == {"available": False, "note": NIHSS_NOT_AVAILABLE}
+
+
+def test_the_rest_api_takes_an_nihss_from_an_operator_and_shows_the_study_s_records(db: Database) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.ops.http import create_app
+    from service.store import tokens
+    from service.store.models import ClinicalResult, Job, utcnow
+
+    reader = tokens.create(db, "grafana", tokens.Role.READER)
+    operator = tokens.create(db, "ehr-bridge", tokens.Role.OPERATOR)
+    client = TestClient(create_app(db, lambda: True))
+    body = {"patient_id": "P1", "patient_issuer": "HOSP", "value": 14, "assessed_at": "2026-12-04T10:15:00+01:00",
+            "request_id": "r-1"}
+
+    def post(payload: dict, token: str = operator) -> object:
+        return client.post("/api/nihss", json=payload, headers={"Authorization": f"Bearer {token}"})
+
+    assert post(body, reader).status_code == 403
+    assert post(body).status_code == 201
+    again = post(body)
+    assert again.status_code == 200 and again.json() == {"request_id": "r-1", "stored": False}
+    for bad, reason in (({**body, "value": 55}, "less than or equal to 42"), ({**body, "value": "x"}, "integer"),
+                        ({**body, "assessed_at": "2026-12-04T10:15:00"}, "timezone"),
+                        ({**body, "patient_id": ""}, "at least 1 character")):
+        answer = post(bad)
+        assert answer.status_code == 422 and reason in answer.text, answer.text
+    assert post({**body, "patient_id": "P\x01", "request_id": "r-2"}).json()["detail"] == \
+        "the patient identifier holds control characters"
+
+    with db.session() as session:
+        study = Study(study_uid="1.2.5", patient_id="P1", patient_issuer="HOSP", versions=1)
+        job = Job(study=study, version=1, last_instance_at=utcnow())
+        session.add_all([study, job])
+        session.flush()
+        session.add(ClinicalResult(job_id=job.id, revision=1, nihss_id=None))
+    shown = client.get("/api/studies/1.2.5/nihss", headers={"Authorization": f"Bearer {reader}"}).json()
+    assert shown["nihss_used"] is None and shown["note"] == NIHSS_NOT_AVAILABLE
+    (record,) = shown["records"]
+    assert (record["value"], record["source"], record["assessed_at"]) == (14, "rest", "2026-12-04T09:15:00.000Z")
+    assert record["source_id"] == "ehr-bridge:r-1" and shown["clinical_results"][0]["revision"] == 1
+    assert client.get("/api/studies/9.9/nihss", headers={"Authorization": f"Bearer {reader}"}).status_code == 404
+
+
+def test_the_issuer_of_patient_id_is_read_and_checked_at_the_edge() -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    from service.ingest.header import received_instance
+
+    header = Dataset()
+    header.file_meta = FileMetaDataset()
+    header.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    header.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    header.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    header.StudyInstanceUID, header.SeriesInstanceUID = "1.2.3", "1.2.3.1"
+    header.PatientID, header.IssuerOfPatientID = "P1", "HOSP"
+    assert received_instance(header, "x.dcm", 10, None).patient_issuer == "HOSP"
+    header.IssuerOfPatientID = "H" * 65
+    with pytest.raises(InputError, match="IssuerOfPatientID is 65 characters long"):
+        received_instance(header, "x.dcm", 10, None)
