@@ -1,7 +1,8 @@
 """End to end: the NIHSS by HL7 v2 (the `hl7` package's MLLP client), FHIR R4 (a real FHIR server
 of fhir.resources models) and REST, an MRI study by storescu, the reports at a storescp PACS.
 
-Before the study, an ORU^R01 with NIHSS 14: the SR at the PACS names NIHSS 14 from HL7. After it,
+The FHIR server answers slower than the service waits while the study is analysed: the imaging
+results come regardless. Before the study, an ORU^R01 with NIHSS 14: the SR at the PACS names NIHSS 14 from HL7. After it,
 each later-documented or corrected NIHSS (ORU^R01 22, a FHIR Observation 25 created after the
 study, a REST post 30), all assessed before the analysis, brings a new SR version to the PACS
 (same series, next instance number, naming the new NIHSS and its source) and nothing else: no
@@ -60,7 +61,8 @@ def test_nihss_by_hl7_fhir_and_rest_reaches_the_pacs_as_new_report_versions(tmp_
     hl7_port = free_port()
     service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'gate.db'}", [f"{pacs.address}?send=seg+sr+summary"],
                       env={"STROKEGATE_HL7_PORT": str(hl7_port), "STROKEGATE_FHIR_BASE_URL": fhir.url,
-                           "STROKEGATE_FHIR_POLL_S": "0.5"})
+                           "STROKEGATE_FHIR_POLL_S": "0.5", "STROKEGATE_FHIR_TIMEOUT_S": "1"})
+    fhir.delay_s = 3  # the FHIR server is too slow while the study is analysed: the imaging must not wait
     try:
         service.start()
         assert send_hl7(hl7_port, oru(14, "MSG0001", now - timedelta(minutes=10))) == "AA"
@@ -70,6 +72,8 @@ def test_nihss_by_hl7_fhir_and_rest_reaches_the_pacs_as_new_report_versions(tmp_
         items = clinical_input(report)
         assert items["72089-6"] == (14.0, "{score}") and items["NIHSSSOURCE"] == "HL7 v2 ORU^R01, id MSG0001"
         study_uid = report.StudyInstanceUID
+        assert "FHIR search failed" in service.log.read_text()
+        fhir.delay_s = 0
 
         assert send_hl7(hl7_port, oru(22, "MSG0002", now - timedelta(minutes=9))) == "AA"
         wait_for(lambda: len(reports_at(pacs)) >= 2, 30, "the second report version (HL7 NIHSS 22)")
