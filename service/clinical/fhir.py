@@ -110,21 +110,23 @@ def search_nihss(client: httpx.Client, base_url: str, patient_id: str) -> list[N
 
 
 def _get_bundle(client: httpx.Client, url: str, parameters: dict | None) -> Bundle:
+    """One search page; errors name the URL without its query (which holds the patient identifier)."""
+    where = url.split("?", 1)[0]
     try:
         with client.stream("GET", url, params=parameters, headers={"Accept": "application/fhir+json"}) as response:
             if response.status_code != 200:
-                raise FhirError(f"{url} answered HTTP {response.status_code}")
+                raise FhirError(f"{where} answered HTTP {response.status_code}")
             body = bytearray()
             for chunk in response.iter_bytes():
                 body += chunk
                 if len(body) > MAX_RESPONSE_BYTES:
-                    raise FhirError(f"{url} answered more than {MAX_RESPONSE_BYTES} bytes")
+                    raise FhirError(f"{where} answered more than {MAX_RESPONSE_BYTES} bytes")
     except httpx.HTTPError as error:
-        raise FhirError(f"{url}: {type(error).__name__}: {error}") from None
+        raise FhirError(f"{where}: {type(error).__name__}: {str(error).replace(url, where)}") from None
     try:
         return Bundle.model_validate_json(bytes(body))
     except ValidationError as error:
-        raise FhirError(f"{url} did not answer a FHIR Bundle: {str(error)[:200]}") from None
+        raise FhirError(f"{where} did not answer a FHIR Bundle: {str(error)[:200]}") from None
 
 
 class FhirPoller:

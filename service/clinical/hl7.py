@@ -31,7 +31,7 @@ from datetime import datetime, timedelta, timezone
 
 import hl7
 
-from service.clinical.nihss import NihssReport, as_utc, parse_score
+from service.clinical.nihss import NihssReport, ScoreOutOfRange, as_utc, parse_score
 from service.errors import InputError
 from service.findings import NihssSource
 from service.ops.loops import Loop
@@ -47,6 +47,17 @@ _TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}
 
 class Rejected(Exception):
     """A message StrokeGate does not take at all (AR), with the reason."""
+
+
+class ContentError(InputError):
+    """Wrong content (AE): the reason, and its HL7 table 0357 code for ERR-3."""
+
+    def __init__(self, reason: str, code: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+MISSING, DATA_TYPE, TABLE_VALUE = "101", "102", "103"  # HL7 table 0357
 
 
 @dataclass(frozen=True)
@@ -113,32 +124,41 @@ def nihss_report(message: hl7.Message) -> NihssReport:
     msh = message.segment("MSH")
     control_id = _field(msh, 10)
     if not control_id:
-        raise InputError("MSH-10 (message control ID) is empty")
+        raise ContentError("MSH-10 (message control ID) is empty", MISSING)
     pids = _segments(message, "PID")
     if not pids:
-        raise InputError("no PID segment: the patient is unknown")
+        raise ContentError("no PID segment: the patient is unknown", MISSING)
     patient_id = _component(pids[0], 3, 1)
     if not patient_id:
-        raise InputError("PID-3 (patient identifier) is empty")
+        raise ContentError("PID-3 (patient identifier) is empty", MISSING)
     issuer = _component(pids[0], 3, 4) or None
     observations = [
         obx for obx in _segments(message, "OBX")
         if _component(obx, 3, 1) in NIHSS_CODES and (_component(obx, 3, 3) or "LN") in LOINC_SYSTEMS
     ]
     if not observations:
-        raise InputError(f"no OBX with LOINC {' or '.join(NIHSS_CODES)} (NIHSS total score)")
+        raise ContentError(f"no OBX with LOINC {' or '.join(NIHSS_CODES)} (NIHSS total score)", MISSING)
     obx = next((o for o in observations if _component(o, 3, 1) == NIHSS_CODES[0]), observations[0])
     status = _field(obx, 11)
     if status not in ACCEPTED_STATUSES:
-        raise InputError(f"OBX-11 result status {status[:8]!r} is not taken (deletions are not supported; "
-                         "send a correction with status C)")
-    value = parse_score(_field(obx, 5))
+        raise ContentError(f"OBX-11 result status {status[:8]!r} is not taken (deletions are not supported; "
+                           "send a correction with status C)", TABLE_VALUE)
+    try:
+        value = parse_score(_field(obx, 5))
+    except ScoreOutOfRange as error:
+        raise ContentError(str(error), TABLE_VALUE) from None
+    except InputError as error:
+        raise ContentError(str(error), DATA_TYPE) from None
     obrs = _segments(message, "OBR")
     when = _field(obx, 14) or (_field(obrs[0], 7) if obrs else "") or _field(msh, 7)
     if not when:
-        raise InputError("no assessment time (OBX-14, OBR-7 or MSH-7)")
+        raise ContentError("no assessment time (OBX-14, OBR-7 or MSH-7)", MISSING)
+    try:
+        assessed_at = parse_time(when)
+    except InputError as error:
+        raise ContentError(str(error), DATA_TYPE) from None
     return NihssReport(
-        patient_id=patient_id, patient_issuer=issuer, value=value, assessed_at=parse_time(when),
+        patient_id=patient_id, patient_issuer=issuer, value=value, assessed_at=assessed_at,
         source=NihssSource.HL7, source_id=control_id, detail=f"OBX-11 {status or '(empty)'}",
     )
 
@@ -191,16 +211,6 @@ _ERROR_NAMES = {
 }
 
 
-def _error_code(reason: str) -> str:
-    if "no PID" in reason or "no OBX" in reason or "is empty" in reason or "no assessment" in reason:
-        return "101"
-    if "not a number" in reason or "not a whole number" in reason or "timestamp" in reason:
-        return "102"
-    if "out of range" in reason or "status" in reason:
-        return "103"
-    return "207"
-
-
 def handle_message(text: str, store: Callable[[NihssReport], bool], receiver: str = "STROKEGATE") -> str | None:
     """Answer one HL7 message: parse it, store its NIHSS with ``store`` (True: new, False: resent)
     and build the acknowledgement; None when MSH-15/16 ask for none."""
@@ -212,8 +222,10 @@ def handle_message(text: str, store: Callable[[NihssReport], bool], receiver: st
         report = nihss_report(message)
     except Rejected as error:
         ack, ok = Acknowledgement("AR", str(error), "200"), False
-    except InputError as error:
-        ack, ok = Acknowledgement("AE", str(error), _error_code(str(error))), False
+    except ContentError as error:
+        ack, ok = Acknowledgement("AE", str(error), error.code), False
+    except InputError as error:  # a field StrokeGate cannot store (e.g. a 65-character identifier)
+        ack, ok = Acknowledgement("AE", str(error)), False
     except Exception as error:  # noqa: BLE001 - the hl7 parser's errors are not one class: unreadable input
         if msh is None:
             ack = Acknowledgement("AR", f"not an HL7 v2 message: {type(error).__name__}: {str(error)[:120]}", "100")
@@ -224,7 +236,7 @@ def handle_message(text: str, store: Callable[[NihssReport], bool], receiver: st
         try:
             new = store(report)
         except InputError as error:
-            ack, ok = Acknowledgement("AE", str(error), _error_code(str(error))), False
+            ack, ok = Acknowledgement("AE", str(error)), False
         else:
             log.info("HL7 NIHSS %d stored from message %s (%s)", report.value, report.source_id,
                      "new" if new else "resent: already stored")

@@ -28,6 +28,10 @@ MAX_SOURCE_ID = 128
 MAX_DETAIL = 512
 
 
+class ScoreOutOfRange(InputError):
+    """An NIHSS that is a whole number but not 0-42."""
+
+
 @dataclass(frozen=True)
 class NihssReport:
     """One NIHSS as a sender gave it, before it is stored."""
@@ -75,7 +79,7 @@ def parse_score(text: str) -> int:
     if number != number or number != int(number):
         raise InputError(f"NIHSS value {cleaned[:32]!r} is not a whole number")
     if not 0 <= number <= NIHSS_MAX:
-        raise InputError(f"NIHSS value {int(number)} is out of range (0 to {NIHSS_MAX})")
+        raise ScoreOutOfRange(f"NIHSS value {int(number)} is out of range (0 to {NIHSS_MAX})")
     return int(number)
 
 

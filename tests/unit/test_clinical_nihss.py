@@ -64,19 +64,20 @@ def test_the_nihss_panel_code_is_accepted_too() -> None:
     assert store.reports[0].value == 14
 
 
-@pytest.mark.parametrize(("message", "reason"), [
-    (oru(pid=False), "no PID segment"),
-    (oru(obx=False), "no OBX with LOINC 72089-6 or 70182-1"),
-    (oru(value="55"), "out of range (0 to 42)"),
-    (oru(value="severe"), "is not a number"),
-    (oru(value="14.5"), "not a whole number"),
-    (oru(status="D"), "deletions are not supported"),
-    (oru(when="2026-12-04", control="X"), "not an HL7 timestamp"),
+@pytest.mark.parametrize(("message", "reason", "code"), [
+    (oru(pid=False), "no PID segment", "101"),
+    (oru(obx=False), "no OBX with LOINC 72089-6 or 70182-1", "101"),
+    (oru(value="55"), "out of range (0 to 42)", "103"),
+    (oru(value="severe"), "is not a number", "102"),
+    (oru(value="14.5"), "not a whole number", "102"),
+    (oru(status="D"), "deletions are not supported", "103"),
+    (oru(when="2026-12-04", control="X"), "not an HL7 timestamp", "102"),
+    (oru().replace("SGPH00000002", "P" * 65), "patient identifier is 65 characters long", "207"),
 ])
-def test_bad_content_gets_ae_with_the_reason_in_msa_and_err(message: str, reason: str) -> None:
+def test_bad_content_gets_ae_with_the_reason_in_msa_and_err(message: str, reason: str, code: str) -> None:
     store = Store()
     ack = answer(message, store)
-    assert str(ack.segment("MSA")(1)) == "AE"
+    assert str(ack.segment("MSA")(1)) == "AE" and str(ack.segment("ERR")(3)(1)(1)) == code
     assert reason in str(ack.segment("MSA")(3)).replace("\\S\\", "^")
     assert reason in str(ack.segment("ERR")(8)).replace("\\S\\", "^")
     assert store.reports == []
