@@ -7,6 +7,7 @@ import dataclasses
 from datetime import datetime
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -63,3 +64,55 @@ def test_a_revision_is_a_new_instance_of_the_same_series_naming_the_new_nihss(re
     third = revise_sr(second, first.StudyInstanceUID, 1, 3, None)
     assert clinical_input(third) == {"CLINICALINPUT": NIHSS_NOT_AVAILABLE} and third.InstanceNumber == 3
     assert len({first.SOPInstanceUID, second.SOPInstanceUID, third.SOPInstanceUID}) == 3
+
+
+def test_the_reviser_issues_a_revision_only_when_the_nihss_to_use_changes(
+    reports: tuple[Dataset, Dataset], tmp_path: Path,
+) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from service.analysis.clinical_revision import ClinicalReviser, StaleOutcome
+    from service.clinical.nihss import NihssReport, record_nihss
+    from service.store.database import Database
+    from service.store.models import ClinicalResult, Delivery, Job, JobState, ResultObject, Study, utcnow
+
+    first = reports[0]  # written without an NIHSS
+    results = tmp_path / "results"
+    (results / "s" / "v1").mkdir(parents=True)
+    first.save_as(results / "s" / "v1" / "SR.dcm", enforce_file_format=True)
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    db.upgrade()
+    analysed = utcnow() - timedelta(minutes=1)
+    with db.session() as session:
+        study = Study(study_uid=first.StudyInstanceUID, patient_id="P1", versions=1)
+        job = Job(study=study, version=1, state=JobState.DONE, last_instance_at=analysed, started_at=analysed,
+                  finished_at=analysed, findings={"version": 1})
+        sr = ResultObject(job=job, kind="SR", sop_uid=first.SOPInstanceUID, sop_class_uid=first.SOPClassUID,
+                          path="s/v1/SR.dcm")
+        session.add_all([study, job, sr])
+        session.flush()
+        session.add(ClinicalResult(job_id=job.id, revision=1, nihss_id=None, result_id=sr.id))
+    stale: list[StaleOutcome] = []
+    reviser = ClinicalReviser(db, results, {"PACS@h:104": frozenset({"sr", "seg"})}, on_outcome_stale=stale.append)
+    assert reviser.check() == 0  # nothing received: the report stays as it is
+
+    def receive(value: int, minutes: int, source_id: str) -> None:
+        record_nihss(db, NihssReport("P1", None, value, analysed + timedelta(minutes=minutes), NihssSource.HL7, source_id))
+
+    receive(30, 5, "after")  # assessed after the analysis: kept, not used
+    assert reviser.check() == 0
+    receive(14, -30, "late")  # documented late, assessed before: a new version
+    assert reviser.check() == 1 and reviser.check() == 0
+    (outcome,) = stale
+    assert (outcome.revision, outcome.nihss.value, outcome.report.path) == (2, 14, "s/v1/SR-r2.dcm")
+    second = pydicom.dcmread(results / "s" / "v1" / "SR-r2.dcm")
+    assert clinical_input(second)["72089-6"] == (14.0, "{score}") and second.InstanceNumber == 2
+    with db.session() as session:
+        revisions = session.scalars(select(ClinicalResult).order_by(ClinicalResult.revision)).all()
+        assert [(r.revision, r.nihss_id is None) for r in revisions] == [(1, True), (2, False)]
+        pending = session.scalars(select(Delivery)).all()
+        assert [d.result.sop_uid for d in pending] == [second.SOPInstanceUID]  # the new report alone
+        assert session.scalar(select(Job)).findings["nihss"]["value"] == 14
+    db.dispose()
