@@ -213,8 +213,9 @@ def log_tag(
 def process(
     input_dir: Annotated[Path, typer.Argument(help="Folder of DICOM files (any depth).", exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option("--out", help="Folder for result objects and findings.json.")],
+    nihss: Annotated[int | None, typer.Option("--nihss", min=0, max=42, help="The patient's NIHSS (0-42), for the "
+                                              "learned models that take it, and named in the results.")] = None,
     config: ConfigOption = None,
-    nihss: Annotated[int | None, typer.Option(min=0, max=42, help="The patient's NIHSS (0-42), named in the results.")] = None,
     nihss_assessed: Annotated[datetime | None, typer.Option(
         help="When the NIHSS was assessed, UTC, e.g. 2026-12-04T10:15:00 (default: now).")] = None,
 ) -> None:
@@ -232,7 +233,7 @@ def process(
     try:
         written = process_folder(input_dir, out, settings, nihss=given)
     except InputError as error:
-        console.print(f"[red]cannot analyse {input_dir}:[/red] {error}")
+        console.print(f"[red]cannot analyse {input_dir}:[/red] {error}", soft_wrap=True)
         raise typer.Exit(1) from error
     for path in written:
         console.print(f"wrote {path}")
@@ -328,14 +329,14 @@ def models(
     console.print(table)
     found = shipped_models(settings.models_dir)
     if not found:
-        console.print(f"[red]no model files with cards in {settings.models_dir}[/red]")
+        console.print(f"[red]no model files with cards in {settings.models_dir}[/red]", soft_wrap=True)
         raise typer.Exit(1)
     failed = False
     for path in found:
         try:
             card = read_card(card_path(path))
         except ModelError as error:
-            console.print(f"[red]refused:[/red] {error}")
+            console.print(f"[red]refused:[/red] {error}", soft_wrap=True)
             failed = True
             continue
         t = card.training

@@ -181,6 +181,12 @@ class Settings(BaseSettings):
         description="folder of the model files (.onnx) and their cards (.card.json)",
     )
     engine_cache_dir: Path = Field(Path("engines"), description="TensorRT engines built from the ONNX files, cached per GPU")
+    learned_models: bool = Field(
+        True, description="run the learned models beside the threshold methods (their segments are added to the results)"
+    )
+    ctp_core_method: Literal["threshold", "model"] = Field(
+        "threshold", description="CT perfusion: whose core and penumbra the volumes and verdict use; threshold is the clinical standard"
+    )
 
     # Delivery
     destinations: list[Destination] = Field(default_factory=list)

@@ -108,6 +108,14 @@ class SegmentKind(StrEnum):
     PENUMBRA = "penumbra"
 
 
+class CoreMethod(StrEnum):
+    """Which method's core and penumbra the verdict (volumes, mismatch, target) uses: the threshold
+    method (the clinical standard) or a learned model whose segments sit beside it."""
+
+    THRESHOLD = "threshold"
+    MODEL = "model"
+
+
 class ResultCategory(StrEnum):
     """What a destination can be sent: the SEG, the SR, the summary image, the colour map series
     and the map values (Parametric Maps)."""
@@ -285,18 +293,24 @@ class Findings:
     parameters: dict[str, float] = field(default_factory=dict)  # thresholds used
     algorithm: Algorithm = field(default_factory=Algorithm)
     models: list[ModelInfo] = field(default_factory=list)
+    core_method: CoreMethod = CoreMethod.THRESHOLD  # whose segments the measurements and verdict use
     timings_s: dict[str, float] = field(default_factory=dict)
     nihss: NihssUsed | None = None  # the clinical input the results name; None: imaging only
 
     def __post_init__(self) -> None:
         """Names given as plain strings become the vocabularies' members (ValueError if unknown)."""
         self.analysis = Analysis(self.analysis)
+        self.core_method = CoreMethod(self.core_method)
         self.measurements = {Measurement(k): v for k, v in self.measurements.items()}
         self.maps = {MapName(k): v for k, v in self.maps.items()}
 
+    def uses(self, segment: Segment) -> bool:
+        """Whether ``segment`` is drawn by the method the measurements and the verdict use."""
+        return (segment.model is not None) == (self.core_method is CoreMethod.MODEL)
+
     def segment(self, kind: SegmentKind) -> Segment | None:
-        """The segment of ``kind`` drawn by the threshold method, if there is one."""
-        return next((s for s in self.segments if s.key is kind and s.model is None), None)
+        """The segment of ``kind`` the verdict uses, if there is one."""
+        return next((s for s in self.segments if s.key is kind and self.uses(s)), None)
 
     def summary(self) -> dict:
         """JSON-able record (no arrays, no patient identifiers) for the database and the API."""
@@ -305,7 +319,8 @@ class Findings:
             "version": self.version,
             "analysis": self.analysis.value,
             "measurements": {Measurement(k).value: round(float(v), 3) for k, v in self.measurements.items()},
-            "segments": {s.key.value: round(float(s.volume_ml), 3) for s in self.segments if s.model is None},
+            "core_method": self.core_method.value,
+            "segments": {s.ident: round(float(s.volume_ml), 3) for s in self.segments},
             "qc_flags": list(self.qc_flags),
             "parameters": dict(self.parameters),
             "algorithm": {"name": self.algorithm.name, "version": self.algorithm.version},

@@ -22,8 +22,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from service.findings import Analysis, Findings, Segment, SegmentKind
-from service.errors import InputError
+from service.analysis.ctp_model import CtpModelRequest, ModelCorePenumbra, model_inputs, run_ctp_model
+from service.findings import Analysis, CoreMethod, Findings, Segment, SegmentKind
+from service.errors import InputError, ModelError
 from service.imaging.classify import classify
 from service.imaging.geometry import Geometry
 from service.imaging.perfusion_series import load_ctp
@@ -100,9 +101,15 @@ class CtpResult:
 
 
 def analyse_ctp(
-    paths: Sequence[Path | str], *, study_uid: str | None, version: int, parameters: CtpParameters = CtpParameters()
+    paths: Sequence[Path | str], *, study_uid: str | None, version: int, parameters: CtpParameters = CtpParameters(),
+    model: CtpModelRequest | None = None, core_method: CoreMethod = CoreMethod.THRESHOLD,
 ) -> Findings:
-    """Analyse the study's CT perfusion series; InputError when it cannot be analysed."""
+    """Analyse the study's CT perfusion series; InputError when it cannot be analysed.
+
+    With ``model``, the learned model's core and penumbra are added beside the threshold ones, and
+    with ``core_method`` MODEL the measurements and verdict are the model's. A model that cannot
+    run leaves the threshold results, with a QC flag saying why.
+    """
     clock = time.perf_counter()
     # Read every file once, pixels included (the headers alone and then the pixels costs a
     # second pass over the files); Datasets already in memory pass through.
@@ -117,26 +124,57 @@ def analyse_ctp(
     loaded = time.perf_counter() - clock
     result = analyse_ctp_series(series.frames, series.times_s, series.geometry, parameters)
     summary = result.summary
-    measurements = summary.measurements()
+    segments = [
+        Segment(SegmentKind.CORE, "Ischemic core", result.core, summary.core_ml),
+        Segment(SegmentKind.PENUMBRA, "Penumbra", result.penumbra, summary.penumbra_ml),
+    ]
+    measurements, flags, models = summary.measurements(), list(result.qc_flags), []
+    timings = {"load": loaded, **result.timings_s}
+    if model is not None:
+        clock = time.perf_counter()
+        ran = _model_stage(model, series.frames, series.times_s, result, series.geometry, parameters, flags)
+        timings["model"] = time.perf_counter() - clock
+        if ran is not None:
+            segments += ran.segments
+            models.append(ran.identity)
+            if core_method is CoreMethod.MODEL:
+                measurements = ran.summary.measurements()
+    if core_method is CoreMethod.MODEL and not models:
+        flags.append("core and penumbra by the threshold method: the model did not run")
+        core_method = CoreMethod.THRESHOLD
     return Findings(
         study_uid=study,
         version=version,
         analysis=Analysis.CT_PERFUSION,
         geometry=series.geometry,
         source_images=source,
-        segments=[
-            Segment(SegmentKind.CORE, "Ischemic core", result.core, summary.core_ml),
-            Segment(SegmentKind.PENUMBRA, "Penumbra", result.penumbra, summary.penumbra_ml),
-        ],
+        segments=segments,
         measurements=measurements,
-        qc_flags=result.qc_flags,
+        qc_flags=flags,
         parameters={"core_rcbf": parameters.core_rcbf, "tmax_threshold_s": parameters.tmax_threshold_s,
                     "min_lesion_ml": parameters.min_lesion_ml, "vessel_cbv": parameters.vessel_cbv,
                     "aif_partial_volume_scale": result.aif_scale,
                     "reference_cbf": result.reference_cbf},
         maps=result.maps,
-        timings_s={"load": loaded, **result.timings_s},
+        models=models,
+        core_method=core_method,
+        timings_s=timings,
     )
+
+
+def _model_stage(request: CtpModelRequest, frames: np.ndarray, times_s: Sequence[float], result: CtpResult,
+                 geometry: Geometry, parameters: CtpParameters, flags: list[str]) -> ModelCorePenumbra | None:
+    """The learned model's core and penumbra, its note appended to ``flags``; None (and a flag
+    saying why) when the model cannot run on this study."""
+    try:
+        inputs = model_inputs(frames, times_s, result.maps, result.brain, geometry.spacing)
+        ran = run_ctp_model(request, inputs, geometry, min_lesion_ml=parameters.min_lesion_ml,
+                            tmax_threshold_s=parameters.tmax_threshold_s)
+    except (ModelError, InputError) as error:
+        flags.append(f"CT perfusion model not run: {error}")
+        return None
+    flags.append(ran.note)
+    return ran
 
 
 def analyse_ctp_series(

@@ -21,15 +21,18 @@ from typing import TYPE_CHECKING
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from service.analysis.ctp_model import CtpModelRequest
 from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp
 from service.analysis.diffusion_core import analyse_diffusion_core
-from service.findings import SEG, SR, SUMMARY, Findings, NihssUsed, ResultCategory, ResultKind, SeriesKind
+from service.findings import SEG, SR, SUMMARY, CoreMethod, Findings, NihssUsed, ResultCategory, ResultKind, SeriesKind
 from service.analysis.mri_perfusion import MriPerfusionParameters, add_mismatch, dsc_maps
 from service.analysis.vendor_maps import MapParameters, analyse_vendor_maps
 from service.delivery.outbox import ResultFile
 from service.errors import InputError
 from service.imaging.classify import classify
 from service.imaging.volumes import group_series
+from service.inference.engine import Backend
+from service.inference.model_set import ModelSet
 from service.ops import metrics
 from service.perfusion.thresholds import Defuse3Criteria
 from service.results.maps import MAP_STYLES, build_colour_series, build_parametric_map
@@ -52,6 +55,8 @@ class AnalysisParameters:
     vessel_cbv: float  # CT perfusion and vendor maps: voxels above this CBV (mL/100 g) are vessels
     anatomy_detail: bool  # CT perfusion: grey/white detail of CBF and CBV from the temporal mean
     criteria: Defuse3Criteria  # target-mismatch profile
+    ctp_core_method: CoreMethod = CoreMethod.THRESHOLD  # whose core the CT perfusion verdict uses
+    models: ModelSet | None = None  # the learned models to run beside the threshold methods; None: none
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AnalysisParameters:
@@ -68,6 +73,9 @@ class AnalysisParameters:
                 min_ratio=settings.target_min_mismatch_ratio,
                 min_mismatch_ml=settings.target_min_mismatch_ml,
             ),
+            ctp_core_method=CoreMethod(settings.ctp_core_method),
+            models=ModelSet(settings.models_dir, Backend(settings.inference_backend), settings.engine_cache_dir)
+            if settings.learned_models else None,
         )
 
 
@@ -140,8 +148,9 @@ def analyse_study(
     paths: list[Path], version: int, parameters: AnalysisParameters, study_uid: str | None = None,
     nihss: NihssUsed | None = None,
 ) -> StudyOutcome:
-    """Analyse the instances at ``paths`` (one study) as result version ``version``; the results
-    name ``nihss`` as the clinical input (None: "NIHSS not available: imaging only").
+    """Analyse the instances at ``paths`` (one study) as result version ``version``. ``nihss``, the
+    patient's NIHSS if known (with where it came from), goes to the learned models trained to take
+    it, and the results name it as the clinical input (None: "NIHSS not available: imaging only").
 
     Raises InputError when the study cannot be analysed, with the reason.
     """
@@ -150,7 +159,7 @@ def analyse_study(
     started = time.perf_counter()
     series = study_series(paths)
     classified = time.perf_counter() - started
-    findings = dispatch(series, version, parameters, study_uid)
+    findings = dispatch(series, version, parameters, study_uid, nihss.value if nihss is not None else None)
     if findings.geometry.shape[0] < MIN_SLICES:
         raise InputError(f"the {findings.analysis} analysis has {findings.geometry.shape[0]} slice; "
                          f"a lesion volume needs at least {MIN_SLICES} slices")
@@ -178,12 +187,13 @@ def reader_series(findings: Findings) -> list[tuple[ResultKind, Dataset]]:
     return objects
 
 
-def dispatch(series: StudySeries, version: int, parameters: AnalysisParameters, study_uid: str | None) -> Findings:
+def dispatch(series: StudySeries, version: int, parameters: AnalysisParameters, study_uid: str | None,
+             nihss: int | None = None) -> Findings:
     """Run the analysis the study's series call for (see the module docstring)."""
     if series.get(SeriesKind.DWI) or series.get(SeriesKind.ADC):
         return _analyse_mri(series, version, parameters, study_uid)
     if series.get(SeriesKind.CTP):
-        return _analyse_ctp(series, version, parameters, study_uid)
+        return _analyse_ctp(series, version, parameters, study_uid, nihss)
     if series.get(SeriesKind.CT_MAP):
         return analyse_vendor_maps(
             series.files(SeriesKind.CT_MAP), study_uid=study_uid, version=version,
@@ -222,9 +232,11 @@ def _analyse_mri(series: StudySeries, version: int, parameters: AnalysisParamete
     return findings
 
 
-def _analyse_ctp(series: StudySeries, version: int, parameters: AnalysisParameters, study_uid: str | None) -> Findings:
-    """CT perfusion of the largest CTP series, its verdict by the configured DEFUSE 3 criteria
-    and an empty penumbra segment left out."""
+def _analyse_ctp(series: StudySeries, version: int, parameters: AnalysisParameters, study_uid: str | None,
+                 nihss: int | None) -> Findings:
+    """CT perfusion of the largest CTP series (and the learned model's core and penumbra beside
+    the threshold ones), its verdict by the configured DEFUSE 3 criteria and empty penumbra
+    segments left out."""
     chosen = max(series.get(SeriesKind.CTP), key=len)
     findings = analyse_ctp(
         chosen, study_uid=study_uid, version=version,
@@ -233,6 +245,8 @@ def _analyse_ctp(series: StudySeries, version: int, parameters: AnalysisParamete
             min_lesion_ml=parameters.min_lesion_ml, vessel_cbv=parameters.vessel_cbv,
             anatomy_detail=parameters.anatomy_detail,
         ),
+        model=CtpModelRequest(parameters.models, nihss) if parameters.models is not None else None,
+        core_method=parameters.ctp_core_method,
     )
     criteria = parameters.criteria
     measured = findings.measurements

@@ -13,6 +13,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 import service
+from service.findings import ModelInfo
 
 MANUFACTURER = "StrokeGate"
 MANUFACTURER_MODEL_NAME = "StrokeGate acute stroke analysis"
@@ -45,17 +46,8 @@ def result_uid(study_uid: str, version: int, kind: str) -> str:
 DEVICE_OBSERVER_UID = f"2.25.{uuid.uuid5(_UID_NAMESPACE, 'device-observer').int}"
 """The one UID of StrokeGate as an SR observer device (TID 1004), the same in every report."""
 
-_LEARNED_TOKENS = frozenset({"learned", "model", "net", "ai", "cnn"})
-
-
-def algorithm_family(analysis: str) -> Code:
-    """CID 7162 algorithm family of an analysis named like ``"mri-diffusion-core"``.
-
-    Analyses that run a learned model (a token "learned", "model", "net", "ai" or "cnn" in the
-    dash-separated name) are Artificial Intelligence (DCM 123110); threshold analyses on image
-    values (ADC, Tmax, rCBF) are Histogram Analysis (DCM 123105), the nearest CID 7162 term.
-    """
-    tokens = set(analysis.lower().replace("_", "-").split("-"))
-    if tokens & _LEARNED_TOKENS:
-        return codes.DCM.ArtificialIntelligence
-    return codes.DCM.HistogramAnalysis
+def algorithm_family(model: ModelInfo | None) -> Code:
+    """CID 7162 algorithm family of what drew a result: a learned model is Artificial Intelligence
+    (DCM 123110); the threshold methods on image values (ADC, Tmax, rCBF) are Histogram Analysis
+    (DCM 123105), the nearest CID 7162 term."""
+    return codes.DCM.HistogramAnalysis if model is None else codes.DCM.ArtificialIntelligence

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from service.findings import Findings, SegmentKind
+from service.findings import Findings, ModelInfo, SegmentKind
 from service.results import identity
 from service.results.coding import INFARCT, PENUMBRA, scheme_declarations
 
@@ -93,11 +93,18 @@ def segment_masks(findings: Findings) -> np.ndarray:
     return np.stack(stacked, axis=-1)
 
 
-def _algorithm(findings: Findings) -> hd.AlgorithmIdentificationSequence:
+def _algorithm(findings: Findings, model: ModelInfo | None) -> hd.AlgorithmIdentificationSequence:
+    """StrokeGate's threshold method with its parameters, or the learned model by name and version."""
+    if model is not None:
+        return hd.AlgorithmIdentificationSequence(
+            name=model.name, family=identity.algorithm_family(model), version=model.version,
+            source=f"{identity.MANUFACTURER} {findings.algorithm.version}",
+            parameters={"sha256": model.sha256, "backend": model.backend},
+        )
     parameters = {name: f"{value:g}" for name, value in findings.parameters.items()}
     return hd.AlgorithmIdentificationSequence(
         name=findings.algorithm.name,
-        family=identity.algorithm_family(findings.analysis),
+        family=identity.algorithm_family(None),
         version=findings.algorithm.version,
         source=identity.MANUFACTURER,
         parameters=parameters or None,
@@ -106,7 +113,6 @@ def _algorithm(findings: Findings) -> hd.AlgorithmIdentificationSequence:
 
 def segment_descriptions(findings: Findings) -> list[hd.seg.SegmentDescription]:
     """One automatic segment description per ``findings.segments`` item, numbered from 1."""
-    algorithm = _algorithm(findings)
     descriptions = []
     for number, segment in enumerate(findings.segments, start=1):
         kind = SEGMENT_TYPES[segment.key]
@@ -117,7 +123,7 @@ def segment_descriptions(findings: Findings) -> list[hd.seg.SegmentDescription]:
                 segmented_property_category=kind.category,
                 segmented_property_type=kind.property_type,
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
+                algorithm_identification=_algorithm(findings, segment.model),
                 tracking_uid=tracking_uid(findings, segment.ident),
                 tracking_id=segment.label,
                 anatomic_regions=[codes.SCT.Brain],
@@ -137,13 +143,13 @@ def build_seg(findings: Findings) -> Dataset:
     """Encode ``findings.segments`` as a BINARY Segmentation of ``findings.source_images``.
 
     Each segment mask is boolean [slice, row, column] on the source grid; the SEG has
-    slices x segments frames (empty ones included), content label "CORE" (the keys joined),
+    slices x segments frames (empty ones included), content label "CORE_PENUMBRA" (the kinds joined),
     series number 901 and UIDs from
     ``result_uid(study, version, "seg" | "seg-series")``. Patient and study attributes are
     copied from the source images, whose headers alone (no pixel data) suffice.
     """
     pixel_array = segment_masks(findings)
-    idents = [s.ident for s in findings.segments]
+    kinds = list(dict.fromkeys(s.key.value for s in findings.segments))  # a model's segments beside the threshold ones
     seg = hd.seg.Segmentation(
         source_images=findings.source_images,
         pixel_array=pixel_array,
@@ -158,9 +164,9 @@ def build_seg(findings: Findings) -> Dataset:
         software_versions=identity.SOFTWARE_VERSIONS,
         device_serial_number=identity.DEVICE_SERIAL_NUMBER,
         content_description=identity.RESEARCH_USE_ONLY,
-        content_label="_".join(idents).upper()[:16],
+        content_label="_".join(kinds).upper()[:16],
         omit_empty_frames=False,
-        series_description=f"StrokeGate {'+'.join(idents)} SEG v{findings.version} - research use only",
+        series_description=f"StrokeGate {'+'.join(kinds)} SEG v{findings.version} - research use only",
         institution_name=identity.INSTITUTION_NAME,
         content_qualification=hd.ContentQualificationValues.RESEARCH,
     )

@@ -21,7 +21,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage
 
-from service.findings import NIHSS_NOT_AVAILABLE, Findings, Measurement, NihssUsed
+from service.findings import NIHSS_NOT_AVAILABLE, Findings, Measurement, ModelInfo, NihssUsed
 from service.results import identity
 from service.results.coding import (
     CLINICAL_INPUT, NIHSS_ASSESSED, NIHSS_SOURCE, NIHSS_TOTAL, QC_FLAG, TARGET_MISMATCH, local_code, scheme_declarations,
@@ -58,8 +58,8 @@ PROCEDURES: dict[str, Code] = {
 
 
 def _volume_measurement_names(findings: Findings) -> dict[Measurement, float]:
-    """Measurements that repeat a threshold segment's volume, mapped to that volume (ml)."""
-    return {Measurement(f"{s.key}_volume_ml"): float(s.volume_ml) for s in findings.segments if s.model is None}
+    """Measurements that repeat the volume of a segment the verdict uses, mapped to that volume (ml)."""
+    return {Measurement(f"{s.key}_volume_ml"): float(s.volume_ml) for s in findings.segments if findings.uses(s)}
 
 
 def _check(findings: Findings, seg: Dataset) -> None:
@@ -98,19 +98,24 @@ def _check(findings: Findings, seg: Dataset) -> None:
             raise ValueError(f"measurement {name!r} unit {unit!r} has no UCUM code; known: {sorted(UCUM_UNITS)}")
 
 
-def _algorithm(findings: Findings) -> hd.sr.AlgorithmIdentification:
+def _algorithm(findings: Findings, model: ModelInfo | None = None) -> hd.sr.AlgorithmIdentification:
+    """StrokeGate's threshold method with its parameters, or the learned model by name and version."""
+    if model is not None:
+        return hd.sr.AlgorithmIdentification(
+            name=model.name, version=model.version, parameters=[f"sha256={model.sha256[:32]}...", f"backend={model.backend}"[:64]],
+            family=identity.algorithm_family(model), manufacturer=identity.MANUFACTURER,
+        )
     parameters = [f"{name}={value:g}" for name, value in findings.parameters.items()]
     return hd.sr.AlgorithmIdentification(
         name=findings.algorithm.name,
         version=findings.algorithm.version,
         parameters=parameters or None,
-        family=identity.algorithm_family(findings.analysis),
+        family=identity.algorithm_family(None),
         manufacturer=identity.MANUFACTURER,
     )
 
 
 def _segment_groups(findings: Findings, seg: Dataset) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
-    algorithm = _algorithm(findings)
     # ReferencedSegment.from_segmentation (highdicom 0.28) misses the Segment Identification
     # Sequence when it sits in the shared functional groups, as it does for one segment.
     source_series = hd.sr.SourceSeriesForSegmentation(findings.source_images[0].SeriesInstanceUID)
@@ -135,7 +140,7 @@ def _segment_groups(findings: Findings, seg: Dataset) -> list[hd.sr.VolumetricRO
                 ),
                 finding_type=kind.property_type,
                 finding_category=kind.category,
-                algorithm_id=algorithm,
+                algorithm_id=_algorithm(findings, segment.model),
                 finding_sites=[hd.sr.FindingSite(codes.SCT.Brain)],
                 measurements=[volume],
             )

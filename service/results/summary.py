@@ -64,6 +64,20 @@ def montage_slices(volume: np.ndarray, masks: list[np.ndarray], count: int = MAX
     return sorted(chosen)
 
 
+def method_lines(findings: Findings) -> list[str]:
+    """Where a learned model drew segments beside the threshold method: which method the volumes
+    and the verdict use, and the other method's volumes."""
+    if not any(s.model is not None for s in findings.segments):
+        return []
+    used = next((s.model for s in findings.segments if findings.uses(s) and s.model is not None), None)
+    lines = [f"Verdict by: {'model ' + used.name + ' ' + used.version if used else 'threshold method'}"]
+    others = [s for s in findings.segments if not findings.uses(s)]
+    if others:
+        by = "threshold method" if others[0].model is None else f"model {others[0].model.name}"
+        lines.append(f"By {by}: " + ", ".join(f"{s.key.value} {s.volume_ml:.1f} mL" for s in others))
+    return lines
+
+
 def text_lines(findings: Findings) -> list[str]:
     """The measurements, verdict, QC flags and provenance, in reading order."""
     m = findings.measurements
@@ -71,6 +85,7 @@ def text_lines(findings: Findings) -> list[str]:
     lines = [label.format(tmax=tmax) + ": " + fmt.format(m[key]) for key, label, fmt in LINES if key in m]
     if "target_mismatch" in m:
         lines.append("Target mismatch (DEFUSE 3): " + ("YES" if m["target_mismatch"] >= 0.5 else "NO"))
+    lines += method_lines(findings)
     lines.append("")
     lines.append("QC: " + ("; ".join(findings.qc_flags) if findings.qc_flags else "no flags"))
     lines.append("")
@@ -83,7 +98,7 @@ def text_lines(findings: Findings) -> list[str]:
 def render_summary(findings: Findings) -> np.ndarray:
     """The summary as an RGB array (rows, columns, 3) of uint8, legible at viewer sizes."""
     name, volume = background_map(findings)
-    segments = [s for s in findings.segments if s.model is None and s.key in SEGMENT_COLOURS]
+    segments = [s for s in findings.segments if findings.uses(s) and s.key in SEGMENT_COLOURS]
     slices = montage_slices(volume, [s.mask for s in segments])
     columns = int(np.ceil(np.sqrt(len(slices))))
     rows = int(np.ceil(len(slices) / columns))

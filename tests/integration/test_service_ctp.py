@@ -3,8 +3,10 @@ returned SEG and SR valid (dciodvfy) and their volumes compared with the synthet
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from dicom_tools import requires_dciodvfy, requires_storescu
@@ -36,7 +38,8 @@ def ctp_result(tmp_path_factory: pytest.TempPathFactory, ctp_patient: Path) -> R
 def test_ctp_comes_back_as_seg_and_sr_with_the_findings(ctp_result: RoundTrip) -> None:
     findings = check_report_matches_findings(ctp_result)
     assert findings["analysis"] == "ct-perfusion"
-    assert set(ctp_result.masks) == {"Ischemic core", "Penumbra"}
+    assert set(ctp_result.masks) == {"Ischemic core", "Penumbra", "Ischemic core (model)", "Penumbra (model)"}
+    assert findings["core_method"] == "threshold"  # the default: the clinical standard gives the verdict
     assert {"hypoperfused_volume_ml", "mismatch_volume_ml", "mismatch_ratio", "hypoperfusion_intensity_ratio",
             "target_mismatch"} <= set(findings["measurements"])
     assert findings["parameters"]["core_rcbf"] == 0.3 and findings["parameters"]["tmax_threshold_s"] == 6.0
@@ -75,6 +78,36 @@ def test_ctp_meets_the_issue_accuracy_targets(ctp_result: RoundTrip, ctp_patient
     assert scores["hypoperfused"] >= 0.92 and abs(error) <= 10.0, summary
     assert scores["core"] >= 0.75, summary
     assert scores["penumbra"] >= 0.80, summary
+
+
+def test_the_models_segments_come_back_beside_the_threshold_ones_named_by_the_model(
+    ctp_result: RoundTrip, ctp_patient: Path
+) -> None:
+    """The SEG's model segments are AUTOMATIC, by an Artificial Intelligence algorithm named like the
+    model's card, the SR reports their volumes under the model's name, the API names the model."""
+    findings = ctp_result.study["jobs"][-1]["findings"]
+    card = json.loads((Path(__file__).parents[2] / "models" / "weights" / "ctp-core-penumbra.card.json").read_text())
+    assert [(m["name"], m["version"]) for m in findings["models"]] == [(card["name"], card["version"])]
+    assert any(flag.startswith(f"CT perfusion model {card['name']}") and "no NIHSS known" in flag for flag in findings["qc_flags"])
+    seg = pydicom.dcmread(ctp_result.seg)
+    by_label = {item.SegmentLabel: item for item in seg.SegmentSequence}
+    for label in ("Ischemic core (model)", "Penumbra (model)"):
+        item = by_label[label]
+        assert item.SegmentAlgorithmType == "AUTOMATIC" and item.SegmentAlgorithmName == card["name"]
+        family = item.SegmentationAlgorithmIdentificationSequence[0]
+        assert family.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
+        assert family.AlgorithmVersion == card["version"]
+    assert by_label["Ischemic core"].SegmentAlgorithmName == "StrokeGate"
+    volumes = ctp_result.report.volumes
+    assert volumes["Ischemic core (model)"] == pytest.approx(findings["segments"][f"core-{card['name']}"], abs=1e-3)
+    sr_text = pydicom.dcmread(ctp_result.sr).to_json()
+    assert card["name"] in sr_text
+    truth = read_truth(ctp_patient / "truth" / "ct")
+    masks = ctp_result.masks
+    print(f"model core Dice {dice(masks['Ischemic core (model)'], truth.masks['core']):.3f}, "
+          f"penumbra {dice(masks['Penumbra (model)'], truth.masks['penumbra']):.3f}; threshold core "
+          f"{dice(masks['Ischemic core'], truth.masks['core']):.3f}, penumbra {dice(masks['Penumbra'], truth.masks['penumbra']):.3f}")
+    assert dice(masks["Ischemic core (model)"] | masks["Penumbra (model)"], truth.masks["hypoperfused"]) >= 0.8
 
 
 # ------------------------------------------------------------------------------------ vendor maps

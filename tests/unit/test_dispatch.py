@@ -13,10 +13,14 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from service.findings import Findings
+from service.findings import CoreMethod, Findings
 from service.analysis.pipeline import AnalysisParameters, analyse_study, dispatch, study_series
 from service.config import Settings
-from service.errors import InputError
+from service.analysis.ctp_model import MODEL_NAME
+from service.errors import InputError, ModelError
+from service.inference.ctp_inputs import CTP_CONTRACT
+from service.inference.engine import Backend
+from service.inference.model_set import ModelSet
 from service.perfusion.thresholds import Defuse3Criteria
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
@@ -112,6 +116,52 @@ def test_ctp_gives_ct_perfusion_with_the_configured_verdict(small_ctp: Path) -> 
     assert [s.key for s in findings.segments][0] == "core"
 
 
+@pytest.fixture(scope="module")
+def model_sized_ctp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CT perfusion study at the pixel size the CT model was trained on (256 x 256), few slices."""
+    out = tmp_path_factory.mktemp("ctp-256")
+    write_patient(2, "ctp", out, PhantomOptions(ct_slices=4, ct_frames=24, noise_hu=5.0))
+    return out / "SGPH00000002" / "dicom" / "CT" / "ctp"
+
+
+def test_the_ct_model_adds_its_segments_and_gives_the_verdict_when_asked(model_sized_ctp: Path) -> None:
+    ctp = study_series(files(model_sized_ctp))
+    by_model = dataclasses.replace(DEFAULTS, ctp_core_method=CoreMethod.MODEL)
+    findings = dispatch(ctp, 1, by_model, None, nihss=14)
+    labels = [s.label for s in findings.segments]
+    assert {"Ischemic core", "Ischemic core (model)", "Penumbra (model)"} <= set(labels)
+    assert findings.core_method is CoreMethod.MODEL and [m.name for m in findings.models] == ["ctp-core-penumbra"]
+    model_core = next(s for s in findings.segments if s.label == "Ischemic core (model)")
+    assert findings.measurements["core_volume_ml"] == model_core.volume_ml
+    assert any("NIHSS 14 given" in flag for flag in findings.qc_flags)
+    sr = sr_back(findings)  # the SR encodes the model's volumes as the verdict's
+    assert {str(g.tracking_identifier) for g in sr.content.get_volumetric_roi_measurement_groups()} >= {"Ischemic core (model)"}
+
+
+def test_a_model_that_cannot_run_leaves_the_threshold_results_with_the_reason(model_sized_ctp: Path, tmp_path: Path) -> None:
+    ctp = study_series(files(model_sized_ctp))
+    missing = dataclasses.replace(DEFAULTS, ctp_core_method=CoreMethod.MODEL, models=ModelSet(tmp_path))
+    findings = dispatch(ctp, 1, missing, None)
+    assert [s.model for s in findings.segments] == [None] * len(findings.segments)
+    assert findings.core_method is CoreMethod.THRESHOLD and findings.models == []
+    assert any(f.startswith("CT perfusion model not run: model ctp-core-penumbra is not installed") for f in findings.qc_flags)
+    assert "core and penumbra by the threshold method: the model did not run" in findings.qc_flags
+    threshold_core = next(s for s in findings.segments if s.label == "Ischemic core")
+    assert findings.measurements["core_volume_ml"] == threshold_core.volume_ml
+
+
+def test_a_tampered_model_file_is_refused_each_time_it_is_asked_for(tmp_path: Path) -> None:
+    for name in ("ctp-core-penumbra.onnx", "ctp-core-penumbra.card.json"):
+        shutil.copy(DEFAULTS.models.folder / name, tmp_path / name)
+    with open(tmp_path / "ctp-core-penumbra.onnx", "ab") as handle:
+        handle.write(b"tampered")
+    models = ModelSet(tmp_path)
+    for _ in range(2):
+        with pytest.raises(ModelError, match="sha256"):
+            with models.use(MODEL_NAME, CTP_CONTRACT):
+                pass
+
+
 def test_vendor_maps_give_core_and_penumbra(small_maps: Path) -> None:
     findings = dispatch(study_series(files(small_maps)), 1, DEFAULTS, None)
     assert findings.analysis == "vendor-perfusion-maps"
@@ -133,18 +183,23 @@ def test_a_study_with_nothing_to_analyse_is_refused_with_what_it_holds(small_mri
         analyse_study([], 1, DEFAULTS)
 
 
-def test_parameters_come_from_the_settings() -> None:
-    assert AnalysisParameters.from_settings(Settings()) == AnalysisParameters(
+def test_parameters_come_from_the_settings(tmp_path: Path) -> None:
+    defaults = Settings()
+    assert AnalysisParameters.from_settings(defaults) == AnalysisParameters(
         adc_threshold=620, min_lesion_ml=0.3, core_rcbf=0.3, tmax_threshold_s=6, vessel_cbv=8, anatomy_detail=True,
-        criteria=Defuse3Criteria(70, 1.8, 15),
+        criteria=Defuse3Criteria(70, 1.8, 15), ctp_core_method=CoreMethod.THRESHOLD,
+        models=ModelSet(defaults.models_dir, Backend.AUTO, defaults.engine_cache_dir),
     )
     settings = Settings(core_rcbf_threshold=0.2, tmax_threshold_s=8, target_max_core_ml=50,
                         target_min_mismatch_ratio=2, target_min_mismatch_ml=10, adc_core_threshold=600,
-                        vessel_cbv_threshold=10, ctp_anatomy_detail=False)
+                        vessel_cbv_threshold=10, ctp_anatomy_detail=False, ctp_core_method="model",
+                        models_dir=tmp_path, inference_backend="onnxruntime")
     assert AnalysisParameters.from_settings(settings) == AnalysisParameters(
         adc_threshold=600, min_lesion_ml=0.3, core_rcbf=0.2, tmax_threshold_s=8, vessel_cbv=10, anatomy_detail=False,
-        criteria=Defuse3Criteria(50, 2, 10),
+        criteria=Defuse3Criteria(50, 2, 10), ctp_core_method=CoreMethod.MODEL,
+        models=ModelSet(tmp_path, Backend.ONNXRUNTIME, defaults.engine_cache_dir),
     )
+    assert AnalysisParameters.from_settings(Settings(learned_models=False)).models is None
     with pytest.raises(ValueError):
         Settings(tmax_threshold_s=12)  # must stay below the 10 s of the HIR numerator
 

@@ -8,6 +8,7 @@ import pytest
 
 from service.findings import (
     Analysis,
+    CoreMethod,
     Findings,
     MapName,
     Measurement,
@@ -80,9 +81,24 @@ def test_a_models_segment_is_told_apart_and_named_in_the_summary() -> None:
     found = findings(segments=[Segment("core", "Ischemic core", mask, 1.5),
                                Segment("core", "Ischemic core (model)", mask, 2.0, model=model)], models=[model])
     assert [s.ident for s in found.segments] == ["core", "core-ctp-core-penumbra"]
-    assert found.segment(SegmentKind.CORE).volume_ml == 1.5  # the threshold method's
+    assert found.segment(SegmentKind.CORE).volume_ml == 1.5  # the threshold method's: the default verdict
     summary = found.summary()
-    assert summary["segments"] == {"core": 1.5}
+    assert summary["segments"] == {"core": 1.5, "core-ctp-core-penumbra": 2.0}
+    assert summary["core_method"] == "threshold"
     assert summary["models"] == [{"name": "ctp-core-penumbra", "version": "0.1.0", "sha256": "ab" * 32,
                                   "backend": "onnxruntime (CPUExecutionProvider)"}]
     assert summary["analysis"] == "ct-perfusion" and summary["measurements"] == {"core_volume_ml": 1.5}
+
+
+def test_the_verdict_uses_the_models_segments_when_asked() -> None:
+    model = ModelInfo("ctp-core-penumbra", "0.1.0", "ab" * 32, "onnxruntime (CPUExecutionProvider)")
+    mask = np.zeros((2, 3, 3), dtype=bool)
+    found = findings(segments=[Segment("core", "Ischemic core", mask, 1.5),
+                               Segment("core", "Ischemic core (model)", mask, 2.0, model=model)],
+                     models=[model], core_method="model")
+    assert found.core_method is CoreMethod.MODEL
+    assert found.segment(SegmentKind.CORE).volume_ml == 2.0
+    assert [found.uses(s) for s in found.segments] == [False, True]
+    assert found.summary()["core_method"] == "model"
+    with pytest.raises(ValueError):
+        findings(core_method="consensus")

@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from service.findings import Findings, Segment
+from service.findings import Findings, ModelInfo, Segment
 from service.imaging.geometry import Geometry
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
@@ -123,8 +123,9 @@ def test_result_uid_rejects_bad_input(args: tuple) -> None:
 
 
 def test_algorithm_family() -> None:
-    assert identity.algorithm_family("mri-diffusion-core") == codes.DCM.HistogramAnalysis
-    assert identity.algorithm_family("ctp-learned-core") == codes.DCM.ArtificialIntelligence
+    assert identity.algorithm_family(None) == codes.DCM.HistogramAnalysis
+    model = ModelInfo("ctp-core-penumbra", "1.0.0", "0" * 64, "onnxruntime (CPUExecutionProvider)")
+    assert identity.algorithm_family(model) == codes.DCM.ArtificialIntelligence
 
 
 # -------------------------------------------------------------------------- SEG
