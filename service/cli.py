@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
@@ -76,6 +77,8 @@ def serve(
     http_port: Annotated[int | None, typer.Option(help="HTTP port for /metrics, /healthz and the API.")] = None,
     host: Annotated[str | None, typer.Option(help="Address the DICOM receiver binds (default 127.0.0.1; 0.0.0.0: all).")] = None,
     http_host: Annotated[str | None, typer.Option(help="Address the HTTP server binds (default 127.0.0.1).")] = None,
+    hl7_port: Annotated[int | None, typer.Option(help="HL7 v2 MLLP port for ORU^R01 with the NIHSS (default: none).")] = None,
+    fhir_base_url: Annotated[str | None, typer.Option(help="FHIR R4 base URL searched for each study's NIHSS.")] = None,
 ) -> None:
     """Run the service until SIGTERM or Ctrl-C. Everything it creates is readable by this user only."""
     import signal
@@ -88,6 +91,7 @@ def serve(
     settings = _settings(
         config, port=port, ae_title=ae_title, destinations=destination or None, database_url=database_url,
         spool_dir=spool_dir, results_dir=results_dir, http_port=http_port, host=host, http_host=http_host,
+        hl7_port=hl7_port, fhir_base_url=fhir_base_url,
     )
     from service.config import JobQueueKind
     from service.ops.startup import check_broker
@@ -113,7 +117,8 @@ def serve(
     dicom = {"plain": "DICOM", "tls": "DICOM TLS", "both": "DICOM and DICOM TLS"}[settings.dicom_transport.value]
     http = "HTTPS" if settings.http_tls_certificate else "HTTP"
     console.print(f"StrokeGate listening: {dicom} {settings.ae_title}@{settings.host}:{gate.dicom_port}, "
-                  f"{http} {settings.http_host}:{gate.http_port}", soft_wrap=True)
+                  f"{http} {settings.http_host}:{gate.http_port}"
+                  + (f", HL7 MLLP {settings.hl7_host}:{gate.hl7_port}" if gate.hl7_port else ""), soft_wrap=True)
     stop.wait()
     gate.stop()
 
@@ -268,17 +273,25 @@ def log_tag(
 def process(
     input_dir: Annotated[Path, typer.Argument(help="Folder of DICOM files (any depth).", exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option("--out", help="Folder for result objects and findings.json.")],
-    nihss: Annotated[int | None, typer.Option("--nihss", min=0, max=42,
-                                              help="The patient's NIHSS (0-42), for the learned models that take it.")] = None,
+    nihss: Annotated[int | None, typer.Option("--nihss", min=0, max=42, help="The patient's NIHSS (0-42), for the "
+                                              "learned models that take it, and named in the results.")] = None,
     config: ConfigOption = None,
+    nihss_assessed: Annotated[datetime | None, typer.Option(
+        help="When the NIHSS was assessed, UTC, e.g. 2026-12-04T10:15:00 (default: now).")] = None,
 ) -> None:
     """Analyse a folder offline and write every result object as .dcm plus findings.json."""
     from service.analysis.offline import process_folder
     from service.errors import InputError
+    from service.findings import NihssSource, NihssUsed
 
+    if nihss_assessed is not None and nihss is None:
+        raise typer.BadParameter("give the NIHSS too (--nihss)", param_hint="--nihss-assessed")
     settings = _settings(config)
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    given = None if nihss is None else NihssUsed(nihss, NihssSource.DICOM_CLI, "strokegate process --nihss",
+                                                 nihss_assessed or now, now)
     try:
-        written = process_folder(input_dir, out, settings, nihss=nihss)
+        written = process_folder(input_dir, out, settings, nihss=given)
     except InputError as error:
         console.print(f"[red]cannot analyse {input_dir}:[/red] {error}", soft_wrap=True)
         raise typer.Exit(1) from error

@@ -209,6 +209,20 @@ class Settings(BaseSettings):
     delivery_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles up to the maximum")
     delivery_backoff_max_s: float = Field(300.0, gt=0)
 
+    # Clinical data (NIHSS from the EHR)
+    hl7_port: int | None = Field(
+        None, ge=0, le=65535, description="HL7 v2 MLLP listener for ORU^R01 with the NIHSS; unset: no listener (0: any free port)"
+    )
+    hl7_host: str = Field("127.0.0.1", description="address the HL7 listener binds (loopback by default)")
+    hl7_max_message_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="longest MLLP frame accepted")
+    hl7_max_connections: int = Field(16, ge=1, description="open HL7 connections at once")
+    fhir_base_url: str | None = Field(None, description="FHIR R4 base URL searched for each study's NIHSS; unset: no search")
+    fhir_search_for_s: float = Field(
+        6 * 3600.0, gt=0, description="keep searching the FHIR server for a study's NIHSS this long after it arrived"
+    )
+    fhir_poll_s: float = Field(30.0, gt=0, description="time between two FHIR searches for the same patient")
+    fhir_timeout_s: float = Field(10.0, gt=0, description="a FHIR request gives up after this")
+
     # Operations
     http_host: str = Field("127.0.0.1", description="loopback by default; set it for a Prometheus on another host")
     http_port: int = Field(8080, ge=0, le=65535)
@@ -240,6 +254,10 @@ class Settings(BaseSettings):
             if self.tls_require_client_certificate and self.tls_ca is None:
                 raise ValueError("tls_require_client_certificate needs tls_ca (the CA that issued the senders' "
                                  "certificates); or set tls_require_client_certificate to false")
+        if self.hl7_port and self.hl7_port in (self.port, self.http_port) and self.hl7_host in (self.host, self.http_host):
+            raise ValueError(f"hl7_port {self.hl7_port} is also the DICOM or HTTP port: give the HL7 listener its own port")
+        if self.fhir_base_url is not None and not self.fhir_base_url.startswith(("http://", "https://")):
+            raise ValueError(f"fhir_base_url {self.fhir_base_url!r} must be an http:// or https:// URL")
         if self.port and self.port == self.http_port:
             raise ValueError(f"port and http_port are both {self.port}: give the DICOM and HTTP servers a port each")
         if (self.http_tls_certificate is None) != (self.http_tls_key is None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from importlib.metadata import version
 from typing import TYPE_CHECKING
@@ -174,6 +175,64 @@ SR = ResultKind(ResultCategory.SR)
 SUMMARY = ResultKind(ResultCategory.SUMMARY)
 
 
+class NihssSource(StrEnum):
+    """How an NIHSS reached StrokeGate."""
+
+    HL7 = "hl7"  # HL7 v2 ORU^R01 over MLLP
+    FHIR = "fhir"  # an Observation found on the FHIR server
+    REST = "rest"  # POST /api/nihss
+    DICOM_CLI = "dicom/cli"  # given with a study on the command line (strokegate process)
+
+    @property
+    def title(self) -> str:
+        """How a reader of the report sees it named."""
+        return _SOURCE_TITLES[self]
+
+
+_SOURCE_TITLES = {
+    NihssSource.HL7: "HL7 v2 ORU^R01",
+    NihssSource.FHIR: "FHIR R4 Observation",
+    NihssSource.REST: "StrokeGate REST API",
+    NihssSource.DICOM_CLI: "command line",
+}
+
+NIHSS_MAX = 42
+"""The NIH Stroke Scale total runs from 0 to 42."""
+
+NIHSS_NOT_AVAILABLE = "NIHSS not available: imaging only"
+"""What the results say when no NIHSS was known for the patient."""
+
+
+@dataclass(frozen=True)
+class NihssUsed:
+    """The NIHSS a result used: its value, where it came from and when it was assessed (naive UTC)."""
+
+    value: int
+    source: NihssSource
+    source_id: str  # the HL7 message control ID, the FHIR resource id, the REST request's id
+    assessed_at: datetime
+    received_at: datetime
+    record_id: int | None = None  # its row in the database
+
+    def describe(self) -> str:
+        """One line for the report, e.g. "NIHSS 14 (HL7 v2 ORU^R01, assessed 2026-12-04 13:02 UTC)"."""
+        return f"NIHSS {self.value} ({self.source.title}, assessed {self.assessed_at:%Y-%m-%d %H:%M} UTC)"
+
+    def summary(self) -> dict:
+        return {
+            "value": self.value, "source": self.source.value, "source_id": self.source_id,
+            "assessed_at": self.assessed_at.isoformat(timespec="seconds") + "Z",
+            "received_at": self.received_at.isoformat(timespec="seconds") + "Z",
+        }
+
+
+def nihss_summary(nihss: NihssUsed | None) -> dict:
+    """The ``nihss`` entry of findings.json and the API: the NIHSS used, or that there was none."""
+    if nihss is None:
+        return {"available": False, "note": NIHSS_NOT_AVAILABLE}
+    return {"available": True, **nihss.summary()}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """A learned model that contributed to a Findings: written into the results' algorithm
@@ -236,6 +295,7 @@ class Findings:
     models: list[ModelInfo] = field(default_factory=list)
     core_method: CoreMethod = CoreMethod.THRESHOLD  # whose segments the measurements and verdict use
     timings_s: dict[str, float] = field(default_factory=dict)
+    nihss: NihssUsed | None = None  # the clinical input the results name; None: imaging only
 
     def __post_init__(self) -> None:
         """Names given as plain strings become the vocabularies' members (ValueError if unknown)."""
@@ -268,4 +328,5 @@ class Findings:
                 {"name": m.name, "version": m.version, "sha256": m.sha256, "backend": m.backend} for m in self.models
             ],
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+            "nihss": nihss_summary(self.nihss),
         }

@@ -14,7 +14,11 @@ from datetime import datetime
 
 import uvicorn
 
+from service.analysis.clinical_revision import ClinicalReviser, StaleOutcome
 from service.analysis.pipeline import AnalysisParameters
+from service.clinical.fhir import FhirPoller
+from service.clinical.hl7 import Hl7Listener
+from service.clinical.nihss import NihssReport, record_nihss
 from service.config import DicomTransport, JobQueueKind, Settings
 from service.delivery.outbox import Sender
 from service.dicomnet import tls
@@ -66,16 +70,26 @@ class StrokeGate:
                              settings.delivery_backoff_max_s, settings.destinations, tls=_destination_tls(settings))
         if settings.job_queue == JobQueueKind.CELERY:
             check_broker(settings.broker_url)
-        self.jobs = job_queue(settings, self.db, job_runner(settings, self.db, on_results=self.sender.wake))
+        self.reviser = ClinicalReviser(
+            self.db, settings.results_dir, {d.name: frozenset(d.send) for d in settings.destinations},
+            on_results=self.sender.wake, on_outcome_stale=self.on_outcome_stale,
+        )
+        runner = job_runner(settings, self.db, on_results=self.sender.wake, on_finished=self.reviser.wake)
+        self.jobs = job_queue(settings, self.db, runner)
         self.tracker = Tracker(self.db, self.spool, settings.series_idle_s, settings.retention_hours,
                                unsettled_since=self._unsettled_since, on_queued=self.jobs.queued)
+        self.hl7: Hl7Listener | None = None
+        self.fhir = None if settings.fhir_base_url is None else FhirPoller(
+            self.db, settings.fhir_base_url, self.record_nihss, search_for_s=settings.fhir_search_for_s,
+            poll_s=settings.fhir_poll_s, timeout_s=settings.fhir_timeout_s,
+        )
         self._running = False
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._http_socket: socket.socket | None = None
         if http:
             app = create_app(self.db, self.ready, api_auth=settings.api_auth, metrics_auth=settings.metrics_auth,
-                             docs=settings.api_docs, wake_sender=self.sender.wake)
+                             docs=settings.api_docs, wake_sender=self.sender.wake, record_nihss=self.record_nihss)
             config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
                                     lifespan="off", log_config=None, ssl_certfile=settings.http_tls_certificate,
                                     ssl_keyfile=settings.http_tls_key)
@@ -90,7 +104,23 @@ class StrokeGate:
     @property
     def loops(self) -> list[Loop]:
         """Every background loop, each restarted after a crash."""
-        return [*self.receiver.loops, self.recorder.loop, self.tracker.loop, *self.jobs.loops, self.sender.loop]
+        clinical = [self.reviser.loop, *(p.loop for p in (self.hl7, self.fhir) if p is not None)]
+        return [*self.receiver.loops, self.recorder.loop, self.tracker.loop, *self.jobs.loops, self.sender.loop,
+                *clinical]
+
+    def record_nihss(self, report: NihssReport) -> bool:
+        """Store an NIHSS received by any way in and have the clinical results looked at; True when
+        it is new (False: this message or resource version was stored before)."""
+        _, new = record_nihss(self.db, report)
+        if new:
+            self.reviser.wake()
+        return new
+
+    def on_outcome_stale(self, stale: StaleOutcome) -> None:
+        """A study version's clinical input changed and its new report is queued: where the outcome
+        models re-compute the outcome (they plug in here)."""
+        log.info("study version %d: clinical revision %d queued (%s)", stale.version, stale.revision,
+                 stale.nihss.describe() if stale.nihss else "NIHSS not available")
 
     def ready(self) -> bool:
         """Readiness: started, every background loop up, and the receiver able to make instances
@@ -114,16 +144,36 @@ class StrokeGate:
         released = lease.release_dead_leases(self.db)
         if recovered or released:
             log.info("recovered after restart: %d instances recorded, %d jobs requeued", recovered, released)
+        if self.settings.hl7_port is not None:
+            try:
+                self.hl7 = Hl7Listener(
+                    self.settings.hl7_host, self.settings.hl7_port, self.record_nihss,
+                    max_message_bytes=self.settings.hl7_max_message_bytes,
+                    max_connections=self.settings.hl7_max_connections, timeout_s=self.settings.network_timeout_s,
+                    receiver=self.settings.ae_title,
+                )
+            except OSError as error:
+                if self._http_socket is not None:
+                    self._http_socket.close()
+                raise SetupError(port_problem(error, self.settings.hl7_host, self.settings.hl7_port, "HL7",
+                                              "--hl7-port")) from None
         try:
             self.receiver.start()
         except OSError as error:
             if self._http_socket is not None:
                 self._http_socket.close()
+            if self.hl7 is not None:
+                self.hl7.stop()
             raise SetupError(port_problem(error, self.settings.host, self.settings.port, "DICOM", "--port")) from None
         self.recorder.start()
         self.tracker.start()
         self.jobs.start()
         self.sender.start()
+        self.reviser.start()
+        if self.hl7 is not None:
+            self.hl7.start()
+        if self.fhir is not None:
+            self.fhir.start()
         if self._http is not None:
             self._http_thread = threading.Thread(target=self._http.run, args=([self._http_socket],), name="http", daemon=True)
             self._http_thread.start()
@@ -154,6 +204,10 @@ class StrokeGate:
         return self.receiver.port
 
     @property
+    def hl7_port(self) -> int | None:
+        return self.hl7.port if self.hl7 is not None else None
+
+    @property
     def http_port(self) -> int | None:
         if self._http_socket is None:
             return None
@@ -163,9 +217,14 @@ class StrokeGate:
         """Stop taking new work first, then let the rest finish."""
         self._running = False
         self.receiver.stop()
+        if self.hl7 is not None:
+            self.hl7.stop()
+        if self.fhir is not None:
+            self.fhir.stop()
         self.recorder.stop()
         self.tracker.stop()
         self.jobs.stop()
+        self.reviser.stop()
         self.sender.stop()
         if self._http is not None:
             self._http.should_exit = True
@@ -174,12 +233,13 @@ class StrokeGate:
         self.db.dispose()
 
 
-def job_runner(settings: Settings, db: Database, on_results: Callable[[], None] | None = None) -> JobRunner:
+def job_runner(settings: Settings, db: Database, on_results: Callable[[], None] | None = None,
+               on_finished: Callable[[], None] | None = None) -> JobRunner:
     """What runs a claimed job, as ``settings`` configure the analysis and the destinations."""
     return JobRunner(
         db, settings.spool_dir, settings.results_dir, AnalysisParameters.from_settings(settings),
         {d.name: frozenset(d.send) for d in settings.destinations}, settings.job_lease_s, settings.job_max_attempts,
-        on_results=on_results,
+        on_results=on_results, on_finished=on_finished,
     )
 
 

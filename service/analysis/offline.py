@@ -9,14 +9,16 @@ from pathlib import Path
 from service.analysis.pipeline import AnalysisParameters, analyse_study
 from service.config import Settings
 from service.errors import InputError
+from service.findings import NihssUsed
 from service.imaging.discover import studies_in
 
 log = logging.getLogger(__name__)
 
 
-def process_folder(input_dir: Path, out: Path, settings: Settings, nihss: int | None = None) -> list[Path]:
+def process_folder(input_dir: Path, out: Path, settings: Settings, nihss: NihssUsed | None = None) -> list[Path]:
     """Analyse every study under ``input_dir``; write its result objects and findings.json.
-    ``nihss``: the patient's NIHSS, for the learned models that take it (None: not known).
+    ``nihss``: the patient's NIHSS given on the command line, for the learned models that take it and
+    named in the results (None: not known; the results say "NIHSS not available: imaging only").
 
     One study: results directly in ``out``; several: one sub-folder per study. Returns the paths
     written. Raises InputError if there is no DICOM or no study could be analysed.

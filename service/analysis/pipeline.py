@@ -24,7 +24,7 @@ from pydicom.uid import UID
 from service.analysis.ctp_model import CtpModelRequest
 from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp
 from service.analysis.diffusion_core import analyse_diffusion_core
-from service.findings import SEG, SR, SUMMARY, CoreMethod, Findings, ResultCategory, ResultKind, SeriesKind
+from service.findings import SEG, SR, SUMMARY, CoreMethod, Findings, NihssUsed, ResultCategory, ResultKind, SeriesKind
 from service.analysis.mri_perfusion import MriPerfusionParameters, add_mismatch, dsc_maps
 from service.analysis.vendor_maps import MapParameters, analyse_vendor_maps
 from service.delivery.outbox import ResultFile
@@ -144,10 +144,13 @@ def check_sop_class(ds: Dataset, series_uid: str) -> None:
                          f"(which requires {required}); the study is not analysed")
 
 
-def analyse_study(paths: list[Path], version: int, parameters: AnalysisParameters, study_uid: str | None = None,
-                  nihss: int | None = None) -> StudyOutcome:
-    """Analyse the instances at ``paths`` (one study) as result version ``version``; ``nihss``, the
-    patient's NIHSS if known, goes to the learned models trained to take it.
+def analyse_study(
+    paths: list[Path], version: int, parameters: AnalysisParameters, study_uid: str | None = None,
+    nihss: NihssUsed | None = None,
+) -> StudyOutcome:
+    """Analyse the instances at ``paths`` (one study) as result version ``version``. ``nihss``, the
+    patient's NIHSS if known (with where it came from), goes to the learned models trained to take
+    it, and the results name it as the clinical input (None: "NIHSS not available: imaging only").
 
     Raises InputError when the study cannot be analysed, with the reason.
     """
@@ -156,11 +159,12 @@ def analyse_study(paths: list[Path], version: int, parameters: AnalysisParameter
     started = time.perf_counter()
     series = study_series(paths)
     classified = time.perf_counter() - started
-    findings = dispatch(series, version, parameters, study_uid, nihss)
+    findings = dispatch(series, version, parameters, study_uid, nihss.value if nihss is not None else None)
     if findings.geometry.shape[0] < MIN_SLICES:
         raise InputError(f"the {findings.analysis} analysis has {findings.geometry.shape[0]} slice; "
                          f"a lesion volume needs at least {MIN_SLICES} slices")
     findings.timings_s = {"classify": classified, **findings.timings_s}
+    findings.nihss = nihss
     started = time.perf_counter()
     seg = build_seg(findings)
     objects = [(SEG, seg), (SR, build_sr(findings, seg)), *reader_series(findings)]

@@ -24,6 +24,7 @@ from service.ingest.spool import check_uid
 
 _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "PatientID",
+    "IssuerOfPatientID",
     "AccessionNumber", "SeriesDescription", "NumberOfSeriesRelatedInstances",
 ]
 _TAGS = {keyword: tag_for_keyword(keyword) for keyword in _HEADER_TAGS}
@@ -50,6 +51,7 @@ class ReceivedInstance:
     expected_instances: int | None
     calling_ae: str | None
     received_at: datetime | None = None  # when it was acknowledged (naive UTC); None: when recorded
+    patient_issuer: str | None = None  # IssuerOfPatientID: whose identifier PatientID is (joins the NIHSS)
 
 
 def parse_header(file_bytes: bytes | bytearray) -> Dataset:
@@ -84,6 +86,7 @@ def received_instance(
         size_bytes=size_bytes,
         modality=modality,
         patient_id=_text(header, "PatientID", 64),
+        patient_issuer=_text(header, "IssuerOfPatientID", 64),
         accession_number=_text(header, "AccessionNumber", 16),
         series_description=_text(header, "SeriesDescription", 64),
         expected_instances=_expected_instances(header),

@@ -60,8 +60,8 @@ def record_instances(session: Session, items: list[ReceivedInstance], now: datet
         study = studies.get(item.study_uid)
         if study is None:
             study = studies[item.study_uid] = Study(
-                study_uid=item.study_uid, patient_id=item.patient_id, accession_number=item.accession_number,
-                first_received_at=now,
+                study_uid=item.study_uid, patient_id=item.patient_id, patient_issuer=item.patient_issuer,
+                accession_number=item.accession_number, first_received_at=now,
             )
             session.add(study)
             session.add(AuditEvent(kind="study_received", study=study, detail={"calling_ae": item.calling_ae}))

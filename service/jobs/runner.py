@@ -10,14 +10,17 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from service.analysis.clinical_revision import first_revision
 from service.analysis.pipeline import AnalysisParameters, analyse_study, write_results
+from service.clinical.nihss import choose_nihss, used
 from service.delivery.outbox import enqueue
 from service.errors import InputError
 from service.jobs import lease
 from service.ops import metrics
 from service.store.database import Database
-from service.store.models import Instance, Job, JobState, Series, Study
+from service.store.models import Instance, Job, JobState, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,10 @@ class JobRunner:
         lease_s: float,
         max_attempts: int,
         on_results: Callable[[], None] | None = None,
+        on_finished: Callable[[], None] | None = None,
     ) -> None:
-        """``on_results``: called after a job's results are in the outbox (wakes an in-process sender)."""
+        """``on_results``: called after a job's results are in the outbox (wakes an in-process sender);
+        ``on_finished``: after a job is done (the clinical reviser looks whether a NIHSS came during it)."""
         self.db = db
         self.spool_dir = spool_dir
         self.results_dir = results_dir
@@ -46,6 +51,7 @@ class JobRunner:
         self.lease_s = lease_s
         self.max_attempts = max_attempts
         self.on_results = on_results
+        self.on_finished = on_finished
 
     def claim(self, owner: str, job_id: int | None = None) -> Job | None:
         """Claim the oldest runnable job (or job ``job_id``) for ``owner``."""
@@ -61,11 +67,12 @@ class JobRunner:
                 select(Instance.path).join(Series).where(Series.study_id == study.id).order_by(Instance.id)
             )]
             job.instances_at_start = len(paths)
+            nihss = used(choose_nihss(session, study, job.started_at or utcnow()))
         log.info("job %d: study %d version %d, %d instances, attempt %d", job_id, job.study_id, version, len(paths), attempt)
         heartbeat = _Heartbeat(self.db, job_id, owner, self.lease_s)
         started = time.perf_counter()
         try:
-            outcome = analyse_study(paths, version, self.parameters, study_uid=study_uid)
+            outcome = analyse_study(paths, version, self.parameters, study_uid=study_uid, nihss=nihss)
             if heartbeat.lost:
                 log.warning("job %d: lease lost during the analysis; another worker runs it", job_id)
                 return
@@ -89,14 +96,18 @@ class JobRunner:
         heartbeat.stop()
         metrics.STAGE_SECONDS.labels(stage="job").observe(time.perf_counter() - started)
         summary = outcome.findings.summary()
-        done = lease.finish(
-            self.db, job_id, owner, JobState.DONE, findings=summary,
-            also=lambda session, job: enqueue(session, job, files, self.destinations),
-        )
+
+        def deliver(session: Session, job: Job) -> None:
+            enqueue(session, job, files, self.destinations)
+            first_revision(session, job, nihss)
+
+        done = lease.finish(self.db, job_id, owner, JobState.DONE, findings=summary, also=deliver)
         if done:
             log.info("job %d done: %s", job_id, summary["measurements"])
             if self.on_results is not None:
                 self.on_results()
+            if self.on_finished is not None:
+                self.on_finished()
         else:
             log.warning("job %d: lease lost before finishing; another worker runs it", job_id)
 

@@ -13,17 +13,23 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
+import uuid
+
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import selectinload
 
 import service
+from service.clinical.nihss import NihssReport, as_utc, patient_records, record_nihss as store_nihss
+from service.errors import InputError
+from service.findings import NIHSS_MAX, NIHSS_NOT_AVAILABLE, NihssSource
 from service.ops.actions import ActionRefused, rerun_study, retry_deliveries
 from service.store import tokens
 from service.store.database import Database
-from service.store.models import Delivery, Job, Study
+from service.store.models import ClinicalResult, Delivery, Job, NihssRecord, Study
 
 
 def _time(value: datetime | None) -> str | None:
@@ -65,6 +71,27 @@ def _study(study: Study, detail: bool) -> dict:
     return out
 
 
+class NihssPost(BaseModel):
+    """``POST /api/nihss``: one NIHSS for a patient, as the EHR or a clinician gives it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    patient_id: str = Field(min_length=1, max_length=64, description="the PatientID of the patient's images")
+    patient_issuer: str | None = Field(None, min_length=1, max_length=64, description="IssuerOfPatientID, if known")
+    value: int = Field(ge=0, le=NIHSS_MAX, description="NIHSS total score")
+    assessed_at: AwareDatetime = Field(description="when the NIHSS was assessed, ISO 8601 with its UTC offset")
+    request_id: str | None = Field(None, min_length=1, max_length=100, description="the sender's id: a request sent "
+                                   "again with the same id is stored once")
+
+
+def _record(record: NihssRecord, used_id: int | None) -> dict:
+    return {
+        "id": record.id, "value": record.value, "source": record.source.value, "source_id": record.source_id,
+        "patient_issuer": record.patient_issuer, "assessed_at": _time(record.assessed_at),
+        "received_at": _time(record.received_at), "detail": record.detail, "used": record.id == used_id,
+    }
+
+
 log = logging.getLogger(__name__)
 
 ANONYMOUS = tokens.Holder("(no token: api_auth is off)", tokens.Role.OPERATOR)
@@ -72,11 +99,16 @@ ANONYMOUS = tokens.Holder("(no token: api_auth is off)", tokens.Role.OPERATOR)
 
 def create_app(
     db: Database, ready: Callable[[], bool], *, api_auth: bool = True, metrics_auth: bool = True, docs: bool = False,
-    wake_sender: Callable[[], None] = lambda: None,
+    wake_sender: Callable[[], None] = lambda: None, record_nihss: Callable[[NihssReport], bool] | None = None,
 ) -> FastAPI:
     """The operator API over ``db``; ``ready`` says whether the DICOM receiver and workers run;
     ``api_auth`` and ``metrics_auth``: whether /api and /metrics need a token; ``docs``: serve
-    /docs and /openapi.json; ``wake_sender`` makes the sender look for due deliveries now."""
+    /docs and /openapi.json; ``wake_sender`` makes the sender look for due deliveries now;
+    ``record_nihss`` stores a posted NIHSS (default: into ``db`` alone)."""
+    if record_nihss is None:
+        def record_nihss(report: NihssReport) -> bool:
+            return store_nihss(db, report)[1]
+
     app = FastAPI(
         title="StrokeGate", version=service.__version__, description="Research use only, not for diagnosis.",
         docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None,
@@ -143,6 +175,52 @@ def create_app(
             if found is None:
                 raise HTTPException(404, f"no study with StudyInstanceUID {study_uid}")
             return _study(found, detail=True)
+
+    @api.post("/nihss", status_code=201)
+    def post_nihss(posted: NihssPost, response: Response, who: tokens.Holder = Depends(operator)) -> dict:
+        """Store an NIHSS for a patient; a study of the patient analysed already gets a new report
+        naming it when it is the one the study should use."""
+        request_id = posted.request_id or uuid.uuid4().hex
+        try:
+            report = NihssReport(
+                patient_id=posted.patient_id, patient_issuer=posted.patient_issuer, value=posted.value,
+                assessed_at=as_utc(posted.assessed_at), source=NihssSource.REST, source_id=f"{who.name}:{request_id}"[:128],
+                detail=f"posted by {who.name}",
+            )
+            new = record_nihss(report)
+        except InputError as error:
+            raise HTTPException(422, str(error)) from None
+        if not new:
+            response.status_code = 200
+        log.info("%s posted NIHSS %d (request %s, %s)", who.name, posted.value, request_id, "new" if new else "seen before")
+        return {"request_id": request_id, "stored": new}
+
+    @api.get("/studies/{study_uid}/nihss")
+    def study_nihss(study_uid: str) -> dict:
+        """The NIHSS records of the study's patient, the one its results name, and every version of
+        its clinical result."""
+        with db.session() as session:
+            found = session.scalar(select(Study).where(Study.study_uid == study_uid))
+            if found is None:
+                raise HTTPException(404, f"no study with StudyInstanceUID {study_uid}")
+            job = session.scalar(select(Job).where(Job.study_id == found.id).order_by(Job.version.desc()).limit(1))
+            revisions = [] if job is None else list(session.scalars(
+                select(ClinicalResult).where(ClinicalResult.job_id == job.id).order_by(ClinicalResult.revision)
+            ))
+            used_id = revisions[-1].nihss_id if revisions else None
+            records = patient_records(session, found)
+            return {
+                "study_instance_uid": study_uid,
+                "version": job.version if job else None,
+                "nihss_used": next((_record(r, used_id) for r in records if r.id == used_id), None),
+                "note": None if used_id is not None or not revisions else NIHSS_NOT_AVAILABLE,
+                "records": [_record(r, used_id) for r in records],
+                "clinical_results": [
+                    {"revision": r.revision, "nihss_record": r.nihss_id, "created_at": _time(r.created_at),
+                     "sop_instance_uid": r.result.sop_uid if r.result else None}
+                    for r in revisions
+                ],
+            }
 
     @api.get("/jobs")
     def jobs(limit: int = Query(100, ge=1, le=1000)) -> list[dict]:

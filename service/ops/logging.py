@@ -82,3 +82,5 @@ def configure(level: str = "INFO", key: bytes | None = None) -> None:
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its steps; open_database says what changed
+    # httpx logs each request's URL at INFO, and a FHIR search URL holds the patient identifier.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -90,7 +90,8 @@ class Reading(Collector):
 
 SPOOL_FREE_BYTES = Reading("strokegate_spool_free_bytes", "Free bytes on the spool's file system, as last read")
 
-LOOPS = ("dicom-receiver", "dicom-filer", "journal-flush", "recorder", "tracker", "sender", "worker", "http")
+LOOPS = ("dicom-receiver", "dicom-filer", "journal-flush", "recorder", "tracker", "sender", "worker", "http", "clinical",
+         "hl7", "fhir")
 """The service's background loops, by the names of their threads (a pool's threads are NAME-0, NAME-1, ...)."""
 
 

@@ -20,6 +20,10 @@ INFARCT = Code("55641003", "SCT", "Infarct")
 PENUMBRA = Code("PENUMBRA", LOCAL_SCHEME, "Ischemic penumbra")
 QC_FLAG = Code("QCFLAG", LOCAL_SCHEME, "Quality control flag")
 TARGET_MISMATCH = Code("TARGETMISMATCH", LOCAL_SCHEME, "DEFUSE 3 target mismatch")
+NIHSS_TOTAL = Code("72089-6", "LN", "Total score [NIHSS]")
+CLINICAL_INPUT = Code("CLINICALINPUT", LOCAL_SCHEME, "Clinical input used")
+NIHSS_SOURCE = Code("NIHSSSOURCE", LOCAL_SCHEME, "NIHSS source")
+NIHSS_ASSESSED = Code("NIHSSASSESSED", LOCAL_SCHEME, "NIHSS assessment time")
 
 MEASUREMENT_CODES: dict[str, Code] = {
     "core_volume_ml": Code("COREVOL", LOCAL_SCHEME, "Ischemic core volume"),
@@ -31,7 +35,9 @@ MEASUREMENT_CODES: dict[str, Code] = {
 }
 """99SGATE codes (values within the 16 characters of a Code Value) of the study measurements."""
 
-LOCAL_CODES: tuple[Code, ...] = (PENUMBRA, QC_FLAG, TARGET_MISMATCH, *MEASUREMENT_CODES.values())
+LOCAL_CODES: tuple[Code, ...] = (
+    PENUMBRA, QC_FLAG, TARGET_MISMATCH, CLINICAL_INPUT, NIHSS_SOURCE, NIHSS_ASSESSED, *MEASUREMENT_CODES.values(),
+)
 """Every fixed 99SGATE code, as README lists them."""
 
 

@@ -11,7 +11,9 @@ declared in the Coding Scheme Identification Sequence.
 
 from __future__ import annotations
 
+import copy
 import math
+from datetime import datetime, timezone
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -19,15 +21,21 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage
 
-from service.findings import Findings, Measurement, ModelInfo
+from service.findings import NIHSS_NOT_AVAILABLE, Findings, Measurement, ModelInfo, NihssUsed
 from service.results import identity
-from service.results.coding import QC_FLAG, TARGET_MISMATCH, local_code, scheme_declarations
+from service.results.coding import (
+    CLINICAL_INPUT, NIHSS_ASSESSED, NIHSS_SOURCE, NIHSS_TOTAL, QC_FLAG, TARGET_MISMATCH, local_code, scheme_declarations,
+)
 from service.results.seg import SEGMENT_TYPES, tracking_uid
 
 VERDICT_MEASUREMENT = Measurement.TARGET_MISMATCH
 """The measurement (1 = met, 0 = not) reported as the TARGET_MISMATCH qualitative evaluation."""
 
 MILLILITER = Code("ml", "UCUM", "milliliter")
+SCORE = Code("{score}", "UCUM", "score")
+CLINICAL_GROUP = "Clinical input (NIHSS)"
+"""Tracking identifier of the measurement group that names the NIHSS used (found again by
+``revise_sr``)."""
 UCUM_UNITS: dict[str, Code] = {
     "ml": MILLILITER,
     "mm": codes.UCUM.Millimeter,
@@ -183,10 +191,11 @@ def build_sr(findings: Findings, seg: Dataset) -> Dataset:
     _check(findings, seg)
     groups: list = _segment_groups(findings, seg)
     study_group = _study_group(findings)
-    used = [SEGMENT_TYPES[s.key].property_type for s in findings.segments]
+    used = [*(SEGMENT_TYPES[s.key].property_type for s in findings.segments), CLINICAL_INPUT]
     if study_group is not None:
         groups.append(study_group)
         used += [QC_FLAG, TARGET_MISMATCH, *(local_code(name) for name in findings.measurements)]
+    groups.append(clinical_group(findings.study_uid, findings.version, findings.nihss))
     local_schemes = scheme_declarations(used)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=identity.DEVICE_OBSERVER_UID,
@@ -223,3 +232,98 @@ def build_sr(findings: Findings, seg: Dataset) -> Dataset:
         device_serial_number=identity.DEVICE_SERIAL_NUMBER,
         coding_schemes=local_schemes,
     )
+
+
+def clinical_group(study_uid: str, version: int, nihss: NihssUsed | None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The measurement group naming the clinical input: the NIHSS as a NUM (LOINC 72089-6) with its
+    source and assessment time, or the TEXT "NIHSS not available: imaging only"; each case also
+    as one readable TEXT line ("Clinical input used")."""
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=identity.result_uid(study_uid, version, "tracking-clinical-input"), identifier=CLINICAL_GROUP
+        ),
+        measurements=[hd.sr.Measurement(name=NIHSS_TOTAL, value=float(nihss.value), unit=SCORE)] if nihss else None,
+    )
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    items = group[0].ContentSequence
+    items.append(hd.sr.TextContentItem(
+        name=CLINICAL_INPUT, value=nihss.describe() if nihss else NIHSS_NOT_AVAILABLE, relationship_type=contains,
+    ))
+    if nihss is not None:
+        items.append(hd.sr.TextContentItem(
+            name=NIHSS_SOURCE, value=f"{nihss.source.title}, id {nihss.source_id}"[:1024], relationship_type=contains,
+        ))
+        items.append(hd.sr.DateTimeContentItem(
+            name=NIHSS_ASSESSED, value=nihss.assessed_at.replace(tzinfo=timezone.utc), relationship_type=contains,
+        ))
+    return group
+
+
+def clinical_input(report: Dataset) -> dict[str, object]:
+    """What a report's clinical group says, by concept code value: "72089-6" -> (value, unit code),
+    TEXT items -> their text, DATETIME -> its value (the group's tracking items left out).
+    ValueError when the report has none."""
+    groups = [item for container in report.ContentSequence for item in container.get("ContentSequence", [])
+              if _is_clinical_group(item)]
+    if not groups:
+        raise ValueError("the report has no clinical input group")
+    found: dict[str, object] = {}
+    for item in groups[0].ContentSequence:
+        code = item.ConceptNameCodeSequence[0].CodeValue
+        if code in ("112039", "112040"):  # tracking identifier and tracking UID
+            continue
+        if item.ValueType == "NUM":
+            value = item.MeasuredValueSequence[0]
+            found[code] = (float(value.NumericValue), value.MeasurementUnitsCodeSequence[0].CodeValue)
+        elif item.ValueType == "TEXT":
+            found[code] = item.TextValue
+        elif item.ValueType == "DATETIME":
+            found[code] = item.DateTime
+    return found
+
+
+def _is_clinical_group(item: Dataset) -> bool:
+    return any(
+        child.get("ValueType") == "TEXT" and child.get("TextValue") == CLINICAL_GROUP
+        for child in item.get("ContentSequence", [])
+    )
+
+
+def revise_sr(previous: Dataset, study_uid: str, version: int, revision: int, nihss: NihssUsed | None) -> Dataset:
+    """A new version of the report ``previous`` (built by ``build_sr`` for ``study_uid`` version
+    ``version``) naming ``nihss`` instead: same series, a new SOP Instance UID
+    (``result_uid(study, version, "sr-r<revision>")``), Instance Number ``revision``, new content
+    time, and ``previous`` in its Predecessor Documents Sequence. The imaging measurements are
+    copied unchanged. ValueError when ``previous`` has no clinical group."""
+    if revision < 2:
+        raise ValueError(f"revision {revision}: revision 1 is the report build_sr made")
+    report = copy.deepcopy(previous)
+    containers = [item for item in report.ContentSequence if item.get("ValueType") == "CONTAINER"]
+    for container in containers:
+        children = container.get("ContentSequence", [])
+        for index, item in enumerate(children):
+            if _is_clinical_group(item):
+                children[index] = clinical_group(study_uid, version, nihss)[0]
+                break
+        else:
+            continue
+        break
+    else:
+        raise ValueError("the report has no clinical input group to revise")
+    now = datetime.now(timezone.utc)
+    report.SOPInstanceUID = identity.result_uid(study_uid, version, f"sr-r{revision}")
+    report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
+    report.InstanceNumber = revision
+    report.ContentDate, report.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+    report.InstanceCreationDate, report.InstanceCreationTime = report.ContentDate, report.ContentTime
+    predecessor = Dataset()
+    predecessor.StudyInstanceUID = previous.StudyInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = previous.SeriesInstanceUID
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = previous.SOPClassUID
+    instance.ReferencedSOPInstanceUID = previous.SOPInstanceUID
+    series.ReferencedSOPSequence = [instance]
+    predecessor.ReferencedSeriesSequence = [series]
+    report.PredecessorDocumentsSequence = [predecessor]
+    return report

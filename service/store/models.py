@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from sqlalchemy import JSON, BigInteger, DateTime, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from service.findings import NihssSource
+
 
 def utcnow() -> datetime:
     """Naive UTC: stored the same on SQLite and PostgreSQL."""
@@ -51,6 +53,7 @@ class Study(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
     patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_issuer: Mapped[str | None] = mapped_column(String(64), doc="IssuerOfPatientID of the images")
     accession_number: Mapped[str | None] = mapped_column(String(16))
     state: Mapped[StudyState] = mapped_column(_enum(StudyState), default=StudyState.RECEIVING)
     versions: Mapped[int] = mapped_column(Integer, default=0, doc="result versions started so far")
@@ -152,6 +155,45 @@ class Delivery(Base):
     sent_at: Mapped[datetime | None] = mapped_column()
 
     result: Mapped[ResultObject] = relationship(back_populates="deliveries")
+
+
+class NihssRecord(Base):
+    """One NIHSS as received, with its provenance; never updated or deleted (a correction is a
+    new row), so that every result can say which record it used."""
+
+    __tablename__ = "nihss_records"
+    __table_args__ = (
+        UniqueConstraint("source", "source_id"),  # a resent HL7 message or re-read FHIR version is one record
+        Index("ix_nihss_patient", "patient_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    patient_issuer: Mapped[str | None] = mapped_column(String(64))
+    value: Mapped[int] = mapped_column(Integer)
+    assessed_at: Mapped[datetime] = mapped_column(doc="naive UTC")
+    source: Mapped[NihssSource] = mapped_column(_enum(NihssSource))
+    source_id: Mapped[str] = mapped_column(String(128), doc="message control ID, resource id/version, request id")
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    detail: Mapped[str | None] = mapped_column(Text, doc="the sender's own words, e.g. the OBX result status")
+
+
+class ClinicalResult(Base):
+    """One version of a study version's clinical result: the SR naming the NIHSS used (or none).
+    Revision 1 is written with the imaging results; a later or corrected NIHSS adds a revision."""
+
+    __tablename__ = "clinical_results"
+    __table_args__ = (UniqueConstraint("job_id", "revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    revision: Mapped[int] = mapped_column(Integer)
+    nihss_id: Mapped[int | None] = mapped_column(ForeignKey("nihss_records.id"))
+    result_id: Mapped[int | None] = mapped_column(ForeignKey("result_objects.id"), doc="its SR")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    nihss: Mapped[NihssRecord | None] = relationship()
+    result: Mapped[ResultObject | None] = relationship()
 
 
 class AuditEvent(Base):

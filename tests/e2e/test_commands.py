@@ -14,6 +14,7 @@ import pytest
 
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
+from service.results.sr import clinical_input
 
 STROKEGATE = Path(sys.executable).parent / "strokegate"
 pytestmark = pytest.mark.timeout(600)
@@ -50,11 +51,15 @@ def test_process_analyses_a_folder_offline(tmp_path: Path) -> None:
     assert findings["measurements"]["hypoperfused_volume_ml"] >= findings["measurements"]["core_volume_ml"]
     assert pydicom.dcmread(tmp_path / "out" / "SEG.dcm").Modality == "SEG"
     assert pydicom.dcmread(tmp_path / "out" / "SR.dcm").Modality == "SR"
+    assert findings["nihss"] == {"available": False, "note": "NIHSS not available: imaging only"}
+    assert clinical_input(pydicom.dcmread(tmp_path / "out" / "SR.dcm")) == {
+        "CLINICALINPUT": "NIHSS not available: imaging only"}
 
 
 def test_process_analyses_a_ct_perfusion_study(tmp_path: Path) -> None:
     write_patient(2, "ctp", tmp_path / "in", PhantomOptions(ct_matrix=128, ct_slices=10, noise_hu=10.0))
-    result = subprocess.run([str(STROKEGATE), "process", str(tmp_path / "in"), "--out", str(tmp_path / "out")],
+    result = subprocess.run([str(STROKEGATE), "process", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                             "--nihss", "14", "--nihss-assessed", "2026-12-04T10:15:00"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     findings = json.loads((tmp_path / "out" / "findings.json").read_text())
@@ -65,6 +70,10 @@ def test_process_analyses_a_ct_perfusion_study(tmp_path: Path) -> None:
     seg = pydicom.dcmread(tmp_path / "out" / "SEG.dcm")
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Ischemic core", "Penumbra"]
     assert pydicom.dcmread(tmp_path / "out" / "SR.dcm").Modality == "SR"
+    assert findings["nihss"]["value"] == 14 and findings["nihss"]["source"] == "dicom/cli"
+    assert findings["nihss"]["assessed_at"] == "2026-12-04T10:15:00Z"
+    items = clinical_input(pydicom.dcmread(tmp_path / "out" / "SR.dcm"))
+    assert items["72089-6"] == (14.0, "{score}") and items["NIHSSSOURCE"].startswith("command line")
 
 
 def test_process_explains_a_folder_it_cannot_analyse(tmp_path: Path) -> None:

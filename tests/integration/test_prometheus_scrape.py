@@ -21,7 +21,7 @@ from service.store import tokens
 
 pytestmark = [pytest.mark.integration, requires_storescu, pytest.mark.timeout(120)]
 
-LOOPS = {"dicom-receiver", "dicom-filer", "recorder", "tracker", "sender", "worker-0", "http"}
+LOOPS = {"dicom-receiver", "dicom-filer", "recorder", "tracker", "sender", "worker-0", "http", "clinical"}
 
 
 class Prometheus:

@@ -223,7 +223,7 @@ def test_sr_carries_every_measurement_the_verdict_and_the_flags(mismatch: Findin
     for segment in findings.segments:
         assert volumes[segment.label].value == pytest.approx(segment.volume_ml, rel=1e-6)
         assert volumes[segment.label].unit.value == "ml" and volumes[segment.label].unit.scheme_designator == "UCUM"
-    (study,) = back.content.get_image_measurement_groups()
+    study, _clinical = back.content.get_image_measurement_groups()  # the second names the NIHSS
     reported = {m.name.value: m for m in study.get_measurements()}
     expected = {name: value for name, value in findings.measurements.items()
                 if name not in ("core_volume_ml", "penumbra_volume_ml", "target_mismatch")}
@@ -242,6 +242,6 @@ def test_sr_carries_every_measurement_the_verdict_and_the_flags(mismatch: Findin
 
 def test_sr_verdict_no_when_the_profile_is_not_met(mismatch: Findings) -> None:
     findings = Findings(**{**mismatch.__dict__, "measurements": {**mismatch.measurements, "target_mismatch": 0.0}})
-    (study,) = sr_back(findings).content.get_image_measurement_groups()
+    study, _clinical = sr_back(findings).content.get_image_measurement_groups()
     (verdict,) = [e for e in study.get_qualitative_evaluations() if e.name == TARGET_MISMATCH]
     assert verdict.value == codes.SCT.No

@@ -21,7 +21,7 @@ from service.phantom.truth_files import read_nifti
 from service.results import identity
 from service.results.coding import INFARCT, LOCAL_CODES, LOCAL_SCHEME, PENUMBRA
 from service.results.seg import build_seg
-from service.results.sr import MILLILITER, build_sr
+from service.results.sr import CLINICAL_GROUP, MILLILITER, build_sr
 
 OPTIONS = PhantomOptions(mr_matrix=64, mr_slices=8, mr_frames=6)
 
@@ -246,8 +246,9 @@ def test_sr_reports_other_measurements(patient: Path) -> None:
     findings = make_findings(patient)
     findings.measurements["mismatch_ratio"] = 2.5
     back = hd.sr.Comprehensive3DSR.from_dataset(write_and_read(build_sr(findings, build_seg(findings))))
-    (group,) = back.content.get_image_measurement_groups()
-    (measurement,) = group.get_measurements()
+    study, clinical = back.content.get_image_measurement_groups()  # the clinical group names the NIHSS (none here)
+    assert clinical.tracking_identifier == CLINICAL_GROUP and clinical.get_measurements() == []
+    (measurement,) = study.get_measurements()
     assert measurement.value == pytest.approx(2.5)
     assert measurement.unit == codes.UCUM.Ratio
 

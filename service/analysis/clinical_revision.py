@@ -1,0 +1,157 @@
+"""The clinical result kept current: when the NIHSS a study's results should name changes (a late
+NIHSS, a correction), a new version of the report is issued without touching the imaging.
+
+The new version is the previous SR with its clinical group rewritten (``results.sr.revise_sr``):
+same series, a new SOP Instance UID, the next Instance Number, the previous report as its
+predecessor. It is stored beside the previous ones (``<study>/v<version>/SR-r<revision>.dcm``),
+recorded as a ``ClinicalResult`` revision and queued for the destinations that take SRs; no
+imaging object is queued again. Earlier revisions stay in the database and on disk.
+
+``on_outcome_stale`` is called for every new revision: the outcome models plug in there (they
+re-compute the outcome with the new NIHSS from the stored maps).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import func, select
+
+from service.clinical.nihss import choose_nihss, studies_of, used
+from service.delivery.outbox import ResultFile, enqueue
+from service.findings import SR, NihssUsed, nihss_summary
+from service.ops.loops import Loop
+from service.results.sr import revise_sr
+from service.store.database import Database
+from service.store.models import AuditEvent, ClinicalResult, Job, JobState, NihssRecord, ResultObject, Study, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StaleOutcome:
+    """A study version whose clinical input changed: what ``on_outcome_stale`` receives."""
+
+    study_uid: str
+    job_id: int
+    version: int
+    revision: int
+    nihss: NihssUsed | None
+    report: ResultFile  # the new SR
+
+
+def first_revision(session, job: Job, nihss: NihssUsed | None) -> None:  # noqa: ANN001 - a Session
+    """Record revision 1 (the SR written with the imaging results) in the job's finishing transaction."""
+    sr = session.scalar(select(ResultObject).where(ResultObject.job_id == job.id, ResultObject.kind == SR.name))
+    session.add(ClinicalResult(job_id=job.id, revision=1, nihss_id=nihss.record_id if nihss else None,
+                               result_id=sr.id if sr else None))
+
+
+class ClinicalReviser:
+    """A loop that finds study versions whose NIHSS changed and issues their next clinical revision.
+
+    It looks at the studies of NIHSS records received since its last look and at jobs finished
+    since then (a NIHSS received while the study was analysed), on ``wake()`` or every ``poll_s``.
+    """
+
+    def __init__(
+        self, db: Database, results_dir: Path, destinations: dict[str, Collection[str]],
+        on_results: Callable[[], None] | None = None,
+        on_outcome_stale: Callable[[StaleOutcome], None] | None = None, poll_s: float = 2.0,
+    ) -> None:
+        self.db, self.results_dir, self.destinations = db, results_dir, destinations
+        self.on_results, self.on_outcome_stale, self.poll_s = on_results, on_outcome_stale, poll_s
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._seen_record = 0
+        self._seen_finished = datetime(1970, 1, 1)  # every job at the first look
+        self.loop = Loop("clinical", self._run)
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.loop.stop()
+        self.loop.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.check()
+            except Exception as error:  # noqa: BLE001 - database hiccup; the next look tries again
+                log.error("checking NIHSS changes failed: %s", error)
+
+    def check(self) -> int:
+        """Issue the revisions now due; returns how many."""
+        with self.db.session() as session:
+            top = session.scalar(select(func.max(NihssRecord.id))) or 0
+            records = session.scalars(select(NihssRecord).where(NihssRecord.id > self._seen_record)).all()
+            study_ids = {study.id for record in records for study in studies_of(session, record)}
+            since = self._seen_finished - timedelta(seconds=5)  # clocks of other workers' hosts
+            now = utcnow()
+            study_ids |= set(session.scalars(
+                select(Job.study_id).where(Job.state == JobState.DONE, Job.finished_at >= since)
+            ))
+        issued = sum(self.revise(study_id) for study_id in sorted(study_ids))
+        self._seen_record, self._seen_finished = top, now
+        return issued
+
+    def revise(self, study_id: int) -> bool:
+        """Issue the next revision of the study's latest analysed version when the NIHSS it should
+        name is not the one its latest revision names; False when nothing changed."""
+        with self.db.session() as session:
+            study = session.get(Study, study_id)
+            job = session.scalar(select(Job).where(Job.study_id == study_id).order_by(Job.version.desc()).limit(1))
+            if job is None or job.state != JobState.DONE or job.started_at is None:
+                return False  # not analysed yet (it chooses its NIHSS when it is), or failed
+            latest = session.scalar(select(ClinicalResult).where(ClinicalResult.job_id == job.id)
+                                    .order_by(ClinicalResult.revision.desc()).limit(1))
+            if latest is None or latest.result is None:
+                return False  # analysed before clinical results existed, or no SR
+            chosen = choose_nihss(session, study, job.started_at)
+            if (chosen.id if chosen else None) == latest.nihss_id:
+                return False
+            nihss = used(chosen)
+            revision = latest.revision + 1
+            previous = dcmread(self.results_dir / latest.result.path)
+            report = revise_sr(previous, study.study_uid, job.version, revision, nihss)
+            relative = Path(latest.result.path).with_name(f"SR-r{revision}.dcm")
+            _write(report, self.results_dir / relative)
+            result = ResultFile(SR, str(report.SOPInstanceUID), str(report.SOPClassUID), relative.as_posix())
+            enqueue(session, job, [result], self.destinations)
+            row = session.scalar(select(ResultObject).where(ResultObject.sop_uid == result.sop_uid))
+            session.add(ClinicalResult(job_id=job.id, revision=revision, nihss_id=chosen.id if chosen else None,
+                                       result_id=row.id))
+            if job.findings is not None:
+                job.findings = {**job.findings, "nihss": nihss_summary(nihss), "clinical_revision": revision}
+            session.add(AuditEvent(kind="clinical_revised", study_id=study.id,
+                                   detail={"job": job.id, "revision": revision, "nihss_record": chosen.id if chosen else None}))
+            stale = StaleOutcome(study.study_uid, job.id, job.version, revision, nihss, result)
+        log.info("study %d version %d: clinical revision %d names %s", study_id, stale.version, revision,
+                 nihss.describe() if nihss else "no NIHSS")
+        if self.on_outcome_stale is not None:
+            self.on_outcome_stale(stale)
+        if self.on_results is not None:
+            self.on_results()
+        return True
+
+
+def _write(report, path: Path) -> None:  # noqa: ANN001 - a pydicom Dataset
+    """Write atomically (a crash leaves no half file under the final name)."""
+    temporary = path.with_suffix(".part")
+    report.save_as(temporary, enforce_file_format=True)
+    temporary.replace(path)
