@@ -13,6 +13,11 @@ background load falls on all of them alike; each run starts once the previous re
 (StrokeGate: its process used no CPU for 0.5 s) and after os.sync(), and nothing is deleted until the end
 (freeing blocks mid-benchmark slowed whichever receiver allocated new blocks next).
 
+Most senders do not set TCP_NODELAY (dcmtk's storescu by default): each run also sends another
+copy with storescu as shipped to storescp and to StrokeGate (as shipped), which acknowledges each
+read at once (TCP_QUICKACK) so that such a sender's held-back tail of each dataset is not stalled by
+the delayed-acknowledgement timer; target: at least 5x faster to StrokeGate than to storescp.
+
     .venv/bin/python benchmarks/ingest.py [--runs 5]
 """
 
@@ -34,6 +39,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
+PLAIN_SENDER = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}  # storescu as shipped
 
 
 def free_port() -> int:
@@ -63,11 +69,12 @@ def wait_ready(http_port: int, timeout: float = 60) -> None:
     raise RuntimeError("strokegate did not become ready")
 
 
-def send(folder: Path, port: int, ae: str) -> float:
+def send(folder: Path, port: int, ae: str, nodelay: bool = True) -> float:
+    """Seconds storescu takes to send ``folder``; ``nodelay``: with TCP_NODELAY=1, else as shipped."""
     os.sync()  # every receiver starts with no earlier run's data still being written back
     started = time.perf_counter()
-    subprocess.run(["storescu", "-aec", ae, "+sd", "127.0.0.1", str(port), str(folder)], env=ENV, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(["storescu", "-aec", ae, "+sd", "127.0.0.1", str(port), str(folder)],
+                   env=ENV if nodelay else PLAIN_SENDER, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
@@ -87,6 +94,7 @@ class Gate:
 
     def __init__(self, cli: Path, folder: Path, environment: dict[str, str]) -> None:
         self.folder = folder
+        self.expected = 0  # instances sent so far, all new
         self.port, self.http = free_port(), free_port()
         self.process = subprocess.Popen(
             [str(cli), "serve", "--host", "127.0.0.1", "--port", str(self.port), "--http-port", str(self.http),
@@ -97,9 +105,12 @@ class Gate:
         )
         wait_ready(self.http)
 
-    def send(self, study: Path, expected_total: int) -> tuple[float, float]:
-        """Seconds for storescu to send ``study``, and until all of it was filed into the spool."""
-        seconds = send(study, self.port, "STROKEGATE")
+    def send(self, study: Path, instances: int, nodelay: bool = True) -> tuple[float, float]:
+        """Seconds for storescu to send ``study`` (``instances`` new ones), and until all of it was
+        filed into the spool."""
+        self.expected += instances
+        expected_total = self.expected
+        seconds = send(study, self.port, "STROKEGATE", nodelay)
         sent = time.perf_counter()
         deadline = time.monotonic() + 120
         while (stored := self.spooled()) < expected_total and time.monotonic() < deadline:
@@ -146,6 +157,7 @@ def main() -> None:
         files = sorted(folder.glob("*.dcm"))
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         times: dict[str, list[float]] = {"storescp": [], "strokegate": [], "strokegate-async": []}
+        plain: dict[str, list[float]] = {"storescp": [], "strokegate": []}  # sender without TCP_NODELAY
         filed: list[float] = []
 
         port = free_port()
@@ -167,10 +179,17 @@ def main() -> None:
                 if name == "storescp":
                     times[name].append(send(study, port, "PEER"))
                     continue
-                seconds, until_filed = gates[name].send(study, (run + 2) * len(files))
+                seconds, until_filed = gates[name].send(study, len(files))
                 times[name].append(seconds)
                 if name == "strokegate":
                     filed.append(until_filed)
+            study = work / f"plain{run}"
+            copy_with_new_uids(folder, study)
+            for name in (["storescp", "strokegate"] if run % 2 == 0 else ["strokegate", "storescp"]):
+                if name == "storescp":
+                    plain[name].append(send(study, port, "PEER", nodelay=False))
+                else:
+                    plain[name].append(gates[name].send(study, len(files), nodelay=False)[0])
 
         print(f"study: {len(files)} CT instances, {megabytes:.1f} MB, storescu with TCP_NODELAY=1, {args.runs} runs each")
         medians = {}
@@ -182,6 +201,12 @@ def main() -> None:
         print(f"ratio strokegate / storescp throughput: {medians['storescp'] / medians['strokegate']:.2f}x as shipped "
               f"(sync before each Success), {medians['storescp'] / medians['strokegate-async']:.2f}x with receive_sync "
               "false; target >= 0.8x")
+        print(f"storescu as shipped (no TCP_NODELAY), {args.runs} runs each:")
+        for name, seconds in plain.items():
+            print(f"{name:16s}: median {statistics.median(seconds):.2f} s = "
+                  f"{len(files) / statistics.median(seconds):7.1f} instances/s   (runs: {', '.join(f'{s:.2f}' for s in seconds)})")
+        print(f"ratio strokegate / storescp throughput, sender without TCP_NODELAY: "
+              f"{statistics.median(plain['storescp']) / statistics.median(plain['strokegate']):.1f}x; target >= 5x")
     finally:
         for gate in gates.values():
             gate.stop()
