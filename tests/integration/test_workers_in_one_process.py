@@ -17,6 +17,7 @@ import pytest
 
 from dicom_tools import requires_storescu, storescu
 from service.phantom.generate import write_patient
+from service.phantom.patient import PhantomOptions
 from service_harness import Service, wait_for
 
 pytestmark = [pytest.mark.integration, requires_storescu, pytest.mark.timeout(600)]
@@ -26,11 +27,12 @@ SEEDS = (2, 3, 4, 5)
 
 @pytest.fixture(scope="module")
 def dwi_studies(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """The DWI series of four synthetic MRI patients (different lesions, sides and sizes)."""
+    """The DWI series of four synthetic MRI patients (different lesions, sides and sizes); their
+    DSC series, not sent, short to make."""
     out = tmp_path_factory.mktemp("patients")
     folders = []
     for seed in SEEDS:
-        write_patient(seed, "mri", out)
+        write_patient(seed, "mri", out, PhantomOptions(mr_frames=8))
         folders.append(out / f"SGPH{seed:08d}" / "dicom" / "MR" / "dwi")
     return folders
 
