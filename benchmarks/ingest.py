@@ -2,7 +2,9 @@
 
 Every receiver gets the same synthetic CT perfusion study (16 x 40 instances, 256x256) from dcmtk
 storescu with TCP_NODELAY=1 (the peer at its best settings); each is timed `--runs` times and the
-medians compared. StrokeGate runs on its embedded defaults (SQLite), once as shipped (each instance
+medians compared. The study's NumberOfTemporalPositions and ImagesInAcquisition are removed, so that no
+analysis starts during the benchmark (the study completes only after the idle time). StrokeGate
+runs on its embedded defaults (SQLite), once as shipped (each instance
 fdatasync'd into the receive journal before Success) and once with `receive_sync: false` (journal
 written before Success, synced within 10 ms); storescp never syncs. All three receivers run for
 the whole benchmark, as they would in a hospital: each gets one untimed study first (StrokeGate's
@@ -89,6 +91,18 @@ def copy_with_new_uids(source: Path, target: Path) -> None:
         dataset.save_as(target / path.name, enforce_file_format=True)
 
 
+def without_completion_counts(folder: Path) -> None:
+    """Remove the headers that let StrokeGate complete the study at its last image: this benchmark
+    times receiving, and an analysis started mid-benchmark would compete for the CPU (with them
+    gone the study completes only after series_idle_s, 600 s here)."""
+    for path in folder.glob("*.dcm"):
+        dataset = dcmread(path)
+        for keyword in ("NumberOfTemporalPositions", "ImagesInAcquisition"):
+            if keyword in dataset:
+                delattr(dataset, keyword)
+        dataset.save_as(path, enforce_file_format=True)
+
+
 class Gate:
     """One `strokegate serve`, running for the whole benchmark."""
 
@@ -154,6 +168,7 @@ def main() -> None:
         subprocess.run([str(cli), "phantom", "--kind", "ctp", "--out", str(work / "study"), "--seed", "4242"],
                        check=True, stdout=subprocess.DEVNULL)
         folder = next((work / "study").glob("SGPH*")) / "dicom" / "CT" / "ctp"
+        without_completion_counts(folder)
         files = sorted(folder.glob("*.dcm"))
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         times: dict[str, list[float]] = {"storescp": [], "strokegate": [], "strokegate-async": []}
