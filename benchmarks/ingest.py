@@ -2,7 +2,9 @@
 
 Every receiver gets the same synthetic CT perfusion study (16 x 40 instances, 256x256) from dcmtk
 storescu with TCP_NODELAY=1 (the peer at its best settings); each is timed `--runs` times and the
-medians compared. StrokeGate runs on its embedded defaults (SQLite), once as shipped (each instance
+medians compared. The study's NumberOfTemporalPositions and ImagesInAcquisition are removed, so that no
+analysis starts during the benchmark (the study completes only after the idle time). StrokeGate
+runs on its embedded defaults (SQLite), once as shipped (each instance
 fdatasync'd into the receive journal before Success) and once with `receive_sync: false` (journal
 written before Success, synced within 10 ms); storescp never syncs. All three receivers run for
 the whole benchmark, as they would in a hospital: each gets one untimed study first (StrokeGate's
@@ -12,6 +14,11 @@ between the receivers, storescp first in one run and last in the next, so that t
 background load falls on all of them alike; each run starts once the previous receiver is idle
 (StrokeGate: its process used no CPU for 0.5 s) and after os.sync(), and nothing is deleted until the end
 (freeing blocks mid-benchmark slowed whichever receiver allocated new blocks next).
+
+Most senders do not set TCP_NODELAY (dcmtk's storescu by default): each run also sends another
+copy with storescu as shipped to storescp and to both StrokeGates, which acknowledge each
+read at once (TCP_QUICKACK) so that such a sender's held-back tail of each dataset is not stalled by
+the delayed-acknowledgement timer; target: at least 5x faster to StrokeGate than to storescp.
 
     .venv/bin/python benchmarks/ingest.py [--runs 5]
 """
@@ -34,6 +41,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
+PLAIN_SENDER = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}  # storescu as shipped
 
 
 def free_port() -> int:
@@ -63,11 +71,12 @@ def wait_ready(http_port: int, timeout: float = 60) -> None:
     raise RuntimeError("strokegate did not become ready")
 
 
-def send(folder: Path, port: int, ae: str) -> float:
+def send(folder: Path, port: int, ae: str, nodelay: bool = True) -> float:
+    """Seconds storescu takes to send ``folder``; ``nodelay``: with TCP_NODELAY=1, else as shipped."""
     os.sync()  # every receiver starts with no earlier run's data still being written back
     started = time.perf_counter()
-    subprocess.run(["storescu", "-aec", ae, "+sd", "127.0.0.1", str(port), str(folder)], env=ENV, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(["storescu", "-aec", ae, "+sd", "127.0.0.1", str(port), str(folder)],
+                   env=ENV if nodelay else PLAIN_SENDER, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
@@ -82,11 +91,24 @@ def copy_with_new_uids(source: Path, target: Path) -> None:
         dataset.save_as(target / path.name, enforce_file_format=True)
 
 
+def without_completion_counts(folder: Path) -> None:
+    """Remove the headers that let StrokeGate complete the study at its last image: this benchmark
+    times receiving, and an analysis started mid-benchmark would compete for the CPU (with them
+    gone the study completes only after series_idle_s, 600 s here)."""
+    for path in folder.glob("*.dcm"):
+        dataset = dcmread(path)
+        for keyword in ("NumberOfTemporalPositions", "ImagesInAcquisition"):
+            if keyword in dataset:
+                delattr(dataset, keyword)
+        dataset.save_as(path, enforce_file_format=True)
+
+
 class Gate:
     """One `strokegate serve`, running for the whole benchmark."""
 
     def __init__(self, cli: Path, folder: Path, environment: dict[str, str]) -> None:
         self.folder = folder
+        self.expected = 0  # instances sent so far, all new
         self.port, self.http = free_port(), free_port()
         self.process = subprocess.Popen(
             [str(cli), "serve", "--host", "127.0.0.1", "--port", str(self.port), "--http-port", str(self.http),
@@ -97,9 +119,12 @@ class Gate:
         )
         wait_ready(self.http)
 
-    def send(self, study: Path, expected_total: int) -> tuple[float, float]:
-        """Seconds for storescu to send ``study``, and until all of it was filed into the spool."""
-        seconds = send(study, self.port, "STROKEGATE")
+    def send(self, study: Path, instances: int, nodelay: bool = True) -> tuple[float, float]:
+        """Seconds for storescu to send ``study`` (``instances`` new ones), and until all of it was
+        filed into the spool."""
+        self.expected += instances
+        expected_total = self.expected
+        seconds = send(study, self.port, "STROKEGATE", nodelay)
         sent = time.perf_counter()
         deadline = time.monotonic() + 120
         while (stored := self.spooled()) < expected_total and time.monotonic() < deadline:
@@ -143,9 +168,11 @@ def main() -> None:
         subprocess.run([str(cli), "phantom", "--kind", "ctp", "--out", str(work / "study"), "--seed", "4242"],
                        check=True, stdout=subprocess.DEVNULL)
         folder = next((work / "study").glob("SGPH*")) / "dicom" / "CT" / "ctp"
+        without_completion_counts(folder)
         files = sorted(folder.glob("*.dcm"))
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         times: dict[str, list[float]] = {"storescp": [], "strokegate": [], "strokegate-async": []}
+        plain: dict[str, list[float]] = {"storescp": [], "strokegate": [], "strokegate-async": []}  # no TCP_NODELAY
         filed: list[float] = []
 
         port = free_port()
@@ -167,10 +194,17 @@ def main() -> None:
                 if name == "storescp":
                     times[name].append(send(study, port, "PEER"))
                     continue
-                seconds, until_filed = gates[name].send(study, (run + 2) * len(files))
+                seconds, until_filed = gates[name].send(study, len(files))
                 times[name].append(seconds)
                 if name == "strokegate":
                     filed.append(until_filed)
+            study = work / f"plain{run}"
+            copy_with_new_uids(folder, study)
+            for name in (["storescp", *gates] if run % 2 == 0 else [*gates, "storescp"]):
+                if name == "storescp":
+                    plain[name].append(send(study, port, "PEER", nodelay=False))
+                else:
+                    plain[name].append(gates[name].send(study, len(files), nodelay=False)[0])
 
         print(f"study: {len(files)} CT instances, {megabytes:.1f} MB, storescu with TCP_NODELAY=1, {args.runs} runs each")
         medians = {}
@@ -182,6 +216,17 @@ def main() -> None:
         print(f"ratio strokegate / storescp throughput: {medians['storescp'] / medians['strokegate']:.2f}x as shipped "
               f"(sync before each Success), {medians['storescp'] / medians['strokegate-async']:.2f}x with receive_sync "
               "false; target >= 0.8x")
+        print(f"storescu as shipped (no TCP_NODELAY), {args.runs} runs each:")
+        for name, seconds in plain.items():
+            print(f"{name:16s}: median {statistics.median(seconds):.2f} s = "
+                  f"{len(files) / statistics.median(seconds):7.1f} instances/s   (runs: {', '.join(f'{s:.2f}' for s in seconds)})")
+        print(f"ratio strokegate / storescp throughput, sender without TCP_NODELAY: "
+              f"{statistics.median(plain['storescp']) / statistics.median(plain['strokegate']):.1f}x as shipped, "
+              f"{statistics.median(plain['storescp']) / statistics.median(plain['strokegate-async']):.1f}x with "
+              "receive_sync false; target >= 5x")
+        for name in gates:
+            print(f"{name}: the sender without TCP_NODELAY took {statistics.median(plain[name]) - medians[name]:+.2f} s "
+                  "(median) against the sender with it")
     finally:
         for gate in gates.values():
             gate.stop()

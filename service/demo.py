@@ -14,11 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.image import imsave
 from pydicom import dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
@@ -183,7 +180,7 @@ def _report(console: Console, findings: dict, patient: Path, pacs: StandInPacs, 
         table.add_row(f"received by PACS: {modality[description]}", f"{description} -> {where}")
         if description.startswith("StrokeGate summary"):
             summary_png = paths[0].with_suffix(".png")
-            plt.imsave(summary_png, dcmread(paths[0]).pixel_array)
+            imsave(summary_png, dcmread(paths[0]).pixel_array)
             summary_line = f"summary image: {paths[0]}\n  as PNG: {summary_png}"
     console.print(table)
     if summary_line:

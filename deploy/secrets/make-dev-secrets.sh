@@ -25,8 +25,9 @@ secret rabbitmq_credentials.conf "default_user = strokegate
 default_pass = ${rabbit_password}"
 secret broker_url "amqp://strokegate:${rabbit_password}@rabbitmq:5672//"
 secret grafana_admin_password "$(random)"
-# API tokens: the token store of issue 11 (hashed tokens) is written here once that exists.
-[ -e api_tokens ] || secret api_tokens ""
+# Prometheus's reader token: API tokens live in StrokeGate's database, so the token is made once the
+# service runs (deploy/compose.yaml, top); until then the file is empty and the scrape is refused.
+[ -e prometheus_token ] || secret prometheus_token ""
 
 if [ ! -e tls/ca.crt ]; then
     openssl req -x509 -newkey rsa:3072 -nodes -days 825 -subj "/CN=StrokeGate test CA" \
@@ -43,4 +44,4 @@ fi
 chmod 0600 tls/ca.key
 chmod 0644 tls/strokegate.key tls/strokegate.crt tls/ca.crt
 chmod 0700 .
-echo "secrets in $(pwd): database_url db_password broker_url rabbitmq_credentials.conf api_tokens grafana_admin_password tls/"
+echo "secrets in $(pwd): database_url db_password broker_url rabbitmq_credentials.conf prometheus_token grafana_admin_password tls/"

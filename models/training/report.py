@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from models.training.evaluate import Summary  # noqa: E402
-from models.training.loop import History  # noqa: E402
+from models.training.evaluate import Summary
+from models.training.loop import History
 
 
 def comparison_table(summaries: list[Summary]) -> list[str]:
@@ -39,7 +37,9 @@ def comparison_table(summaries: list[Summary]) -> list[str]:
 
 def curves(history: History, path: Path) -> Path:
     epochs = [r["epoch"] for r in history.epochs]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    figure = Figure(figsize=(10, 3.6))
+    FigureCanvasAgg(figure)  # its own canvas, not pyplot's shared state
+    left, right = figure.subplots(1, 2)
     left.plot(epochs, [r["train_loss"] for r in history.epochs], label="training")
     if history.epochs and "validation_loss" in history.epochs[0]:
         left.plot(epochs, [r["validation_loss"] for r in history.epochs], label="validation")
@@ -54,7 +54,6 @@ def curves(history: History, path: Path) -> Path:
         right.axvline(history.best_epoch, color="grey", linestyle=":", label="kept")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return path
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from service.config import Destination
@@ -78,6 +78,14 @@ def enqueue(session: Session, job: Job, results: list[ResultFile], destinations:
                 session.add(Delivery(result_id=row.id, destination=destination))
 
 
+DELIVERY_PRIORITY = case(
+    (ResultObject.kind == "SEG", 0), (ResultObject.kind == "SR", 1), (ResultObject.kind == "SUMMARY", 2),
+    (ResultObject.kind.like("PM-%"), 3), else_=4,
+)
+"""The order results go out in: what a stroke team decides on first (the SEG and the SR, then the
+summary), the map values, and the colour map images last; the oldest first within each."""
+
+
 def backoff(attempts: int, first_s: float, max_s: float) -> timedelta:
     """Delay before the next try after ``attempts`` failures: first_s, 2 first_s, 4 first_s ... max_s."""
     return timedelta(seconds=min(first_s * 2 ** max(attempts - 1, 0), max_s))
@@ -133,7 +141,9 @@ class Sender:
             self._wake.clear()
 
     def send_due(self, now: datetime) -> int:
-        """One round: every due delivery, grouped by destination. Returns the number delivered.
+        """One round: up to 200 due deliveries, grouped by destination, each destination's in
+        ``DELIVERY_PRIORITY`` order (a backlog of colour maps never holds back a new study's SEG
+        and SR). Returns the number delivered.
 
         The round's deliveries are claimed first: locked with ``FOR UPDATE SKIP LOCKED`` and moved
         ``claim_s`` into the future, so that another sender sharing the database (a second serve
@@ -143,7 +153,7 @@ class Sender:
             due = session.execute(
                 select(Delivery, ResultObject.path, ResultObject.kind).join(ResultObject)
                 .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-                .order_by(Delivery.id).limit(200).with_for_update(skip_locked=True, of=Delivery)
+                .order_by(DELIVERY_PRIORITY, Delivery.id).limit(200).with_for_update(skip_locked=True, of=Delivery)
             ).all()
             claimed_until = now + timedelta(seconds=self.claim_s)
             batches: dict[str, list[tuple[int, Path, ResultKind]]] = defaultdict(list)

@@ -75,6 +75,24 @@ def no_delay(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux; None where the system has no such option
+
+
+def quick_ack(sock: socket.socket) -> bool:
+    """Acknowledge what arrived at once instead of after the delayed-ACK timer (up to 40 ms): a
+    sender without TCP_NODELAY (most PACS, dcmtk's storescu by default) holds the last part of each
+    dataset until its earlier part is acknowledged, and would stall that long per instance. Linux
+    clears the mode again as it sees fit, so it is set after each read. False where the system
+    has no such option or refuses it (nothing else changes)."""
+    if TCP_QUICKACK is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+    except OSError:
+        return False
+    return True
+
+
 class ProtocolError(Exception):
     """The peer broke the Upper Layer protocol; the association is aborted with ``reason``."""
 
@@ -118,8 +136,12 @@ class Connection:
     A-ASSOCIATE-RQ within the deadline given to ``read_association_request`` (ARTIM, PS3.8 9.1.5).
     """
 
-    def __init__(self, sock: socket.socket, timeout_s: float, max_pdu: int, max_dataset: int = 0) -> None:
+    def __init__(
+        self, sock: socket.socket, timeout_s: float, max_pdu: int, max_dataset: int = 0, prompt_ack: bool = False
+    ) -> None:
+        """``prompt_ack``: acknowledge each read at once (``quick_ack``), for a receiver."""
         self.sock = sock
+        self.prompt_ack = prompt_ack and quick_ack(sock)
         self.max_dataset = max_dataset  # longest dataset of one message, bytes; 0 = unlimited
         self.timeout_s = timeout_s
         self._socket_timeout = timeout_s
@@ -135,6 +157,8 @@ class Connection:
         followed by reads that check the deadline, so the whole PDU's deadline is kept to within
         one read (a peer trickling bytes is cut at the first read after it)."""
         received = self.sock.recv_into(view)
+        if self.prompt_ack:
+            quick_ack(self.sock)
         if received == len(view):
             return
         while True:
@@ -150,6 +174,8 @@ class Connection:
                 self._socket_timeout = remaining
                 self.sock.settimeout(remaining)
             received = self.sock.recv_into(view)
+            if self.prompt_ack:
+                quick_ack(self.sock)
 
     def read_pdu(self, timeout_s: float | None = None) -> tuple[int, memoryview]:
         """The next PDU's type and body (valid until the next call); the whole PDU must arrive

@@ -25,7 +25,8 @@ from service.ingest.spool import check_uid
 _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "PatientID",
     "IssuerOfPatientID",
-    "AccessionNumber", "SeriesDescription", "NumberOfSeriesRelatedInstances",
+    "AccessionNumber", "SeriesDescription", "NumberOfSeriesRelatedInstances", "NumberOfTemporalPositions",
+    "ImagesInAcquisition", "ImagePositionPatient",
 ]
 _TAGS = {keyword: tag_for_keyword(keyword) for keyword in _HEADER_TAGS}
 _CODE_STRING = re.compile(r"^[A-Z0-9_ ]*$")
@@ -52,6 +53,9 @@ class ReceivedInstance:
     calling_ae: str | None
     received_at: datetime | None = None  # when it was acknowledged (naive UTC); None: when recorded
     patient_issuer: str | None = None  # IssuerOfPatientID: whose identifier PatientID is (joins the NIHSS)
+    temporal_positions: int | None = None  # NumberOfTemporalPositions, where usable
+    images_in_acquisition: int | None = None  # ImagesInAcquisition, where usable
+    slice_position: str | None = None  # ImagePositionPatient to 0.01 mm ("x\\y\\z"), where usable
 
 
 def parse_header(file_bytes: bytes | bytearray) -> Dataset:
@@ -92,6 +96,9 @@ def received_instance(
         expected_instances=_expected_instances(header),
         calling_ae=calling_ae or None,
         received_at=received_at,
+        temporal_positions=_count_hint(header, "NumberOfTemporalPositions"),
+        images_in_acquisition=_count_hint(header, "ImagesInAcquisition"),
+        slice_position=_slice_position(header),
     )
 
 
@@ -135,3 +142,33 @@ def _expected_instances(header: Dataset) -> int | None:
     if not 1 <= number <= MAX_EXPECTED_INSTANCES:
         raise InputError(f"NumberOfSeriesRelatedInstances {str(value)[:32]} is out of range (1 to {MAX_EXPECTED_INSTANCES})")
     return number
+
+
+def _count_hint(header: Dataset, keyword: str) -> int | None:
+    """A count that only lets a series complete before its idle time (NumberOfTemporalPositions,
+    ImagesInAcquisition): one integer from 1 to 2**31 - 1, else None. An unusable value is not the
+    instance's fault and costs it nothing: its series then completes on the idle time."""
+    try:
+        value = _value(header, keyword)
+        number = int(value) if value is not None else None
+    except (InputError, TypeError, ValueError, OverflowError):
+        return None
+    return number if number is not None and 1 <= number <= MAX_EXPECTED_INSTANCES else None
+
+
+MAX_POSITION_MM = 1e6
+"""Larger coordinates are no patient's: the position is then unusable for completion."""
+
+
+def _slice_position(header: Dataset) -> str | None:
+    """ImagePositionPatient rounded to 0.01 mm as "x\\y\\z" (instances at one place share it), or
+    None when absent or not three finite numbers within MAX_POSITION_MM (the series then completes on
+    the idle time; the analysis reports what is wrong with the geometry)."""
+    element = header.get(_TAGS["ImagePositionPatient"])
+    try:
+        values = [float(v) for v in element.value] if element is not None and element.value else []
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if len(values) != 3 or not all(abs(v) <= MAX_POSITION_MM for v in values):  # NaN fails the comparison
+        return None
+    return "\\".join(f"{round(v, 2) + 0.0:.2f}" for v in values)  # + 0.0: no "-0.00"

@@ -360,7 +360,8 @@ class Receiver:
         if secured is None:
             return
         sock, encrypted = secured
-        connection = Connection(sock, self.config.network_timeout_s, self.config.max_pdu, self.config.max_instance_bytes)
+        connection = Connection(sock, self.config.network_timeout_s, self.config.max_pdu, self.config.max_instance_bytes,
+                                prompt_ack=True)
         holds_slot = established = False
         try:
             request = connection.read_association_request(self.config.association_request_timeout_s)

@@ -5,10 +5,13 @@ queue to the database in batches. A crash can lose queued records but never thei
 start ``reconcile`` records every spooled file the database does not know. A batch the database
 refuses is written again one record at a time: while the database is down every record waits
 (retried, never dropped), and a record the database refuses on its own is quarantined with the
-reason, so that one instance never costs the others of its batch. A series is complete
-when its expected count is reached (NumberOfSeriesRelatedInstances, where a sender gives it) or
-when nothing arrived for ``series_idle_s``; a study whose series are complete becomes a job for
-its next result version. Instances that arrive after a version was queued start the next one.
+reason, so that one instance never costs the others of its batch. A study is complete as soon
+as the headers of each of its series say that series is whole (``completion``: the declared total,
+time points x slice positions, images in the acquisition), or when nothing arrived for
+``series_idle_s``; a complete study becomes a job for its next result version. Instances that
+arrive after a version was queued (a sender resending, or a header that claimed fewer than it
+sent) are recorded and filed like any other and start the next version, which analyses them all
+once the study is complete again (by the idle time, the header having been proved wrong).
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.orm import Session, selectinload
 
 from service.errors import InputError
+from service.ingest.completion import (
+    CompletionRule,
+    SeriesCounts,
+    complete_by_headers,
+    needs_arrival_order,
+    slices_before_first_repeat,
+)
 from service.ingest.header import ReceivedInstance, parse_header, received_instance
 from service.ingest.spool import Spool
 from service.ops import metrics
@@ -82,15 +92,51 @@ def record_instances(session: Session, items: list[ReceivedInstance], now: datet
         one.last_received_at = max(one.last_received_at or received, received)
         if item.expected_instances:
             one.expected_instances = item.expected_instances
+        if item.temporal_positions:
+            one.temporal_positions = item.temporal_positions
+        if item.images_in_acquisition:
+            one.images_in_acquisition = item.images_in_acquisition
         rows.append((one, item))
     session.flush()  # series ids
     session.execute(insert(Instance), [
         {"series_id": one.id, "sop_uid": item.sop_uid, "sop_class_uid": item.sop_class_uid,
          "transfer_syntax_uid": item.transfer_syntax_uid, "path": item.path, "size_bytes": item.size_bytes,
-         "calling_ae": item.calling_ae, "received_at": item.received_at or now}
+         "calling_ae": item.calling_ae, "received_at": item.received_at or now, "slice_position": item.slice_position}
         for one, item in rows
     ])
     return len(fresh)
+
+
+def series_counts(session: Session, series: Series) -> SeriesCounts:
+    """What is recorded of ``series``: its declared counts and its images per slice position."""
+    per_position: dict[str, int] = {}
+    unpositioned = 0
+    rows = session.execute(
+        select(Instance.slice_position, func.count()).where(Instance.series_id == series.id).group_by(Instance.slice_position)
+    )
+    for position, count in rows:
+        if position is None:
+            unpositioned += count
+        else:
+            per_position[position] = count
+    return SeriesCounts(
+        received=series.instance_count, declared_total=series.expected_instances,
+        temporal_positions=series.temporal_positions, images_in_acquisition=series.images_in_acquisition,
+        per_position=per_position, unpositioned=unpositioned,
+    )
+
+
+def series_complete(session: Session, series: Series) -> CompletionRule | None:
+    """The header rule by which ``series`` is whole now (``completion``), or None."""
+    if not (series.expected_instances or series.temporal_positions or series.images_in_acquisition):
+        return None
+    counts = series_counts(session, series)
+    first_volume = None
+    if needs_arrival_order(counts):
+        positions = session.scalars(select(Instance.slice_position).where(Instance.series_id == series.id)
+                                    .order_by(Instance.received_at, Instance.id))
+        first_volume = slices_before_first_repeat(list(positions))
+    return complete_by_headers(counts, first_volume)
 
 
 def database_down(error: Exception) -> bool:
@@ -303,7 +349,8 @@ class Tracker:
             ).all()
             unsettled = self.unsettled_since()
             for study in receiving:
-                if not self._complete(study, now, unsettled):
+                rule = self._complete(session, study, now, unsettled)
+                if rule is None:
                     continue
                 version = study.versions + 1
                 # Conditional, so that of several serve processes sharing the database one queues it.
@@ -315,12 +362,13 @@ class Tracker:
                     continue
                 job = Job(study_id=study.id, version=version, last_instance_at=study.last_received_at, created_at=now)
                 session.add(job)
-                session.add(AuditEvent(kind="job_queued", study_id=study.id, detail={"version": version}))
+                session.add(AuditEvent(kind="job_queued", study_id=study.id, detail={"version": version, "complete_by": rule.value}))
                 session.flush()
                 created.append(job.id)
                 metrics.SERIES_COMPLETED.inc(len(study.series))
                 metrics.STUDIES_COMPLETED.inc()
-                log.info("study %d version %d complete (%d series): job %d queued", study.id, version, len(study.series), job.id)
+                log.info("study %d version %d complete (%d series, by %s): job %d queued",
+                         study.id, version, len(study.series), rule.value, job.id)
             counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         for state in JobState:
             metrics.JOBS.labels(state=state.value).set(counts.get(state, 0))
@@ -329,14 +377,23 @@ class Tracker:
             self.purge(now)
         return created
 
-    def _complete(self, study: Study, now: datetime, unsettled: datetime | None) -> bool:
+    def _complete(self, session: Session, study: Study, now: datetime, unsettled: datetime | None) -> CompletionRule | None:
+        """Why the study is complete now, or None: every series whole by its headers
+        (``completion``), else nothing received for ``series_idle_s`` (and nothing received
+        before that still waiting to be recorded)."""
         if study.last_received_at <= now - self.series_idle and (
             unsettled is None or unsettled >= study.last_received_at + self.series_idle
         ):
-            return True
-        return bool(study.series) and all(
-            s.expected_instances and s.instance_count >= s.expected_instances for s in study.series
-        )
+            return CompletionRule.IDLE
+        if not study.series:
+            return None
+        rules = set()
+        for series in study.series:
+            rule = series_complete(session, series)
+            if rule is None:
+                return None
+            rules.add(rule)
+        return min(rules, key=list(CompletionRule).index)
 
     def purge(self, now: datetime) -> int:
         """Delete spooled images of finished studies older than the retention period."""

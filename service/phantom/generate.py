@@ -137,7 +137,9 @@ def _write_ct(patient: Patient, root: Path, with_ctp: bool, with_maps: bool, isl
     result: dict = {"study_instance_uid": identity.study_uid, "geometry": asdict(geometry)}
     kept: list[np.ndarray] | None = [] if isles is not None and with_ctp else None
     if with_ctp:
-        spec = SeriesSpec("ctp", 1, "CT PERFUSION 5mm", ("ORIGINAL", "PRIMARY", "AXIAL"), ct_extra())
+        # one acquisition per time point (AcquisitionNumber), as scanners that announce the series' size write it
+        counts = {"NumberOfTemporalPositions": len(series.times), "ImagesInAcquisition": geometry.shape[0]}
+        spec = SeriesSpec("ctp", 1, "CT PERFUSION 5mm", ("ORIGINAL", "PRIMARY", "AXIAL"), {**ct_extra(), **counts})
         frames = frames_with_times(_keep(series.frames, kept), series.times)
         paths = write_series(dicom / "ctp", identity, spec, geometry, frames, intercept=-1024.0, bits_stored=12)
         result["ctp_instances"] = len(paths)

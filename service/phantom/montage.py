@@ -21,11 +21,9 @@ def render_montage(patient_dir: Path, out_png: Path, modality: str = "ct", n_sli
     """Write a PNG of the truth in ``patient_dir/truth/<modality>``: rows are slices through the
     lesion, columns tissue labels, CBF, CBV, MTT, Tmax, TTP and the zone masks; below, the AIF
     and VOF curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     folder = patient_dir / "truth" / modality
@@ -37,7 +35,8 @@ def render_montage(patient_dir: Path, out_png: Path, modality: str = "ct", n_sli
     slices = sorted(ranked[:n_slices])
 
     columns = 2 + len(_MAPS)
-    fig = plt.figure(figsize=(2.2 * columns, 2.2 * n_slices + 2.6), dpi=110)
+    fig = Figure(figsize=(2.2 * columns, 2.2 * n_slices + 2.6), dpi=110)
+    FigureCanvasAgg(fig)  # its own canvas, not pyplot's shared state
     grid = fig.add_gridspec(n_slices + 1, columns, height_ratios=[1] * n_slices + [1.1])
     maps = {name: load(name) for name, *_ in _MAPS}
     for row, k in enumerate(slices):
@@ -94,5 +93,4 @@ def render_montage(patient_dir: Path, out_png: Path, modality: str = "ct", n_sli
     )
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, bbox_inches="tight")
-    plt.close(fig)
     return out_png

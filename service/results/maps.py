@@ -15,18 +15,16 @@ import io
 from dataclasses import dataclass
 
 import highdicom as hd
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
-from pydicom.dataset import Dataset  # noqa: E402
-from pydicom.sr.coding import Code  # noqa: E402
-
-from service.findings import Findings, MapName  # noqa: E402
-from service.results import identity  # noqa: E402
-from service.results.summary import side_markers  # noqa: E402
+from service.findings import Findings, MapName
+from service.results import identity
+from service.results.summary import side_markers
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ def colour_bar(name: MapName, rows: int) -> np.ndarray:
     """The colour bar panel (rows, BAR_WIDTH_PX, 3) with ticks, name and unit, drawn once per map."""
     style = MAP_STYLES[name]
     dpi = 100
-    figure = plt.figure(figsize=(BAR_WIDTH_PX / dpi, rows / dpi), dpi=dpi, facecolor="black")
+    figure = own_figure(BAR_WIDTH_PX / dpi, rows / dpi, dpi)
     axes = figure.add_axes((0.12, 0.17, 0.18, 0.66))
     gradient = np.linspace(*style.display_range, 256)[:, None]
     axes.imshow(gradient, aspect="auto", cmap=style.colour_scale, origin="lower",
@@ -70,7 +68,6 @@ def colour_bar(name: MapName, rows: int) -> np.ndarray:
                 fontsize=max(6, rows // 50), weight="bold")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="rgba", dpi=dpi, facecolor="black")
-    plt.close(figure)
     width, height = figure.canvas.get_width_height()
     return np.frombuffer(buffer.getvalue(), dtype=np.uint8).reshape(height, width, 4)[:rows, :BAR_WIDTH_PX, :3]
 
@@ -94,13 +91,20 @@ def colour_slices(name: MapName, volume: np.ndarray, side_markers: tuple[str, st
     return np.concatenate([rgb, np.broadcast_to(bar, (volume.shape[0], *bar.shape))], axis=2)
 
 
+def own_figure(width_in: float, height_in: float, dpi: int) -> Figure:
+    """A black figure with its own Agg canvas: nothing of pyplot's global state, so workers on
+    several threads draw at the same time safely."""
+    figure = Figure(figsize=(width_in, height_in), dpi=dpi, facecolor="black")
+    FigureCanvasAgg(figure)
+    return figure
+
+
 def _glyph(letter: str, size: int) -> np.ndarray:
     """A white letter on black, (size, size) uint8, for burning markers into slices."""
-    figure = plt.figure(figsize=(size / 100, size / 100), dpi=100, facecolor="black")
+    figure = own_figure(size / 100, size / 100, 100)
     figure.text(0.5, 0.5, letter, color="white", ha="center", va="center", fontsize=size * 0.6, weight="bold")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="rgba", dpi=100, facecolor="black")
-    plt.close(figure)
     width, height = figure.canvas.get_width_height()
     return np.frombuffer(buffer.getvalue(), dtype=np.uint8).reshape(height, width, 4)[:size, :size, 0].copy()
 

@@ -13,16 +13,15 @@ from __future__ import annotations
 import io
 
 import highdicom as hd
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from pydicom.dataset import Dataset
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from pydicom.dataset import Dataset  # noqa: E402
-
-from service.findings import Analysis, Findings, MapName, SegmentKind  # noqa: E402
-from service.results import identity  # noqa: E402
+from service.findings import Analysis, Findings, MapName, SegmentKind
+from service.results import identity
 
 SUMMARY_SERIES_NUMBER = 903
 VERMILLION = (213 / 255, 94 / 255, 0.0)
@@ -104,7 +103,8 @@ def render_summary(findings: Findings) -> np.ndarray:
     rows = int(np.ceil(len(slices) / columns))
     values = volume[volume > 0]
     top = float(np.percentile(values, 99)) if values.size else 1.0
-    figure = plt.figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI, facecolor="black")
+    figure = Figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI, facecolor="black")
+    FigureCanvasAgg(figure)  # a figure of its own, not pyplot's shared state: workers draw at once safely
     figure.text(0.5, 0.975, identity.RESEARCH_USE_ONLY, ha="center", va="top", color="black", fontsize=20,
                 weight="bold", bbox={"facecolor": (240 / 255, 228 / 255, 66 / 255), "edgecolor": "none", "pad": 6})
     left_marker, right_marker = side_markers(findings)
@@ -125,7 +125,7 @@ def render_summary(findings: Findings) -> np.ndarray:
     figure.text(0.64, 0.85, f"background: {name.title} ({name.unit})", color="white", fontsize=13, va="top")
     y = 0.80
     for segment in segments:
-        figure.patches.append(plt.Rectangle((0.64, y - 0.022), 0.018, 0.026, color=SEGMENT_COLOURS[segment.key],
+        figure.patches.append(Rectangle((0.64, y - 0.022), 0.018, 0.026, color=SEGMENT_COLOURS[segment.key],
                                             transform=figure.transFigure, figure=figure))
         figure.text(0.665, y, f"{SEGMENT_LEGEND[segment.key]}: {segment.volume_ml:.1f} mL", color="white",
                     fontsize=14, va="top")
@@ -135,7 +135,6 @@ def render_summary(findings: Findings) -> np.ndarray:
         y -= 0.04 if y > 0.4 else 0.032
     buffer = io.BytesIO()
     figure.savefig(buffer, format="rgba", dpi=DPI, facecolor="black")
-    plt.close(figure)
     rgba = np.frombuffer(buffer.getvalue(), dtype=np.uint8).reshape(HEIGHT_PX, WIDTH_PX, 4)
     return np.ascontiguousarray(rgba[..., :3])
 

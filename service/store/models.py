@@ -73,7 +73,9 @@ class Series(Base):
     series_uid: Mapped[str] = mapped_column(String(64), unique=True)
     modality: Mapped[str | None] = mapped_column(String(16))
     description: Mapped[str | None] = mapped_column(String(64))
-    expected_instances: Mapped[int | None] = mapped_column(Integer)
+    expected_instances: Mapped[int | None] = mapped_column(Integer, doc="NumberOfSeriesRelatedInstances")
+    temporal_positions: Mapped[int | None] = mapped_column(Integer, doc="NumberOfTemporalPositions")
+    images_in_acquisition: Mapped[int | None] = mapped_column(Integer, doc="ImagesInAcquisition")
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -93,6 +95,7 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    slice_position: Mapped[str | None] = mapped_column(String(64), doc="ImagePositionPatient to 0.01 mm, for completion")
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

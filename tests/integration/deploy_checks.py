@@ -101,3 +101,20 @@ def kustomize(overlay: str) -> list[dict]:
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stderr}")
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def unknown_settings(names: Any) -> list[str]:
+    """The STROKEGATE_* variable names among ``names`` that are no setting of the service (a typo
+    or an old name would be ignored by it, silently); ``..._FILE`` names a file with the value
+    (docker-entrypoint.sh), ``A__B`` a nested field."""
+    from service.config import Settings
+
+    known = set(Settings.model_fields)
+    unknown = []
+    for name in names:
+        if not name.startswith("STROKEGATE_"):
+            continue
+        field = name.removeprefix("STROKEGATE_").removesuffix("__FILE").split("__")[0].lower()
+        if field not in known:
+            unknown.append(name)
+    return sorted(unknown)

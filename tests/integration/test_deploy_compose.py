@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
-from deploy_checks import DEPLOY, REPO_ROOT, SCHEMAS, require_tool, run
+from deploy_checks import DEPLOY, REPO_ROOT, SCHEMAS, require_tool, run, unknown_settings
 from dicom_tools import load_orthanc_config
 
 pytestmark = pytest.mark.integration
@@ -72,10 +72,25 @@ def test_the_stack_has_every_part_with_volumes_secrets_and_profiles(compose: dic
     mounts = {m.split(":")[1] for m in services["strokegate"]["volumes"]}
     assert mounts == {"/var/lib/strokegate/spool", "/var/lib/strokegate/results"}
     assert "database:/var/lib/postgresql/data" in services["postgres"]["volumes"]
-    assert {"tls_cert", "tls_key", "tls_ca", "api_tokens", "database_url"} <= set(services["strokegate"]["secrets"])
+    assert {"tls_cert", "tls_key", "tls_ca", "database_url"} <= set(services["strokegate"]["secrets"])
     environment = services["strokegate"]["environment"]
     assert environment["STROKEGATE_DATABASE_URL__FILE"] == "/run/secrets/database_url"
+    assert environment["STROKEGATE_TLS_CERTIFICATE"] == "/run/secrets/tls_cert"
     assert environment["STROKEGATE_TLS_KEY"] == "/run/secrets/tls_key"
+    assert environment["STROKEGATE_TLS_CA"] == "/run/secrets/tls_ca"
+
+
+def test_every_setting_the_containers_get_is_one_the_service_has(compose: dict) -> None:
+    """A misspelt or old name (STROKEGATE_TLS_CERT, a token file) would be ignored silently."""
+    for name, service in compose["services"].items():
+        assert unknown_settings(service.get("environment", {})) == [], name
+
+
+def test_the_service_listens_on_the_container_network(compose: dict) -> None:
+    """It binds 127.0.0.1 by default, which no other container and no published port reaches."""
+    for name in ("strokegate", "worker"):
+        environment = compose["services"][name]["environment"]
+        assert environment["STROKEGATE_HOST"] == environment["STROKEGATE_HTTP_HOST"] == "0.0.0.0", name
 
 
 def test_everything_the_compose_file_refers_to_exists(compose: dict, dev_secrets: Path) -> None:
@@ -105,6 +120,9 @@ def test_prometheus_scrapes_the_compose_service_on_its_http_port(compose: dict) 
     assert job["static_configs"][0]["targets"] == ["strokegate:8080"]
     assert "127.0.0.1:8080:8080" in compose["services"]["strokegate"]["ports"]
     assert any(v.endswith(":/etc/prometheus/rules:ro") for v in compose["services"]["prometheus"]["volumes"])
+    # /metrics needs a reader token (tokens live in the database): Prometheus reads it from its secret
+    assert job["authorization"]["credentials_file"] == "/run/secrets/prometheus_token"
+    assert "prometheus_token" in compose["services"]["prometheus"]["secrets"]
 
 
 def test_the_compose_orthanc_routes_like_the_shipped_rule_but_to_the_strokegate_service() -> None:

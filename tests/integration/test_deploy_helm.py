@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from deploy_checks import DEPLOY, RULES, by_kind, crd_schemas, kustomize, require_tool, run, validate_object
+from deploy_checks import DEPLOY, RULES, by_kind, crd_schemas, kustomize, require_tool, run, unknown_settings, validate_object
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +42,12 @@ def test_every_rendered_object_is_valid(values: tuple[str, ...]) -> None:
     assert ("strokegate-worker" in deployments) == bool(values)
     rule = by_kind(objects, "PrometheusRule")["strokegate"]
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    assert unknown_settings(by_kind(objects, "ConfigMap")["strokegate-config"]["data"]) == []
+    for name, deployment in deployments.items():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            assert unknown_settings(e["name"] for e in container.get("env", [])) == [], name
+    monitor = by_kind(objects, "ServiceMonitor")["strokegate"]["spec"]["endpoints"][0]
+    assert monitor["authorization"]["credentials"] == {"name": "strokegate-metrics-token", "key": "token"}
 
 
 def test_workers_get_a_gpu_each_and_shared_volumes() -> None:

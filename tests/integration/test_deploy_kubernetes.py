@@ -12,14 +12,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deploy_checks import DEPLOY, by_kind, crd_schemas, kustomize
+from deploy_checks import DEPLOY, by_kind, crd_schemas, kustomize, unknown_settings
 from deploy_checks import validate_object as validate
 
 pytestmark = pytest.mark.integration
 
 KUBERNETES = DEPLOY / "kubernetes"
 OVERLAYS = ("ingest", "workers")
-EXTERNAL_SECRETS = {"strokegate-database", "strokegate-tls", "strokegate-api-tokens", "strokegate-broker"}
+EXTERNAL_SECRETS = {"strokegate-database", "strokegate-tls", "strokegate-broker"}
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -74,7 +74,7 @@ def test_references_resolve_and_secrets_are_the_documented_ones(rendered: tuple[
             if "secret" in volume:
                 secrets.add(volume["secret"]["secretName"])
     assert secrets <= EXTERNAL_SECRETS
-    assert {"strokegate-database", "strokegate-tls", "strokegate-api-tokens"} <= secrets
+    assert {"strokegate-database", "strokegate-tls"} <= secrets
     dicom = by_kind(objects, "Service")["strokegate-dicom"]
     ingest = by_kind(objects, "Deployment")["strokegate-ingest"]
     pod_labels = ingest["spec"]["template"]["metadata"]["labels"].items()
@@ -86,6 +86,22 @@ def test_references_resolve_and_secrets_are_the_documented_ones(rendered: tuple[
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert not monitor["spec"]["selector"]["matchLabels"].items() <= dicom["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == "http"
+
+
+def test_the_pods_get_real_settings_listen_on_the_pod_network_and_prometheus_has_a_token(
+    rendered: tuple[str, list[dict]]
+) -> None:
+    _, objects = rendered
+    config = by_kind(objects, "ConfigMap")
+    for name, config_map in config.items():
+        assert unknown_settings(config_map["data"]) == [], name
+    settings = next(iter(config.values()))["data"]
+    assert settings["STROKEGATE_HOST"] == settings["STROKEGATE_HTTP_HOST"] == "0.0.0.0"
+    for name, deployment in by_kind(objects, "Deployment").items():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            assert unknown_settings(e["name"] for e in container.get("env", [])) == [], name
+    endpoint = by_kind(objects, "ServiceMonitor")["strokegate"]["spec"]["endpoints"][0]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": "strokegate-metrics-token", "key": "token"}}
 
 
 def test_ingest_is_one_replica_replaced_not_rolled(rendered: tuple[str, list[dict]]) -> None:

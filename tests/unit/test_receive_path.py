@@ -193,3 +193,35 @@ def test_a_peer_that_hangs_up_mid_pdu_is_gone_not_an_error() -> None:
         peer.close()
         with pytest.raises(PeerGone):
             Connection(ours, timeout_s=5, max_pdu=16384).read_message({1: None})
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """An accepted TCP connection on loopback and its client end."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    return accepted, client
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="no TCP_QUICKACK on this system")
+def test_a_receiving_connection_acknowledges_promptly_and_reads_as_before() -> None:
+    ours, peer = tcp_pair()
+    with ours, peer:
+        connection = Connection(ours, timeout_s=5, max_pdu=16384, prompt_ack=True)
+        assert connection.prompt_ack
+        dataset = bytes(range(256)) * 40
+        stream = p_data(pdv(1, 0x03, store_request()), pdv(1, 0x02, dataset))
+        for start in range(0, len(stream), 1000):  # many reads, each followed by a prompt ACK
+            peer.sendall(stream[start : start + 1000])
+        message = connection.read_message({1: None})
+        assert bytes(message.dataset) == dataset
+        assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
+
+
+def test_prompt_acknowledgement_is_skipped_where_the_socket_has_no_such_option() -> None:
+    ours, peer = socket.socketpair()  # not TCP
+    with ours, peer:
+        connection = Connection(ours, timeout_s=5, max_pdu=16384, prompt_ack=True)
+        assert not connection.prompt_ack
+        peer.sendall(p_data(pdv(1, 0x03, store_request()), pdv(1, 0x02, b"pixels")))
+        assert bytes(connection.read_message({1: None}).dataset) == b"pixels"

@@ -1,0 +1,77 @@
+"""Results go out in the order a stroke team reads them: every pending SEG and SR before the
+summary images, the summaries before the map values and the colour map images, however the
+outbox filled up."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from dicom_tools import requires_storescu
+from service.config import Destination
+from service.delivery.outbox import ResultFile, Sender, enqueue
+from service.findings import ResultKind
+from service.ingest.header import ReceivedInstance
+from service.ingest.spool import Spool
+from service.ingest.tracker import Tracker, record_instances
+from service.phantom.generate import write_patient
+from service.phantom.patient import PhantomOptions
+from service.store.database import Database
+from service.store.models import Delivery, Job, ResultObject, utcnow
+from service_harness import StoreSCP
+
+pytestmark = [pytest.mark.integration, requires_storescu, pytest.mark.timeout(120)]
+
+KINDS = ["MAP-cbf-001", "MAP-cbf-002", "PM-cbf", "SUMMARY", "SR", "SEG"]  # filled in the worst order
+RANK = {"SEG": 0, "SR": 1, "SUMMARY": 2, "PM-cbf": 3, "MAP-cbf-001": 4, "MAP-cbf-002": 4}
+
+
+def queued_job(db: Database, study: str, spool: Spool) -> int:
+    """A job for a one-instance study, queued by the real tracker."""
+    with db.session() as session:
+        record_instances(session, [ReceivedInstance(
+            study, f"{study}.1", f"{study}.1.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+            f"{study}/x.dcm", 1, "CT", "P", "A", "CTP", None, "CT1")], utcnow() - timedelta(hours=1))
+    return Tracker(db, spool, 1, 24).tick(utcnow())[0]
+
+
+def test_seg_and_sr_of_every_pending_study_go_out_before_its_images(tmp_path: Path) -> None:
+    write_patient(3, "ctp", tmp_path / "patient", PhantomOptions(ct_matrix=32, ct_slices=4, ct_frames=3))
+    sources = sorted((tmp_path / "patient").rglob("*.dcm"))[: 2 * len(KINDS)]
+    results = tmp_path / "results"
+    results.mkdir()
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    db.upgrade()
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    try:
+        destination = Destination.parse(pacs.address)
+        spool = Spool(tmp_path / "spool")
+        files = iter(sources)
+        for study in ("1.2.7", "1.2.8"):  # two studies' results waiting at once, the first with its maps first
+            job_id = queued_job(db, study, spool)
+            entries = []
+            for kind in KINDS:
+                source = next(files)
+                shutil.copy(source, results / source.name)
+                ds = pydicom.dcmread(source, stop_before_pixels=True)
+                entries.append(ResultFile(ResultKind.parse(kind), str(ds.SOPInstanceUID), str(ds.SOPClassUID), source.name))
+            with db.session() as session:
+                enqueue(session, session.get(Job, job_id), entries, {destination.name: {k.category for k in
+                                                                                         (e.kind for e in entries)}})
+        sender = Sender(db, results, "STROKEGATE", 1.0, 2.0, [destination])
+        assert sender.send_due(utcnow()) == 2 * len(KINDS)
+        with db.session() as session:
+            sent = session.execute(select(ResultObject.kind, Delivery.sent_at).join(Delivery)
+                                   .order_by(Delivery.sent_at, Delivery.id)).all()
+        assert [kind for kind, _ in sent] == sorted((kind for kind, _ in sent), key=RANK.__getitem__)
+        assert {kind for kind, _ in sent[:4]} == {"SEG", "SR"}  # both studies' SEG and SR first
+        assert len(pacs.files()) == 2 * len(KINDS)
+    finally:
+        pacs.stop()
+        db.dispose()
+
