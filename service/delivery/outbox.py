@@ -5,6 +5,13 @@ between analysis and delivery; the sender retries failures with exponential back
 resume from the rows. Each object's outcome is committed as its response arrives, so a crash
 resends at most the one object that was in flight; result UIDs are deterministic per (study,
 version), so that resend is the same object at the PACS, never a second one.
+
+Exactly once: each attempt is committed (state UNCERTAIN) before the object goes on the wire, so
+after a crash, or an association lost between the last byte and the response, the rows say which
+objects the destination may hold without our knowing. Before one of those is sent again, a
+destination with ``confirm: find`` is asked (C-FIND, ``confirm.py``): one it holds is marked sent,
+not sent again; one it lacks, or a query that fails, is sent again (a result is never given up for
+a query). With ``confirm: none`` it is sent again: at least once.
 """
 
 from __future__ import annotations
@@ -13,15 +20,17 @@ import logging
 import ssl
 import threading
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from pydicom import dcmread
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from service.config import Destination
+from service.config import ConfirmMode, Destination
+from service.delivery.confirm import Holding, ObjectKeys, ask_holding
 from service.delivery.scu import SendOutcome, SeriesRelabel, send_files
 from service.findings import ResultKind
 from service.ops import metrics
@@ -78,6 +87,16 @@ def enqueue(session: Session, job: Job, results: list[ResultFile], destinations:
                 session.add(Delivery(result_id=row.id, destination=destination))
 
 
+@dataclass(frozen=True)
+class DueObject:
+    """One due delivery as the sender handles it."""
+
+    delivery_id: int
+    path: Path
+    kind: ResultKind
+    uncertain: bool  # attempted before without an outcome recorded: the destination may hold it
+
+
 def backoff(attempts: int, first_s: float, max_s: float) -> timedelta:
     """Delay before the next try after ``attempts`` failures: first_s, 2 first_s, 4 first_s ... max_s."""
     return timedelta(seconds=min(first_s * 2 ** max(attempts - 1, 0), max_s))
@@ -86,8 +105,9 @@ def backoff(attempts: int, first_s: float, max_s: float) -> timedelta:
 class Sender:
     """Sends due deliveries, one association per destination per round, on a background thread.
 
-    Each object's outcome is committed as its response arrives, before the next object is sent,
-    so a crash resends at most the one object in flight (with the same UIDs)."""
+    Each attempt is committed before the object goes on the wire and its outcome as its response
+    arrives, before the next object is sent: after a crash at most the one object in flight is
+    uncertain, confirmed with the destination or sent again (with the same UIDs)."""
 
     def __init__(
         self, db: Database, results_dir: Path, calling_ae: str, backoff_s: float, backoff_max_s: float,
@@ -129,44 +149,103 @@ class Sender:
             self._wake.clear()
 
     def send_due(self, now: datetime) -> int:
-        """One round: every due delivery, grouped by destination. Returns the number delivered."""
+        """One round: every due delivery, grouped by destination; the uncertain ones confirmed first
+        where the destination says so. Returns the number delivered (confirmed ones included)."""
         with self.db.session() as session:
             due = session.scalars(
-                select(Delivery).where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+                select(Delivery).where(Delivery.state.in_((DeliveryState.PENDING, DeliveryState.UNCERTAIN)),
+                                       Delivery.next_attempt_at <= now)
                 .options(selectinload(Delivery.result)).order_by(Delivery.id).limit(200)
             ).all()
-            batches: dict[str, list[tuple[int, Path, ResultKind]]] = defaultdict(list)
+            batches: dict[str, list[DueObject]] = defaultdict(list)
             for d in due:
-                batches[d.destination].append((d.id, self.results_dir / d.result.path, ResultKind.parse(d.result.kind)))
+                batches[d.destination].append(DueObject(d.id, self.results_dir / d.result.path, ResultKind.parse(d.result.kind),
+                                                        d.state == DeliveryState.UNCERTAIN))
         delivered = 0
         for name, items in batches.items():
             if self._stop.is_set():
                 break
             destination = self.destinations.get(name) or Destination.parse(name)  # one no longer configured
-            labels = [series_label(destination, kind) for _, _, kind in items]
+            held = self._confirm(destination, [item for item in items if item.uncertain])
+            delivered += len(held)
+            items = [item for item in items if item.delivery_id not in held]
+            if not items:
+                continue
+            labels = [series_label(destination, item.kind) for item in items]
             outcomes = send_files(
-                destination, [path for _, path, _ in items], self.calling_ae, labels=labels, tls=self.tls.get(name),
-                on_outcome=lambda index, outcome, items=items, name=name: self._record(items[index][0], outcome, name),
+                destination, [item.path for item in items], self.calling_ae, labels=labels, tls=self.tls.get(name),
+                on_outcome=lambda index, outcome, items=items, name=name: self._record(items[index].delivery_id, outcome, name),
+                on_attempt=lambda index, items=items: self._retrying(self._mark_attempt, items[index].delivery_id),
             )
             delivered += sum(outcome.delivered for outcome in outcomes)
         return delivered
 
-    def _record(self, delivery_id: int, outcome: SendOutcome, destination: str) -> None:
-        """Commit one object's outcome, retried through a database hiccup: an outcome not recorded
-        means the object is sent again."""
+    def _confirm(self, destination: Destination, uncertain: list[DueObject]) -> set[int]:
+        """The uncertain deliveries ``destination`` says it holds, marked sent; the others are sent
+        again by the caller (all of them with ``confirm: none``, or when the query fails)."""
+        if not uncertain:
+            return set()
+        if destination.confirm is ConfirmMode.NONE:
+            log.info("%d uncertain result objects to %s are sent again (confirm: none)", len(uncertain), destination.name)
+            return set()
+        keys: list[tuple[DueObject, ObjectKeys]] = []
+        for item in uncertain:
+            try:
+                header = dcmread(item.path, stop_before_pixels=True,
+                                 specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+                keys.append((item, ObjectKeys(str(header.StudyInstanceUID), str(header.SeriesInstanceUID),
+                                              str(header.SOPInstanceUID))))
+            except (OSError, ValueError, AttributeError, EOFError) as error:  # sent again; the send says why it fails
+                log.error("uncertain delivery %d: result file unreadable (%s)", item.delivery_id, error)
+        holdings = ask_holding(destination, [k for _, k in keys], self.calling_ae, destination.confirm_timeout_s,
+                               tls=self.tls.get(destination.name))
+        held: set[int] = set()
+        for (item, _), holding in zip(keys, holdings, strict=True):
+            metrics.DELIVERY_CONFIRMATIONS.labels(answer=holding.value).inc()
+            if holding is Holding.HELD:
+                self._retrying(self._mark_sent, item.delivery_id)
+                held.add(item.delivery_id)
+        log.info("%d of %d uncertain result objects were already at %s (C-FIND); the others are sent again",
+                 len(held), len(uncertain), destination.name)
+        return held
+
+    def _retrying(self, commit: Callable[[int], None], delivery_id: int) -> None:
+        """Commit a state change of one delivery, retried through a database hiccup."""
         for attempt in range(5):
             try:
-                self._commit(delivery_id, outcome, destination)
+                commit(delivery_id)
                 return
             except Exception as error:  # noqa: BLE001 - retried; the last failure ends the round
                 if attempt == 4:
                     raise
-                log.error("recording the outcome of delivery %d failed (%s); retrying", delivery_id, error)
+                log.error("recording delivery %d failed (%s); retrying", delivery_id, error)
                 self._stop.wait(0.2 * (attempt + 1))
+
+    def _mark_attempt(self, delivery_id: int) -> None:
+        """Committed before the object goes on the wire: until its outcome is, the object is uncertain."""
+        with self.db.session() as session:
+            session.execute(update(Delivery).where(Delivery.id == delivery_id).values(state=DeliveryState.UNCERTAIN))
+
+    def _mark_sent(self, delivery_id: int) -> None:
+        """An uncertain object the destination holds: delivered, without sending it again."""
+        now = utcnow()
+        with self.db.session() as session:
+            session.execute(
+                update(Delivery).where(Delivery.id == delivery_id)
+                .values(state=DeliveryState.SENT, sent_at=now, last_error=None)
+            )
+        self._observe_job_delivered(delivery_id, now)
+
+    def _record(self, delivery_id: int, outcome: SendOutcome, destination: str) -> None:
+        """Commit one object's outcome, retried through a database hiccup: an outcome not recorded
+        leaves the object uncertain (confirmed or sent again)."""
+        self._retrying(lambda delivery_id: self._commit(delivery_id, outcome, destination), delivery_id)
 
     def _commit(self, delivery_id: int, outcome: SendOutcome, destination: str) -> None:
         """One object's outcome. A success is one UPDATE, committed before anything else: until it
-        is, a crash sends the object again. Then, with its job's last delivery, the time to the PACS."""
+        is, the object is uncertain. Then, with its job's last delivery, the time to the PACS. A
+        failure is due again after a backoff: uncertain if it went out without an answer (or was
+        uncertain and did not go out), pending if the destination answered a failure status."""
         now = utcnow()
         if outcome.delivered:
             with self.db.session() as session:
@@ -175,20 +254,15 @@ class Sender:
                     .values(state=DeliveryState.SENT, sent_at=now, last_error=None, attempts=Delivery.attempts + 1)
                 )
             metrics.DELIVERY_ATTEMPTS.labels(result="success").inc()
-            try:
-                with self.db.session() as session:
-                    job = session.scalar(select(Job).join(ResultObject).join(Delivery).where(Delivery.id == delivery_id))
-                    unsent = session.scalar(
-                        select(func.count()).select_from(Delivery).join(ResultObject)
-                        .where(ResultObject.job_id == job.id, Delivery.state != DeliveryState.SENT)
-                    )
-                if unsent == 0:
-                    metrics.LAST_INSTANCE_TO_ACK.observe((now - job.last_instance_at).total_seconds())
-            except Exception as error:  # noqa: BLE001 - the outcome is recorded; only a metric is missed
-                log.error("could not observe the time to the PACS of delivery %d: %s", delivery_id, error)
+            self._observe_job_delivered(delivery_id, now)
             return
         with self.db.session() as session:
             row = session.get(Delivery, delivery_id)
+            if outcome.uncertain:  # it went out and no answer came: the destination may hold it
+                row.state = DeliveryState.UNCERTAIN
+            elif outcome.status is not None:  # the destination answered a failure: it does not hold it
+                row.state = DeliveryState.PENDING
+            # not sent this time (no association, unreadable file): as it was, uncertain or pending
             row.attempts += 1
             row.last_error = outcome.error
             row.next_attempt_at = now + backoff(row.attempts, self.backoff_s, self.backoff_max_s)
@@ -196,3 +270,17 @@ class Sender:
             metrics.DELIVERY_FAILURES.inc()
             log.warning("delivery %d to %s failed (attempt %d): %s; next try at %s",
                         row.id, destination, row.attempts, outcome.error, row.next_attempt_at.isoformat(timespec="seconds"))
+
+    def _observe_job_delivered(self, delivery_id: int, now: datetime) -> None:
+        """With its job's last delivery sent, the time from the last instance to the PACS."""
+        try:
+            with self.db.session() as session:
+                job = session.scalar(select(Job).join(ResultObject).join(Delivery).where(Delivery.id == delivery_id))
+                unsent = session.scalar(
+                    select(func.count()).select_from(Delivery).join(ResultObject)
+                    .where(ResultObject.job_id == job.id, Delivery.state != DeliveryState.SENT)
+                )
+            if unsent == 0:
+                metrics.LAST_INSTANCE_TO_ACK.observe((now - job.last_instance_at).total_seconds())
+        except Exception as error:  # noqa: BLE001 - the outcome is recorded; only a metric is missed
+            log.error("could not observe the time to the PACS of delivery %d: %s", delivery_id, error)
