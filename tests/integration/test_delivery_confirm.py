@@ -1,6 +1,7 @@
 """Uncertain result objects (sent, no outcome recorded) against real destinations: dcmtk dcmqrscp,
 which answers C-FIND and logs every C-STORE it receives, confirms the one it holds, which is then
-not sent again; storescp, which answers no query, gets it again (at least once, never lost)."""
+not sent again; storescp, which answers no query, gets it again (at least once, never lost);
+Orthanc answers the same query."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_tools import requires_storescu
+from dicom_tools import find_orthanc, requires_storescu, run_orthanc
 from service.config import ConfirmMode, Destination
 from service.delivery.confirm import Holding, ObjectKeys, ask_holding
 from service.delivery.outbox import Sender
@@ -137,3 +138,11 @@ def test_a_destination_that_is_down_leaves_an_uncertain_object_uncertain(results
     with db.session() as session:
         assert all(d.attempts >= 1 and d.next_attempt_at > utcnow() and "not established" in d.last_error
                    for d in session.query(Delivery))
+
+
+@pytest.mark.skipif(find_orthanc() is None, reason="Orthanc not installed")
+def test_orthanc_answers_the_confirmation_query(tmp_path: Path, results: Path) -> None:
+    with run_orthanc(tmp_path / "orthanc", overrides={"DicomAlwaysAllowFind": True}) as orthanc:
+        destination = Destination(ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port, confirm=ConfirmMode.FIND)
+        assert send_files(destination, [results / "R0.dcm"], "STROKEGATE")[0].delivered
+        assert ask_holding(destination, [keys(results, 0), keys(results, 1)], "STROKEGATE", 10) == [Holding.HELD, Holding.ABSENT]
