@@ -205,17 +205,28 @@ def wait_for_phase(phase: str, gate: Gate, sender: Sender, rng: random.Random) -
     return bool(found)
 
 
-def received_stores(log: str) -> Counter[str]:
-    """SOP Instance UIDs of the C-STORE requests in dcmqrscp's -v log, one per request received."""
-    stores: Counter[str] = Counter()
-    in_store = False
+def received_stores(log: str) -> tuple[Counter[str], Counter[str]]:
+    """From dcmqrscp's -v log: the SOP Instance UIDs of every C-STORE request received, and of those
+    it kept. dcmqrscp deletes what it received when the store fails ("Store SCP Failed": the
+    association was aborted mid-dataset, or its response could not be sent because the sender died),
+    so such a request leaves nothing at the destination; a second kept store of a UID is a duplicate."""
+    requests: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    in_store, last = False, None
     for line in log.splitlines():
         if "Message Type" in line:
             in_store = line.rstrip().endswith("C-STORE RQ")
         elif in_store and "Affected SOP Instance UID" in line:
-            stores[line.partition(":")[2].partition(":")[2].strip()] += 1
+            last = line.partition(":")[2].partition(":")[2].strip()
+            requests[last] += 1
+            kept[last] += 1
             in_store = False
-    return stores
+        elif "Store SCP Failed" in line and last is not None:
+            kept[last] -= 1
+            last = None
+        elif "Association Received" in line:
+            last = None
+    return requests, +kept
 
 
 def settled(gate: Gate) -> bool:
@@ -292,7 +303,8 @@ def main() -> int:
         "select r.sop_uid from result_objects r join deliveries d on d.result_id = r.id")}
     files = [path for path in pacs_folder.iterdir() if path.suffix == ".dcm" or args.destination == "storescp"]
     in_files = Counter(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in files)
-    at_pacs = received_stores(pacs_log.read_text(errors="replace")) if args.destination == "dcmqrscp" else in_files
+    requests, at_pacs = (received_stores(pacs_log.read_text(errors="replace")) if args.destination == "dcmqrscp"
+                         else (in_files, in_files))
     service_log = gate.log.read_text(errors="replace")
     confirmed = sum(int(n) for n, _ in re.findall(r"(\d+) of (\d+) uncertain result objects were already at", service_log))
     uncertain = sum(int(n) for n in re.findall(r"(\d+) uncertain result objects to \S+ are sent again", service_log)) \
@@ -307,7 +319,9 @@ def main() -> int:
         "jobs": dict(jobs), "job_failures": dict(failures),
         "destination": args.destination, "confirm": confirm,
         "uncertain_after_restart": uncertain, "uncertain_confirmed_held": confirmed,
-        "result_objects_expected": len(expected), "stores_received": sum(at_pacs.values()),
+        "result_objects_expected": len(expected), "store_requests_received": sum(requests.values()),
+        "stores_failed_at_destination": sum(requests.values()) - sum(at_pacs.values()),
+        "stores_kept": sum(at_pacs.values()),
         "files_at_destination": sum(in_files.values()),
         "result_objects_missing": len(expected - set(at_pacs)), "unexpected_objects": len(set(at_pacs) - expected),
         "objects_duplicated": sum(1 for n in at_pacs.values() if n > 1),
