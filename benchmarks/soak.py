@@ -1,6 +1,14 @@
 """Soak: SIGKILL `strokegate serve` at random moments of receive, filing, analysis and delivery,
-over continuous dcmtk storescu traffic with a live destination (dcmtk storescp +uf, which writes a
-new file for every object it receives, so that a duplicate cannot hide), and count what was lost.
+over continuous dcmtk storescu traffic with a live destination, and count what was lost or doubled.
+
+Two destinations, each counting every C-STORE that arrives on the wire, so that a duplicate cannot hide:
+
+  dcmqrscp   dcmtk's query/retrieve SCP, which answers C-FIND; StrokeGate sends to it with
+             ``confirm=find`` (an object in flight at a kill is asked about before it is sent
+             again). It keeps one file per SOP Instance UID, so arrivals are counted from its log
+             (one "C-STORE RQ" entry per request received).
+  storescp   dcmtk storescp +uf, a new file per object received, answering no query; sent to with
+             ``confirm=none``: the at-least-once baseline.
 
 The sender is a PACS: it sends study after study (a small synthetic MRI diffusion study, new UIDs
 each time) with storescu, and resends a study whose association failed until every instance is
@@ -10,9 +18,9 @@ sender stops, the service drains, and the figures are:
 
   acknowledged instances lost   answered Success (storescu's log) but not in the database
   result objects missing        in the outbox, not at the destination
-  result objects duplicated     at the destination more than once (by SOP Instance UID and by file)
+  result objects duplicated     received by the destination more than once (by SOP Instance UID)
 
-    .venv/bin/python benchmarks/soak.py [--kills 50] [--seed 1] [--json figures.json]
+    .venv/bin/python benchmarks/soak.py [--kills 50] [--seed 1] [--destination dcmqrscp|storescp] [--json figures.json]
 
 Jobs may be attempted up to 20 times here (job_max_attempts): a study's analysis killed three
 times would otherwise fail, which is the setting doing its work, not a loss.
@@ -191,17 +199,41 @@ def wait_for_phase(phase: str, gate: Gate, sender: Sender, rng: random.Random) -
     elif phase == "analysis":
         found = wait(lambda: gate.query("select 1 from jobs where state = 'running'"), 60)
         time.sleep(rng.uniform(0.0, 0.6))
-    else:
-        found = wait(lambda: gate.query("select 1 from deliveries where state = 'pending' and attempts = 0"), 60, 0.005)
+    else:  # a delivery's first attempt, from just before it goes on the wire
+        found = wait(lambda: gate.query("select 1 from deliveries where state != 'sent' and attempts = 0"), 60, 0.005)
         time.sleep(rng.uniform(0.0, 0.05))
     return bool(found)
+
+
+def received_stores(log: str) -> tuple[Counter[str], Counter[str]]:
+    """From dcmqrscp's -v log: the SOP Instance UIDs of every C-STORE request received, and of those
+    it kept. dcmqrscp deletes what it received when the store fails ("Store SCP Failed": the
+    association was aborted mid-dataset, or its response could not be sent because the sender died),
+    so such a request leaves nothing at the destination; a second kept store of a UID is a duplicate."""
+    requests: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    in_store, last = False, None
+    for line in log.splitlines():
+        if "Message Type" in line:
+            in_store = line.rstrip().endswith("C-STORE RQ")
+        elif in_store and "Affected SOP Instance UID" in line:
+            last = line.partition(":")[2].partition(":")[2].strip()
+            requests[last] += 1
+            kept[last] += 1
+            in_store = False
+        elif "Store SCP Failed" in line and last is not None:
+            kept[last] -= 1
+            last = None
+        elif "Association Received" in line:
+            last = None
+    return requests, +kept
 
 
 def settled(gate: Gate) -> bool:
     busy = gate.query(
         "select (select count(*) from studies where state in ('receiving', 'queued'))"
         " + (select count(*) from jobs where state in ('queued', 'running'))"
-        " + (select count(*) from deliveries where state = 'pending')")
+        " + (select count(*) from deliveries where state != 'sent')")
     return bool(busy) and busy[0][0] == 0
 
 
@@ -211,6 +243,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--destination", choices=("dcmqrscp", "storescp"), default="dcmqrscp",
+                        help="dcmqrscp: answers C-FIND, sent to with confirm=find; storescp +uf: confirm=none")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = args.work or Path(tempfile.mkdtemp(prefix="strokegate-soak-"))
@@ -224,10 +258,18 @@ def main() -> int:
     pacs_folder = work / "pacs"
     pacs_folder.mkdir()
     pacs_port = free_port()
-    with open(work / "storescp.log", "wb") as log:
-        pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(pacs_folder), "+uf", str(pacs_port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=ENV)
-    gate = Gate(work / "gate", f"PACS@127.0.0.1:{pacs_port}")
+    pacs_log = work / f"{args.destination}.log"
+    if args.destination == "dcmqrscp":
+        config = work / "dcmqrscp.cfg"
+        config.write_text(f"NetworkTCPPort = {pacs_port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+                          "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+                          f"AETable BEGIN\nPACS {pacs_folder} RW (100000, 4096mb) ANY\nAETable END\n")
+        command, confirm = ["dcmqrscp", "-v", "-c", str(config), str(pacs_port)], "find"
+    else:
+        command, confirm = ["storescp", "-aet", "PACS", "-od", str(pacs_folder), "+uf", str(pacs_port)], "none"
+    with open(pacs_log, "wb") as log:
+        pacs = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    gate = Gate(work / "gate", f"PACS@127.0.0.1:{pacs_port}?confirm={confirm}")
     (work / "gate").mkdir()
     started = time.monotonic()
     kills: Counter[str] = Counter()
@@ -259,7 +301,14 @@ def main() -> int:
     lost = sender.acknowledged - recorded
     expected = {row[0] for row in gate.query(
         "select r.sop_uid from result_objects r join deliveries d on d.result_id = r.id")}
-    at_pacs = Counter(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in pacs_folder.iterdir())
+    files = [path for path in pacs_folder.iterdir() if path.suffix == ".dcm" or args.destination == "storescp"]
+    in_files = Counter(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in files)
+    requests, at_pacs = (received_stores(pacs_log.read_text(errors="replace")) if args.destination == "dcmqrscp"
+                         else (in_files, in_files))
+    service_log = gate.log.read_text(errors="replace")
+    confirmed = sum(int(n) for n, _ in re.findall(r"(\d+) of (\d+) uncertain result objects were already at", service_log))
+    uncertain = sum(int(n) for n in re.findall(r"(\d+) uncertain result objects to \S+ are sent again", service_log)) \
+        + sum(int(n) for _, n in re.findall(r"(\d+) of (\d+) uncertain result objects were already at", service_log))
     jobs = Counter(row[0] for row in gate.query("select state from jobs"))
     failures = Counter(row[0][:80] for row in gate.query("select error from jobs where state = 'failed'"))
     figures = {
@@ -268,16 +317,24 @@ def main() -> int:
         "storescu_runs": sender.attempts, "instances_acknowledged": len(sender.acknowledged),
         "instances_acknowledged_lost": len(lost), "instances_quarantined": len(list((work / "gate" / "spool" / "quarantine").glob("*.dcm"))),
         "jobs": dict(jobs), "job_failures": dict(failures),
-        "result_objects_expected": len(expected), "files_at_destination": sum(at_pacs.values()),
+        "destination": args.destination, "confirm": confirm,
+        "uncertain_after_restart": uncertain, "uncertain_confirmed_held": confirmed,
+        "result_objects_expected": len(expected), "store_requests_received": sum(requests.values()),
+        "stores_failed_at_destination": sum(requests.values()) - sum(at_pacs.values()),
+        "stores_kept": sum(at_pacs.values()),
+        "files_at_destination": sum(in_files.values()),
         "result_objects_missing": len(expected - set(at_pacs)), "unexpected_objects": len(set(at_pacs) - expected),
         "objects_duplicated": sum(1 for n in at_pacs.values() if n > 1),
-        "duplicate_files": sum(n - 1 for n in at_pacs.values() if n > 1),
+        "duplicate_stores": sum(n - 1 for n in at_pacs.values() if n > 1),
+        "duplicate_files": sum(n - 1 for n in in_files.values() if n > 1),
         "work": str(work),
     }
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     ok = not lost and not figures["result_objects_missing"] and not figures["unexpected_objects"]
+    if confirm == "find":  # exactly once is the claim here; with confirm=none duplicates are the baseline
+        ok = ok and not figures["duplicate_stores"]
     return 0 if ok else 1
 
 

@@ -58,6 +58,14 @@ class JobQueueKind(str, enum.Enum):
     CELERY = "celery"  # `serve` publishes them to RabbitMQ; `strokegate worker` processes run them
 
 
+class ConfirmMode(str, enum.Enum):
+    """How the sender settles an *uncertain* object (sent, its response never recorded: the service
+    died or the association broke between the last byte and the response)."""
+
+    NONE = "none"  # send it again: at least once (a PACS keeping one copy per SOP Instance UID ends with one)
+    FIND = "find"  # ask first, by C-FIND at IMAGE level (Study Root); held: delivered, not sent again
+
+
 class Destination(BaseModel):
     """A DICOM node results are sent to by C-STORE, which of the results it gets and how their
     series are labelled there."""
@@ -71,6 +79,9 @@ class Destination(BaseModel):
     tls_ca: Path | None = Field(None, description="PEM CA file the node's certificate must chain to; default: tls_ca, "
                                 "else the system's trusted CAs")
     tls_check_hostname: bool = Field(True, description="the node's certificate must name its host (DNS name or IP)")
+    confirm: ConfirmMode = Field(ConfirmMode.NONE, description="before resending an uncertain object: none (resend), "
+                                 "find (C-FIND the node for it; a failed query resends)")
+    confirm_timeout_s: float = Field(10.0, gt=0, le=300, description="bound of the whole confirmation query")
 
     @field_validator("ae_title")
     @classmethod
@@ -88,15 +99,15 @@ class Destination(BaseModel):
     @classmethod
     def parse(cls, text: str) -> Destination:
         """``AE@host:port``, e.g. ``PACS@10.0.0.5:104``, optionally ``?send=seg+sr+summary`` and
-        ``&tls`` (or ``?tls``): DICOM TLS."""
+        ``&tls`` (or ``?tls``): DICOM TLS, ``&confirm=find``: ask before resending an uncertain object."""
         match = re.fullmatch(r"(?P<ae>[^@]+)@(?P<host>[^:@?]+):(?P<port>\d+)(\?(?P<query>[a-z+=&]+))?", text.strip())
         options = dict(item.partition("=")[::2] for item in match["query"].split("&")) if match and match["query"] else {}
-        if not match or set(options) - {"send", "tls"} or options.get("tls", "on") not in ("", "on", "off") \
-                or options.get("send") == "":
-            raise ValueError(f"destination must look like AE@host:port[?send=seg+sr+...][&tls], got {text!r}")
+        if not match or set(options) - {"send", "tls", "confirm"} or options.get("tls", "on") not in ("", "on", "off") \
+                or options.get("send") == "" or options.get("confirm", "none") not in {m.value for m in ConfirmMode}:
+            raise ValueError(f"destination must look like AE@host:port[?send=seg+sr+...][&tls][&confirm=none|find], got {text!r}")
         send = options["send"].split("+") if options.get("send") else list(RESULT_CATEGORIES)
         return cls(ae_title=match["ae"], host=match["host"], port=int(match["port"]), send=send,
-                   tls=options.get("tls", "off") != "off")
+                   tls=options.get("tls", "off") != "off", confirm=ConfirmMode(options.get("confirm", "none")))
 
     @property
     def name(self) -> str:

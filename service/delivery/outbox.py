@@ -5,6 +5,13 @@ between analysis and delivery; the sender retries failures with exponential back
 resume from the rows. Each object's outcome is committed as its response arrives, so a crash
 resends at most the one object that was in flight; result UIDs are deterministic per (study,
 version), so that resend is the same object at the PACS, never a second one.
+
+Exactly once: each attempt is committed (state UNCERTAIN) before the object goes on the wire, so
+after a crash, or an association lost between the last byte and the response, the rows say which
+objects the destination may hold without our knowing. Before one of those is sent again, a
+destination with ``confirm: find`` is asked (C-FIND, ``confirm.py``): one it holds is marked sent,
+not sent again; one it lacks, or a query that fails, is sent again (a result is never given up for
+a query). With ``confirm: none`` it is sent again: at least once.
 """
 
 from __future__ import annotations
@@ -13,15 +20,17 @@ import logging
 import ssl
 import threading
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from pydicom import dcmread
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
-from service.config import Destination
+from service.config import ConfirmMode, Destination
+from service.delivery.confirm import Holding, ObjectKeys, ask_holding
 from service.delivery.scu import SendOutcome, SeriesRelabel, send_files
 from service.findings import ResultKind
 from service.ops import metrics
@@ -86,6 +95,16 @@ DELIVERY_PRIORITY = case(
 summary), the map values, and the colour map images last; the oldest first within each."""
 
 
+@dataclass(frozen=True)
+class DueObject:
+    """One due delivery as the sender handles it."""
+
+    delivery_id: int
+    path: Path
+    kind: ResultKind
+    uncertain: bool  # attempted before without an outcome recorded: the destination may hold it
+
+
 def backoff(attempts: int, first_s: float, max_s: float) -> timedelta:
     """Delay before the next try after ``attempts`` failures: first_s, 2 first_s, 4 first_s ... max_s."""
     return timedelta(seconds=min(first_s * 2 ** max(attempts - 1, 0), max_s))
@@ -94,8 +113,9 @@ def backoff(attempts: int, first_s: float, max_s: float) -> timedelta:
 class Sender:
     """Sends due deliveries, one association per destination per round, on a background thread.
 
-    Each object's outcome is committed as its response arrives, before the next object is sent,
-    so a crash resends at most the one object in flight (with the same UIDs)."""
+    Each attempt is committed before the object goes on the wire and its outcome as its response
+    arrives, before the next object is sent: after a crash at most the one object in flight is
+    uncertain, confirmed with the destination or sent again (with the same UIDs)."""
 
     def __init__(
         self, db: Database, results_dir: Path, calling_ae: str, backoff_s: float, backoff_max_s: float,
@@ -141,9 +161,11 @@ class Sender:
             self._wake.clear()
 
     def send_due(self, now: datetime) -> int:
-        """One round: up to 200 due deliveries, grouped by destination, each destination's in
-        ``DELIVERY_PRIORITY`` order (a backlog of colour maps never holds back a new study's SEG
-        and SR). Returns the number delivered.
+        """One round: up to 200 due deliveries (pending, or uncertain: sent before without an outcome
+        recorded), grouped by destination, each destination's in ``DELIVERY_PRIORITY`` order (a
+        backlog of colour maps never holds back a new study's SEG and SR); the uncertain ones are
+        confirmed first where the destination says so. Returns the number delivered (confirmed ones
+        included).
 
         The round's deliveries are claimed first: locked with ``FOR UPDATE SKIP LOCKED`` and moved
         ``claim_s`` into the future, so that another sender sharing the database (a second serve
@@ -152,14 +174,15 @@ class Sender:
         with self.db.session() as session:
             due = session.execute(
                 select(Delivery, ResultObject.path, ResultObject.kind).join(ResultObject)
-                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+                .where(Delivery.state.in_((DeliveryState.PENDING, DeliveryState.UNCERTAIN)), Delivery.next_attempt_at <= now)
                 .order_by(DELIVERY_PRIORITY, Delivery.id).limit(200).with_for_update(skip_locked=True, of=Delivery)
             ).all()
             claimed_until = now + timedelta(seconds=self.claim_s)
-            batches: dict[str, list[tuple[int, Path, ResultKind]]] = defaultdict(list)
+            batches: dict[str, list[DueObject]] = defaultdict(list)
             for delivery, path, kind in due:
                 delivery.next_attempt_at = claimed_until
-                batches[delivery.destination].append((delivery.id, self.results_dir / path, ResultKind.parse(kind)))
+                batches[delivery.destination].append(DueObject(delivery.id, self.results_dir / path, ResultKind.parse(kind),
+                                                               delivery.state == DeliveryState.UNCERTAIN))
         delivered = 0
         untried = {delivery.id for delivery, _, _ in due}
         try:
@@ -167,15 +190,22 @@ class Sender:
                 if self._stop.is_set():
                     break
                 destination = self.destinations.get(name) or Destination.parse(name)  # one no longer configured
-                labels = [series_label(destination, kind) for _, _, kind in items]
+                held = self._confirm(destination, [item for item in items if item.uncertain])
+                untried -= held
+                delivered += len(held)
+                items = [item for item in items if item.delivery_id not in held]
+                if not items:
+                    continue
+                labels = [series_label(destination, item.kind) for item in items]
 
-                def record(index: int, outcome: SendOutcome, items: list = items, name: str = name) -> None:
-                    untried.discard(items[index][0])
-                    self._record(items[index][0], outcome, name)
+                def record(index: int, outcome: SendOutcome, items: list[DueObject] = items, name: str = name) -> None:
+                    untried.discard(items[index].delivery_id)
+                    self._record(items[index].delivery_id, outcome, name)
 
                 outcomes = send_files(
-                    destination, [path for _, path, _ in items], self.calling_ae, labels=labels, tls=self.tls.get(name),
+                    destination, [item.path for item in items], self.calling_ae, labels=labels, tls=self.tls.get(name),
                     on_outcome=record,
+                    on_attempt=lambda index, items=items: self._retrying(self._mark_attempt, items[index].delivery_id),
                 )
                 delivered += sum(outcome.delivered for outcome in outcomes)
         finally:
@@ -184,34 +214,85 @@ class Sender:
         return delivered
 
     def _release(self, delivery_ids: set[int], claimed_until: datetime, due_at: datetime) -> None:
-        """Give back claimed deliveries this round did not try (stopping, or an association that
+        """Give back claimed deliveries this round did not settle (stopping, or an association that
         ended early): due again at once rather than when the claim runs out."""
         try:
             with self.db.session() as session:
                 session.execute(
-                    update(Delivery).where(Delivery.id.in_(delivery_ids), Delivery.state == DeliveryState.PENDING,
+                    update(Delivery).where(Delivery.id.in_(delivery_ids),
+                                           Delivery.state.in_((DeliveryState.PENDING, DeliveryState.UNCERTAIN)),
                                            Delivery.next_attempt_at == claimed_until)
                     .values(next_attempt_at=due_at)
                 )
         except Exception as error:  # noqa: BLE001 - they are due again when the claim runs out
             log.error("releasing %d claimed deliveries failed: %s", len(delivery_ids), error)
 
-    def _record(self, delivery_id: int, outcome: SendOutcome, destination: str) -> None:
-        """Commit one object's outcome, retried through a database hiccup: an outcome not recorded
-        means the object is sent again."""
+    def _confirm(self, destination: Destination, uncertain: list[DueObject]) -> set[int]:
+        """The uncertain deliveries ``destination`` says it holds, marked sent; the others are sent
+        again by the caller (all of them with ``confirm: none``, or when the query fails)."""
+        if not uncertain:
+            return set()
+        if destination.confirm is ConfirmMode.NONE:
+            log.info("%d uncertain result objects to %s are sent again (confirm: none)", len(uncertain), destination.name)
+            return set()
+        keys: list[tuple[DueObject, ObjectKeys]] = []
+        for item in uncertain:
+            try:
+                header = dcmread(item.path, stop_before_pixels=True,
+                                 specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+                keys.append((item, ObjectKeys(str(header.StudyInstanceUID), str(header.SeriesInstanceUID),
+                                              str(header.SOPInstanceUID))))
+            except (OSError, ValueError, AttributeError, EOFError) as error:  # sent again; the send says why it fails
+                log.error("uncertain delivery %d: result file unreadable (%s)", item.delivery_id, error)
+        holdings = ask_holding(destination, [k for _, k in keys], self.calling_ae, destination.confirm_timeout_s,
+                               tls=self.tls.get(destination.name))
+        held: set[int] = set()
+        for (item, _), holding in zip(keys, holdings, strict=True):
+            metrics.DELIVERY_CONFIRMATIONS.labels(answer=holding.value).inc()
+            if holding is Holding.HELD:
+                self._retrying(self._mark_sent, item.delivery_id)
+                held.add(item.delivery_id)
+        log.info("%d of %d uncertain result objects were already at %s (C-FIND); the others are sent again",
+                 len(held), len(uncertain), destination.name)
+        return held
+
+    def _retrying(self, commit: Callable[[int], None], delivery_id: int) -> None:
+        """Commit a state change of one delivery, retried through a database hiccup."""
         for attempt in range(5):
             try:
-                self._commit(delivery_id, outcome, destination)
+                commit(delivery_id)
                 return
             except Exception as error:  # noqa: BLE001 - retried; the last failure ends the round
                 if attempt == 4:
                     raise
-                log.error("recording the outcome of delivery %d failed (%s); retrying", delivery_id, error)
+                log.error("recording delivery %d failed (%s); retrying", delivery_id, error)
                 self._stop.wait(0.2 * (attempt + 1))
+
+    def _mark_attempt(self, delivery_id: int) -> None:
+        """Committed before the object goes on the wire: until its outcome is, the object is uncertain."""
+        with self.db.session() as session:
+            session.execute(update(Delivery).where(Delivery.id == delivery_id).values(state=DeliveryState.UNCERTAIN))
+
+    def _mark_sent(self, delivery_id: int) -> None:
+        """An uncertain object the destination holds: delivered, without sending it again."""
+        now = utcnow()
+        with self.db.session() as session:
+            session.execute(
+                update(Delivery).where(Delivery.id == delivery_id)
+                .values(state=DeliveryState.SENT, sent_at=now, last_error=None)
+            )
+        self._observe_job_delivered(delivery_id, now)
+
+    def _record(self, delivery_id: int, outcome: SendOutcome, destination: str) -> None:
+        """Commit one object's outcome, retried through a database hiccup: an outcome not recorded
+        leaves the object uncertain (confirmed or sent again)."""
+        self._retrying(lambda delivery_id: self._commit(delivery_id, outcome, destination), delivery_id)
 
     def _commit(self, delivery_id: int, outcome: SendOutcome, destination: str) -> None:
         """One object's outcome. A success is one UPDATE, committed before anything else: until it
-        is, a crash sends the object again. Then, with its job's last delivery, the time to the PACS."""
+        is, the object is uncertain. Then, with its job's last delivery, the time to the PACS. A
+        failure is due again after a backoff: uncertain if it went out without an answer (or was
+        uncertain and did not go out), pending if the destination answered a failure status."""
         now = utcnow()
         if outcome.delivered:
             with self.db.session() as session:
@@ -220,20 +301,15 @@ class Sender:
                     .values(state=DeliveryState.SENT, sent_at=now, last_error=None, attempts=Delivery.attempts + 1)
                 )
             metrics.DELIVERY_ATTEMPTS.labels(result="success").inc()
-            try:
-                with self.db.session() as session:
-                    job = session.scalar(select(Job).join(ResultObject).join(Delivery).where(Delivery.id == delivery_id))
-                    unsent = session.scalar(
-                        select(func.count()).select_from(Delivery).join(ResultObject)
-                        .where(ResultObject.job_id == job.id, Delivery.state != DeliveryState.SENT)
-                    )
-                if unsent == 0:
-                    metrics.LAST_INSTANCE_TO_ACK.observe((now - job.last_instance_at).total_seconds())
-            except Exception as error:  # noqa: BLE001 - the outcome is recorded; only a metric is missed
-                log.error("could not observe the time to the PACS of delivery %d: %s", delivery_id, error)
+            self._observe_job_delivered(delivery_id, now)
             return
         with self.db.session() as session:
             row = session.get(Delivery, delivery_id)
+            if outcome.uncertain:  # it went out and no answer came: the destination may hold it
+                row.state = DeliveryState.UNCERTAIN
+            elif outcome.status is not None:  # the destination answered a failure: it does not hold it
+                row.state = DeliveryState.PENDING
+            # not sent this time (no association, unreadable file): as it was, uncertain or pending
             row.attempts += 1
             row.last_error = outcome.error
             row.next_attempt_at = now + backoff(row.attempts, self.backoff_s, self.backoff_max_s)
@@ -241,3 +317,17 @@ class Sender:
             metrics.DELIVERY_FAILURES.inc()
             log.warning("delivery %d to %s failed (attempt %d): %s; next try at %s",
                         row.id, destination, row.attempts, outcome.error, row.next_attempt_at.isoformat(timespec="seconds"))
+
+    def _observe_job_delivered(self, delivery_id: int, now: datetime) -> None:
+        """With its job's last delivery sent, the time from the last instance to the PACS."""
+        try:
+            with self.db.session() as session:
+                job = session.scalar(select(Job).join(ResultObject).join(Delivery).where(Delivery.id == delivery_id))
+                unsent = session.scalar(
+                    select(func.count()).select_from(Delivery).join(ResultObject)
+                    .where(ResultObject.job_id == job.id, Delivery.state != DeliveryState.SENT)
+                )
+            if unsent == 0:
+                metrics.LAST_INSTANCE_TO_ACK.observe((now - job.last_instance_at).total_seconds())
+        except Exception as error:  # noqa: BLE001 - the outcome is recorded; only a metric is missed
+            log.error("could not observe the time to the PACS of delivery %d: %s", delivery_id, error)

@@ -40,8 +40,9 @@ RECEIVE_MAX_PDU = 1 << 20  # responses are a few hundred bytes
 @dataclass(frozen=True)
 class SendOutcome:
     path: Path
-    status: int | None  # None: not sent (no association, no context, connection lost)
+    status: int | None  # None: no response (not sent: no association, no context; or lost in flight)
     error: str | None
+    uncertain: bool = False  # it went on the wire and no response came back: the peer may hold it
 
     @property
     def delivered(self) -> bool:
@@ -81,14 +82,17 @@ def relabelled(data: bytes, label: SeriesRelabel) -> memoryview:
 def send_files(
     destination: Destination, paths: list[Path], calling_ae: str, timeout_s: float = 30.0,
     labels: Sequence[SeriesRelabel | None] | None = None, tls: ssl.SSLContext | None = None,
-    on_outcome: Callable[[int, SendOutcome], None] | None = None,
+    on_outcome: Callable[[int, SendOutcome], None] | None = None, on_attempt: Callable[[int], None] | None = None,
 ) -> list[SendOutcome]:
     """C-STORE every file to ``destination`` over one association; one outcome per file.
     ``labels``, one per file, relabel its series on the way (None: sent as written); ``tls``: over DICOM
     TLS with this context.
     ``on_outcome(index, outcome)`` is called as each file's outcome is known, before the next
-    file is sent: a caller that records it then resends at most the file in flight after a crash."""
+    file is sent: a caller that records it then resends at most the file in flight after a crash.
+    ``on_attempt(index)`` is called just before a file goes on the wire: a caller that records it
+    knows, after a crash, which file may have reached the destination without an answer."""
     outcomes: list[SendOutcome] = []
+    in_flight = -1  # the index of the file on the wire, awaiting its response
 
     def settle(outcome: SendOutcome) -> None:
         outcomes.append(outcome)
@@ -96,8 +100,8 @@ def send_files(
             on_outcome(len(outcomes) - 1, outcome)
 
     def settle_rest(error: str) -> list[SendOutcome]:
-        for path in paths[len(outcomes):]:
-            settle(SendOutcome(path, None, error))
+        for index, path in enumerate(paths[len(outcomes):], start=len(outcomes)):
+            settle(SendOutcome(path, None, error, uncertain=index == in_flight))
         return outcomes
 
     labels = labels or [None] * len(paths)
@@ -132,6 +136,9 @@ def send_files(
             except (OSError, ValueError) as error:  # this file only; the others go on
                 settle(SendOutcome(path, None, f"result file unreadable: {error}"))
                 continue
+            if on_attempt is not None:
+                on_attempt(message_id - 1)
+            in_flight = message_id - 1
             connection.send_message(by_key[key], command, dataset, peer_max_pdu)
             response = connection.read_message(accepted)
             if response is None or response.command.command_field != C_STORE_RSP:
@@ -139,6 +146,7 @@ def send_files(
             if response.command.responded_to != message_id:
                 raise ProtocolError(f"response to message {response.command.responded_to}, expected {message_id}")
             status = response.command.status
+            in_flight = -1
             settle(SendOutcome(path, status, None if status == 0 else f"status 0x{status:04X}" if status is not None else "no status"))
         connection.release()
     except AssociationRejected as error:

@@ -1,4 +1,4 @@
-"""DIMSE command sets for C-ECHO and C-STORE: requests and responses, read and written.
+"""DIMSE command sets for C-ECHO, C-STORE and C-FIND: requests and responses, read and written.
 
 A command set is a dozen group-0000 elements, always Implicit VR Little Endian (PS3.7 6.3.1);
 reading and writing them directly costs a few microseconds where a general pydicom round trip
@@ -16,6 +16,8 @@ C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
+C_FIND_RQ = 0x0020
+C_FIND_RSP = 0x8020
 NO_DATASET = 0x0101
 
 _AFFECTED_SOP_CLASS = 0x0002
@@ -87,6 +89,17 @@ def encode_store_request(message_id: int, sop_class_uid: str, sop_instance_uid: 
         (_PRIORITY, struct.pack("<H", 0)),
         (_DATASET_TYPE, struct.pack("<H", 0x0000)),
         (_AFFECTED_SOP_INSTANCE, _uid(sop_instance_uid)),
+    ])
+
+
+def encode_find_request(message_id: int, sop_class_uid: str) -> bytes:
+    """The command set of a C-FIND-RQ (medium priority) with its identifier following."""
+    return _command_set([
+        (_AFFECTED_SOP_CLASS, _uid(sop_class_uid)),
+        (_COMMAND_FIELD, struct.pack("<H", C_FIND_RQ)),
+        (_MESSAGE_ID, struct.pack("<H", message_id)),
+        (_PRIORITY, struct.pack("<H", 0)),
+        (_DATASET_TYPE, struct.pack("<H", 0x0000)),
     ])
 
 

@@ -44,11 +44,11 @@ def rerun_study(db: Database, study_uid: str, by: str) -> Rerun | None:
 
 
 def retry_deliveries(db: Database, by: str, destination: str | None = None) -> int:
-    """Make every pending delivery (to ``destination`` only, when given) due now, e.g. once a PACS
+    """Make every pending or uncertain delivery (to ``destination`` only, when given) due now, e.g. once a PACS
     is back, instead of after its backoff; returns how many. Wake the sender to send them at once."""
     now = utcnow()
     with db.session() as session:
-        query = update(Delivery).where(Delivery.state == DeliveryState.PENDING)
+        query = update(Delivery).where(Delivery.state.in_((DeliveryState.PENDING, DeliveryState.UNCERTAIN)))
         if destination is not None:
             query = query.where(Delivery.destination == destination)
         count = session.execute(query.values(next_attempt_at=now)).rowcount

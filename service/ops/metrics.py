@@ -59,6 +59,12 @@ LAST_INSTANCE_TO_ACK = Histogram(
 )
 DELIVERY_ATTEMPTS = Counter("strokegate_delivery_attempts_total", "C-STORE attempts of result objects", ["result"])
 DELIVERY_FAILURES = Counter("strokegate_delivery_failures_total", "Failed C-STORE attempts of result objects")
+DELIVERY_CONFIRMATIONS = Counter(
+    "strokegate_delivery_confirmations_total",
+    "Uncertain result objects (sent, no response recorded) a destination was asked about by C-FIND, by answer"
+    " (held: not sent again; absent, unknown: sent again)",
+    ["answer"],
+)
 SPOOL_BYTES = Gauge("strokegate_spool_bytes", "Bytes of DICOM files in the spool")
 
 

@@ -39,7 +39,8 @@ class JobState(str, enum.Enum):
 
 
 class DeliveryState(str, enum.Enum):
-    PENDING = "pending"
+    PENDING = "pending"  # to send: never tried, or the destination answered a failure
+    UNCERTAIN = "uncertain"  # on the wire, no outcome recorded yet; after a crash: maybe stored there
     SENT = "sent"
 
 

@@ -82,6 +82,57 @@ class StoreSCP:
                 self.process.wait(10)
 
 
+class QueryRetrieveSCP:
+    """dcmtk dcmqrscp standing in for a PACS that answers C-FIND: it keeps one file per SOP Instance
+    UID (a second store replaces the first), so what arrived is counted from its log, one entry per
+    C-STORE request on the wire."""
+
+    def __init__(self, folder: Path, ae_title: str = "PACS") -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.ae_title = ae_title
+        self.process: subprocess.Popen | None = None
+        self.log = folder.parent / f"dcmqrscp-{self.port}.log"
+        self.config = folder.parent / f"dcmqrscp-{self.port}.cfg"
+
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    def start(self) -> QueryRetrieveSCP:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            f"NetworkTCPPort = {self.port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+            "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+            f"AETable BEGIN\n{self.ae_title} {self.folder} RW (10000, 1024mb) ANY\nAETable END\n"
+        )
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(["dcmqrscp", "-v", "-c", str(self.config), str(self.port)],
+                                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"})
+        wait_for(lambda: _port_open(self.port), 10, "dcmqrscp to listen")
+        return self
+
+    def stores(self) -> list[str]:
+        """The SOP Instance UID of every C-STORE request received, in order, duplicates included."""
+        uids, in_store = [], False
+        for line in self.log.read_text(errors="replace").splitlines():
+            if "Message Type" in line:
+                in_store = line.rstrip().endswith("C-STORE RQ")
+            elif in_store and "Affected SOP Instance UID" in line:
+                uids.append(line.partition(":")[2].partition(":")[2].strip())
+                in_store = False
+        return uids
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
 def _port_open(port: int) -> bool:
     import socket
 
