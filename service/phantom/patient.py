@@ -249,7 +249,7 @@ def truth_on_grid(patient: Patient, geometry: Geometry) -> Truth:
     if design.zones == "uniform":
         # One value per zone (as phantoms built from labelled regions have): the core at its
         # relative CBF, the penumbra at its own, each with one Tmax; MTT 2.3 and 1.8 x normal grey.
-        cbf_ischaemic = np.where(in_core, deep, np.where(in_penumbra, max(design.penumbra_rcbf, CORE_RCBF + 0.02) * ref, oligaemic))
+        cbf_ischaemic = np.where(in_core, deep, np.where(in_penumbra, max(design.penumbra_rcbf, CORE_RCBF + 0.02) * cbf_reference, oligaemic))
         delay = np.where(in_core, design.core_tmax_s, np.where(in_penumbra, design.penumbra_tmax_s, delay))
         healthy_mtt = np.maximum(60.0 * cbv_healthy / own, 1e-3)
         r_mtt = np.where(in_core, 2.3 * h.mtt_gm / healthy_mtt, np.where(in_penumbra, 1.8 * h.mtt_gm / healthy_mtt, r_mtt))
