@@ -23,7 +23,7 @@ from models.training.cohort import FAMILIES, SampleSpec
 from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp_series
 from service.errors import InputError
 from service.imaging.geometry import Geometry
-from service.inference.ctp_inputs import normalise, temporal_mip, time_to_peak
+from service.inference.ctp_inputs import normalise, temporal_mip
 from service.phantom.patient import Truth, ct_geometry, ct_perfusion, make_patient, truth_on_grid
 
 CT_INTERCEPT, CT_BITS = -1024.0, 12
@@ -55,14 +55,13 @@ def simulate(spec: SampleSpec) -> Simulated:
 def analyse(simulated: Simulated, parameters: CtpParameters = CtpParameters()) -> dict[str, np.ndarray]:
     """The service's analysis and model inputs of one simulated study, and its truth, as arrays."""
     result = analyse_ctp_series(simulated.frames, simulated.times_s, simulated.geometry, parameters)
-    ttp = time_to_peak(simulated.frames, simulated.times_s, result.brain, simulated.geometry.spacing)
     mip = temporal_mip(simulated.frames)
     truth = simulated.truth
     labels = np.zeros(result.brain.shape, dtype=np.uint8)
     labels[truth.masks["penumbra"]] = 1
     labels[truth.masks["core"]] = 2
     return {
-        "inputs": normalise({**result.maps, "ttp": ttp}, mip, result.brain),
+        "inputs": normalise(result.maps, mip, result.brain),
         "brain": result.brain,
         "labels": labels,  # truth: 0 healthy or outside, 1 penumbra, 2 core
         "truth_brain": truth.brain,

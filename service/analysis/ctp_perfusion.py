@@ -81,7 +81,7 @@ class CtpResult:
     """Everything the CT perfusion analysis of one series produces, before it becomes Findings.
 
     Maps are float32 ``(Z, Y, X)`` (0 outside ``brain``): ``cbf`` mL/100 g/min, ``cbv`` mL/100 g,
-    ``mtt`` and ``tmax`` s; masks bool of the same shape.
+    ``mtt``, ``tmax`` and ``ttp`` (time to peak after the first frame) s; masks bool of the same shape.
     """
 
     maps: dict[str, np.ndarray]
@@ -276,6 +276,8 @@ def analyse_ctp_series(
     core &= hypoperfused  # core is hypoperfused tissue; low flow with a normal Tmax is CSF or noise
     summary = thresholds.summarise(core, hypoperfused, maps["tmax"], brain, voxel_ml)
     lap("thresholds")
+    maps["ttp"] = ctp.time_to_peak(frames, times, brain, geometry.spacing)
+    lap("ttp")
     if factor > 1:
         in_plane = full_geometry.shape[1:]
         maps = {name: ctp.block_expand(volume, factor, in_plane) for name, volume in maps.items()}
