@@ -28,7 +28,7 @@ from service.phantom.patient import Truth, ct_geometry, ct_perfusion, make_patie
 
 CT_INTERCEPT, CT_BITS = -1024.0, 12
 """How the phantom's CT perfusion series is stored as DICOM (service.phantom.generate)."""
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 """Bump when what a cached study holds changes."""
 
 
