@@ -10,13 +10,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from service.phantom import families
 from service.phantom.patient import PhantomOptions
+
+
+def _family_options(variation: families.Variation | None) -> Callable[[float], PhantomOptions]:
+    return lambda noise_hu: PhantomOptions(noise_hu=noise_hu, variation=variation)
+
 
 FAMILIES: dict[str, Callable[[float], PhantomOptions]] = {
     # name -> the phantom options of that family at a given CT noise (HU)
-    "icbm": lambda noise_hu: PhantomOptions(noise_hu=noise_hu),
+    name: _family_options(family.variation) for name, family in families.FAMILIES.items()
 }
-"""The phantom families the dataset builder knows; every patient is 256 x 256 x 16, 40 frames."""
+"""The phantom families the dataset builder knows (service.phantom.families): 256 x 256 in-plane;
+"icbm" is 16 slices x 40 frames, the others draw their slices, sampling and duration per patient.
+Hold out the family that service.phantom.families marks held out (``held_out_family()``)."""
 
 FIRST_SEED = 10_000
 """Training cohorts start here, far from the seeds of tests (0-99) and benchmarks (101-199)."""

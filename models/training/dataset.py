@@ -29,7 +29,7 @@ from service.phantom.patient import Truth, ct_geometry, ct_perfusion, make_patie
 
 CT_INTERCEPT, CT_BITS = -1024.0, 12
 """How the phantom's CT perfusion series is stored as DICOM (service.phantom.generate)."""
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 """Bump when what a cached study holds changes."""
 
 
@@ -56,7 +56,7 @@ def simulate(spec: SampleSpec) -> Simulated:
 def analyse(simulated: Simulated, parameters: CtpParameters = CtpParameters()) -> dict[str, np.ndarray]:
     """The service's analysis and model inputs of one simulated study, and its truth, as arrays."""
     result = analyse_ctp_series(simulated.frames, simulated.times_s, simulated.geometry, parameters)
-    fed = model_inputs(simulated.frames, simulated.times_s, result.maps, result.brain, simulated.geometry.spacing)
+    fed = model_inputs(simulated.frames, result.maps, result.brain)
     truth = simulated.truth
     labels = np.zeros(result.brain.shape, dtype=np.uint8)
     labels[truth.masks["penumbra"]] = 1

@@ -2,13 +2,12 @@
 brain mask the threshold method reads, the model's own core and penumbra, beside the threshold ones.
 
 The model is fed exactly what it was trained on (``models/training/dataset.py`` calls the same
-functions): the analysis's CBF, CBV and Tmax, the time to peak and the temporal maximum intensity
-projection of the series as received, and the NIHSS when one is known.
+function): the analysis's CBF, CBV, Tmax and TTP maps, the temporal maximum intensity projection
+of the series as received, and the NIHSS when one is known.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +15,7 @@ import numpy as np
 from service.findings import ModelInfo, Segment, SegmentKind
 from service.imaging.geometry import Geometry
 from service.inference.ctp_core_penumbra import predict_core_penumbra
-from service.inference.ctp_inputs import CTP_CONTRACT, temporal_mip, time_to_peak
+from service.inference.ctp_inputs import CTP_CONTRACT, temporal_mip
 from service.inference.model_set import ModelSet
 from service.perfusion import thresholds
 
@@ -60,12 +59,10 @@ class ModelCorePenumbra:
         return f"CT perfusion model {self.identity.name} {self.identity.version} on {self.identity.backend}: {given}"
 
 
-def model_inputs(frames: np.ndarray, times_s: Sequence[float] | np.ndarray, maps: dict[str, np.ndarray],
-                 brain: np.ndarray, spacing_mm: Sequence[float]) -> ModelInputs:
+def model_inputs(frames: np.ndarray, maps: dict[str, np.ndarray], brain: np.ndarray) -> ModelInputs:
     """The model's inputs from the frames ``[T, Z, Y, X]`` (HU, as received) and the analysis's
     maps and brain mask on the same grid."""
-    ttp = time_to_peak(frames, times_s, brain, spacing_mm)
-    return ModelInputs({"cbf": maps["cbf"], "cbv": maps["cbv"], "tmax": maps["tmax"], "ttp": ttp}, temporal_mip(frames), brain)
+    return ModelInputs({name: maps[name] for name in ("cbf", "cbv", "tmax", "ttp")}, temporal_mip(frames), brain)
 
 
 def run_ctp_model(request: CtpModelRequest, inputs: ModelInputs, geometry: Geometry, *, min_lesion_ml: float,

@@ -82,7 +82,7 @@ class CtpResult:
     """Everything the CT perfusion analysis of one series produces, before it becomes Findings.
 
     Maps are float32 ``(Z, Y, X)`` (0 outside ``brain``): ``cbf`` mL/100 g/min, ``cbv`` mL/100 g,
-    ``mtt`` and ``tmax`` s; masks bool of the same shape.
+    ``mtt``, ``tmax`` and ``ttp`` (time to peak after the first frame) s; masks bool of the same shape.
     """
 
     maps: dict[str, np.ndarray]
@@ -132,7 +132,7 @@ def analyse_ctp(
     timings = {"load": loaded, **result.timings_s}
     if model is not None:
         clock = time.perf_counter()
-        ran = _model_stage(model, series.frames, series.times_s, result, series.geometry, parameters, flags)
+        ran = _model_stage(model, series.frames, result, series.geometry, parameters, flags)
         timings["model"] = time.perf_counter() - clock
         if ran is not None:
             segments += ran.segments
@@ -162,12 +162,12 @@ def analyse_ctp(
     )
 
 
-def _model_stage(request: CtpModelRequest, frames: np.ndarray, times_s: Sequence[float], result: CtpResult,
+def _model_stage(request: CtpModelRequest, frames: np.ndarray, result: CtpResult,
                  geometry: Geometry, parameters: CtpParameters, flags: list[str]) -> ModelCorePenumbra | None:
     """The learned model's core and penumbra, its note appended to ``flags``; None (and a flag
     saying why) when the model cannot run on this study."""
     try:
-        inputs = model_inputs(frames, times_s, result.maps, result.brain, geometry.spacing)
+        inputs = model_inputs(frames, result.maps, result.brain)
         ran = run_ctp_model(request, inputs, geometry, min_lesion_ml=parameters.min_lesion_ml,
                             tmax_threshold_s=parameters.tmax_threshold_s)
     except (ModelError, InputError) as error:
@@ -314,6 +314,8 @@ def analyse_ctp_series(
     core &= hypoperfused  # core is hypoperfused tissue; low flow with a normal Tmax is CSF or noise
     summary = thresholds.summarise(core, hypoperfused, maps["tmax"], brain, voxel_ml)
     lap("thresholds")
+    maps["ttp"] = ctp.time_to_peak(frames, times, brain, geometry.spacing)
+    lap("ttp")
     if factor > 1:
         in_plane = full_geometry.shape[1:]
         maps = {name: ctp.block_expand(volume, factor, in_plane) for name, volume in maps.items()}

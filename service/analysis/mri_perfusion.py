@@ -31,7 +31,7 @@ from service.imaging.perfusion_series import load_dsc
 from service.imaging.volumes import Source
 from service.perfusion import dsc, thresholds
 from service.perfusion.aif import partial_volume_scale, select_aif, select_vof
-from service.perfusion.ctp import denoise, denoise_values, truncated_bolus
+from service.perfusion.ctp import denoise, denoise_values, time_to_peak, truncated_bolus
 from service.perfusion.deconvolution import (
     apply_bias,
     bias_of,
@@ -64,7 +64,8 @@ class DscMaps:
     """Perfusion maps of one DSC series on its own grid; float32 ``[slice, row, column]``.
 
     ``cbf`` mL/100 g/min and ``cbv`` mL/100 g are relative (DSC is not calibrated), ``mtt`` and
-    ``tmax`` in s; all 0 outside ``brain`` (bool, parenchyma without CSF).
+    ``tmax`` and ``ttp`` (time to peak of the contrast after the first frame) in s; all 0 outside
+    ``brain`` (bool, parenchyma without CSF).
     """
 
     geometry: Geometry
@@ -72,6 +73,7 @@ class DscMaps:
     cbv: np.ndarray
     mtt: np.ndarray
     tmax: np.ndarray
+    ttp: np.ndarray
     brain: np.ndarray
     series_uid: str
     qc_flags: list[str] = field(default_factory=list)
@@ -141,6 +143,8 @@ def dsc_maps(series: Sequence[Source], parameters: MriPerfusionParameters) -> Ds
     for name, values in maps.items():
         values[brain] = getattr(perfusion, name)
     lap("deconvolution")
+    maps["ttp"] = time_to_peak(concentration, times, brain, geometry.spacing)
+    lap("ttp")
 
     return DscMaps(
         geometry=geometry, brain=brain, series_uid=volume.series_uids[0], qc_flags=flags, timings_s=timings,
@@ -162,7 +166,7 @@ def add_mismatch(core: Findings, maps: DscMaps, parameters: MriPerfusionParamete
         raise ValueError("the diffusion Findings have no core segment")
     target = core.geometry
     flags = list(maps.qc_flags)
-    quantitative = {name: getattr(maps, name) for name in ("cbf", "cbv", "mtt", "tmax")}
+    quantitative = {name: getattr(maps, name) for name in ("cbf", "cbv", "mtt", "ttp", "tmax")}
     brain = maps.brain
     if not _same_grid(maps.geometry, target):
         quantitative = {name: _onto_grid(values, maps.geometry, target, order=1) for name, values in quantitative.items()}

@@ -5,8 +5,7 @@ For the CT perfusion analysis to call after its maps, beside the threshold metho
     engine = load_engine(models_dir / "ctp-core-penumbra.onnx", settings.inference_backend,
                          contract=CTP_CONTRACT, cache_dir=settings.engine_cache_dir)   # once
     mip = temporal_mip(frames)                                   # motion-corrected frames, HU
-    ttp = time_to_peak(frames, times_s, brain, spacing)          # unless the analysis has a TTP map
-    found = predict_core_penumbra(engine, {**maps, "ttp": ttp}, mip, brain, nihss, spacing)
+    found = predict_core_penumbra(engine, maps, mip, brain, nihss, spacing)   # maps hold the analysis's TTP
     found.core, found.penumbra, found.probabilities, found.nihss_used, engine.identity
 
 ``maps``, ``mip`` and ``brain`` are on one grid ``[slice, row, column]``: the working grid of the

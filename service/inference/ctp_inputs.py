@@ -10,13 +10,11 @@ refused (``card.check_contract``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
-from scipy import ndimage
 
 from service.inference.card import Contract, InputChannel, Normalisation, TensorSpec
-from service.perfusion.ctp import denoise
 
 CTP_TASK = "ct-perfusion-core-penumbra"
 CLASSES = ("healthy", "penumbra", "core")
@@ -48,9 +46,6 @@ CTP_CONTRACT = Contract(
     classes=CLASSES,
 )
 
-TTP_SMOOTHING_MM = 2.0
-"""In-plane Gaussian (inside the brain) over the curves before their peak is taken: at clinical noise
-a single voxel's peak jumps by frames."""
 
 
 def temporal_mip(frames: np.ndarray) -> np.ndarray:
@@ -59,36 +54,6 @@ def temporal_mip(frames: np.ndarray) -> np.ndarray:
     if frames.ndim != 4:
         raise ValueError(f"frames must be [T, Z, Y, X], got shape {frames.shape}")
     return frames.max(axis=0).astype(np.float32)
-
-
-def time_to_peak(frames: np.ndarray, times_s: Sequence[float] | np.ndarray, brain: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
-    """Time to peak (s after the first frame) of each brain voxel's curve, 0 outside ``brain``.
-
-    The curves are smoothed in-plane inside the brain (``TTP_SMOOTHING_MM``) and over three frames
-    in time; the peak is placed between frames by a parabola through the highest frame and its
-    neighbours. ``frames`` are aligned (motion-corrected) HU ``[T, Z, Y, X]``.
-    """
-    frames = np.asarray(frames)
-    times = np.asarray(times_s, dtype=np.float64)
-    brain = np.asarray(brain, dtype=bool)
-    if frames.ndim != 4 or times.shape != (frames.shape[0],) or brain.shape != frames.shape[1:]:
-        raise ValueError(f"frames {frames.shape}, times {times.shape} and brain {brain.shape} do not fit together")
-    ttp = np.zeros(brain.shape, dtype=np.float32)
-    if not brain.any():
-        return ttp
-    curves = denoise(frames, spacing_mm, brain, TTP_SMOOTHING_MM)[:, brain]  # (T, N)
-    curves = ndimage.uniform_filter1d(curves, 3, axis=0, mode="nearest")
-    peak = np.argmax(curves, axis=0)
-    inner = np.clip(peak, 1, len(times) - 2)
-    columns = np.arange(curves.shape[1])
-    before, at, after = curves[inner - 1, columns], curves[inner, columns], curves[inner + 1, columns]
-    bend = before - 2.0 * at + after
-    with np.errstate(divide="ignore", invalid="ignore"):
-        shift = np.where(bend < 0, 0.5 * (before - after) / bend, 0.0)
-    shift = np.where(peak == inner, np.clip(shift, -0.5, 0.5), 0.0)
-    step = np.where(shift >= 0, times[np.minimum(inner + 1, len(times) - 1)] - times[inner], times[inner] - times[inner - 1])
-    ttp[brain] = (times[peak] - times[0] + shift * step).astype(np.float32)
-    return ttp
 
 
 def normalise(maps: Mapping[str, np.ndarray], mip: np.ndarray, brain: np.ndarray) -> np.ndarray:

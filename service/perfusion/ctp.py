@@ -33,6 +33,9 @@ VESSEL_ENHANCEMENT_HU = 100.0
 """Peak enhancement above baseline that marks a large vessel (tissue peaks at 20-40 HU)."""
 BONE_MARGIN_MM = 2.0
 """The brain mask keeps this far from bone, in-plane and across slices."""
+GROWTH_BONE_GAP_MM = 1.0
+"""The brain mask grows back towards the skull up to this distance from bone: the voxel beside
+the bone is mostly CSF lifted into the tissue window by the bone's partial volume."""
 MIN_BRAIN_ML = 20.0
 """Smaller brain masks mean the study does not cover the brain (or is not a head CT)."""
 RISE_FRACTION = 0.05
@@ -210,12 +213,15 @@ def brain_mask_ct(
 ) -> np.ndarray:
     """Brain parenchyma of a CT perfusion series: no bone, air, scalp, CSF or large vessels.
 
-    Steps: the mean of the baseline frames, smoothed in-plane (Gaussian ``smooth_mm``, against
-    the noise); voxels in ``TISSUE_HU`` and at least ``bone_margin_mm`` from bone (>= 80 HU);
-    the largest 3D connected component (the brain inside the skull; the scalp is cut off by the
-    skull and the margin); holes filled in-plane; then CSF (baseline < ``csf_hu``) and large
-    vessels (peak enhancement > ``vessel_hu`` over baseline, 3-frame running mean against
-    noise, dilated by one pixel in-plane) removed, and small fragments (< 0.1 mL) dropped.
+    Steps: the mean of the baseline frames; bone (>= 80 HU after an in-plane 3 x 3 median);
+    the other voxels smoothed in-plane (Gaussian ``smooth_mm``, against the noise) without the
+    bone, which would lift the cortex beside it out of the tissue window; voxels in ``TISSUE_HU`` and at
+    least ``bone_margin_mm`` from bone; the largest 3D connected component (the brain
+    inside the skull; the scalp is cut off by the skull and the margin); then grown back by the
+    margin into tissue-valued voxels, so that the cortex against the skull stays in; holes filled
+    in-plane; then CSF (baseline < ``csf_hu``) and large vessels (peak enhancement > ``vessel_hu``
+    over baseline, 3-frame running mean against noise, dilated by one pixel in-plane) removed,
+    and small fragments (< 0.1 mL) dropped.
 
     Parameters
     ----------
@@ -239,15 +245,20 @@ def brain_mask_ct(
     frames = _series(frames)
     n_baseline = _n_baseline(n_baseline, frames.shape[0])
     spacing = _spacing(spacing_mm)
-    sigma = (0.0, smooth_mm / spacing[1], smooth_mm / spacing[2])
     baseline = frames[:n_baseline].mean(axis=0, dtype=np.float64).astype(np.float32)
-    smooth = ndimage.gaussian_filter(baseline, sigma, mode="nearest")
-
-    bone = smooth >= TISSUE_HU[1]
+    # Bone from the in-plane 3 x 3 median (robust to noise, no spread); the smoothing then
+    # averages the other voxels only, so that bone does not lift the cortex beside it.
+    bone = ndimage.median_filter(baseline, size=(1, 3, 3), mode="nearest") >= TISSUE_HU[1]
+    sigma = (0.0, smooth_mm / spacing[1], smooth_mm / spacing[2])
+    soft = (~bone).astype(np.float32)
+    weight = ndimage.gaussian_filter(soft, sigma, mode="nearest")
+    smooth = ndimage.gaussian_filter(baseline * soft, sigma, mode="nearest") / np.maximum(weight, 1e-3)
+    smooth[bone] = baseline[bone]
     if bone.any():
-        far_from_bone = ndimage.distance_transform_edt(~bone, sampling=spacing) > bone_margin_mm
+        from_bone = ndimage.distance_transform_edt(~bone, sampling=spacing)
     else:
-        far_from_bone = np.ones(bone.shape, dtype=bool)
+        from_bone = np.full(bone.shape, np.inf)
+    far_from_bone = from_bone > bone_margin_mm
     candidate = (smooth > TISSUE_HU[0]) & (smooth < TISSUE_HU[1]) & far_from_bone
     labels, n = ndimage.label(candidate)
     if n == 0:
@@ -255,13 +266,16 @@ def brain_mask_ct(
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     brain = labels == int(sizes.argmax())
+    tissue = (smooth > TISSUE_HU[0]) & (smooth < TISSUE_HU[1]) & (from_bone > GROWTH_BONE_GAP_MM)
+    near = ndimage.distance_transform_edt(~brain, sampling=spacing) <= bone_margin_mm + 0.5 * float(spacing[1:].max())
+    brain |= near & tissue
     for z in range(brain.shape[0]):
         brain[z] = ndimage.binary_fill_holes(brain[z])
 
     running = ndimage.uniform_filter1d(frames, 3, axis=0, mode="nearest")
     peak = running.max(axis=0) - baseline
     vessels = ndimage.binary_dilation(peak > vessel_hu, structure=_in_plane_cross())
-    brain &= (smooth >= csf_hu) & ~vessels & far_from_bone
+    brain &= (smooth >= csf_hu) & ~vessels & ~bone
 
     voxel_ml = float(np.prod(spacing)) / 1000.0
     labels, n = ndimage.label(brain)
@@ -583,3 +597,38 @@ def _in_plane_cross() -> np.ndarray:
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = ndimage.generate_binary_structure(2, 1)
     return structure
+
+
+TTP_SMOOTHING_MM = 2.0
+"""In-plane Gaussian (inside the brain) over the curves before their peak is taken: at clinical noise
+a single voxel's peak jumps by frames."""
+
+
+def time_to_peak(frames: np.ndarray, times_s: Sequence[float] | np.ndarray, brain: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
+    """Time to peak (s after the first frame) of each brain voxel's curve, 0 outside ``brain``.
+
+    The curves are smoothed in-plane inside the brain (``TTP_SMOOTHING_MM``) and over three frames
+    in time; the peak is placed between frames by a parabola through the highest frame and its
+    neighbours. ``frames`` are aligned (motion-corrected) HU ``[T, Z, Y, X]``.
+    """
+    frames = np.asarray(frames)
+    times = np.asarray(times_s, dtype=np.float64)
+    brain = np.asarray(brain, dtype=bool)
+    if frames.ndim != 4 or times.shape != (frames.shape[0],) or brain.shape != frames.shape[1:]:
+        raise ValueError(f"frames {frames.shape}, times {times.shape} and brain {brain.shape} do not fit together")
+    ttp = np.zeros(brain.shape, dtype=np.float32)
+    if not brain.any():
+        return ttp
+    curves = denoise(frames, spacing_mm, brain, TTP_SMOOTHING_MM)[:, brain]  # (T, N)
+    curves = ndimage.uniform_filter1d(curves, 3, axis=0, mode="nearest")
+    peak = np.argmax(curves, axis=0)
+    inner = np.clip(peak, 1, len(times) - 2)
+    columns = np.arange(curves.shape[1])
+    before, at, after = curves[inner - 1, columns], curves[inner, columns], curves[inner + 1, columns]
+    bend = before - 2.0 * at + after
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift = np.where(bend < 0, 0.5 * (before - after) / bend, 0.0)
+    shift = np.where(peak == inner, np.clip(shift, -0.5, 0.5), 0.0)
+    step = np.where(shift >= 0, times[np.minimum(inner + 1, len(times) - 1)] - times[inner], times[inner] - times[inner - 1])
+    ttp[brain] = (times[peak] - times[0] + shift * step).astype(np.float32)
+    return ttp

@@ -76,8 +76,8 @@ def template_path(name: str) -> Path:
     return path
 
 
-@functools.cache
-def head_model() -> HeadModel:
+@functools.lru_cache(maxsize=2)
+def head_model(artery_radius_mm: float = 2.0) -> HeadModel:
     """Build the head once per process: GM/WM from the templates, CSF, skull, scalp, vessels."""
     images = {name: nib.load(template_path(name)) for name in _TEMPLATE_FILES}
     affine = images["gm"].affine.copy()
@@ -98,18 +98,28 @@ def head_model() -> HeadModel:
     outside_mm = _upsample(outside_coarse - 1.0, 2, tissue.shape)  # -1: centre-to-edge of 2 mm voxels
     hull = (outside_mm <= 0) | inside
     outside_mm[hull] = 0.0
+    csf, skull, scalp = shells(outside_mm, hull, tissue)
+    return assemble_head([gm, wm, csf, skull, scalp], outside_mm, affine, artery_radius_mm)
+
+
+def shells(outside_mm: np.ndarray, hull: np.ndarray, tissue: np.ndarray) -> list[np.ndarray]:
+    """CSF, skull and scalp fractions from the distance outside the brain hull (mm)."""
     csf = np.where(hull, np.clip(1.0 - tissue, 0.0, 1.0), 0.0).astype(np.float32)
     csf[(outside_mm > 0) & (outside_mm <= _CSF_LAYER_MM)] = 1.0
     skull = ((outside_mm > _CSF_LAYER_MM) & (outside_mm <= _SKULL_OUTER_MM)).astype(np.float32)
     scalp = ((outside_mm > _SKULL_OUTER_MM) & (outside_mm <= _SCALP_OUTER_MM)).astype(np.float32)
+    return [csf, skull, scalp]
 
-    mni = _grid_mni(gm.shape, affine)
-    artery = _arteries(mni)
+
+def assemble_head(channels: list[np.ndarray], outside_mm: np.ndarray, affine: np.ndarray, artery_radius_mm: float) -> HeadModel:
+    """Add the arteries (both ACAs) and the superior sagittal sinus to the gm, wm, csf, skull and
+    scalp ``channels`` on the grid of ``affine``, and crop to the head."""
+    mni = _grid_mni(channels[0].shape, affine)
+    artery = _arteries(mni, artery_radius_mm)
     vein = (np.abs(mni[..., 0]) < 4.5) & (outside_mm > 0.5) & (outside_mm <= _CSF_LAYER_MM + 2) & (
         mni[..., 2] > -15
     ) & (mni[..., 1] < 20)
     vessel = artery | vein
-    channels = [gm, wm, csf, skull, scalp]
     for c in channels:
         c[vessel] = 0.0
     fractions = np.stack(channels + [artery.astype(np.float32), vein.astype(np.float32)])
@@ -117,6 +127,7 @@ def head_model() -> HeadModel:
     occupied = np.argwhere(fractions.sum(axis=0) > 0)
     lo, hi = occupied.min(axis=0), occupied.max(axis=0) + 1
     fractions = np.ascontiguousarray(fractions[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
+    affine = affine.copy()
     affine[:3, 3] += affine[:3, :3] @ lo
     return HeadModel(fractions=fractions, affine=affine)
 

@@ -12,7 +12,7 @@ large-to-small-vessel haematocrit correction; C and AIF share units (HU for CT, 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -44,6 +44,37 @@ class GammaVariate:
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Recirculating:
+    """A first pass followed by the recirculation: a later, wider and smaller second pass."""
+
+    first: GammaVariate
+    second: GammaVariate
+
+    @property
+    def arrival(self) -> float:
+        return self.first.arrival
+
+    def __call__(self, t: np.ndarray) -> np.ndarray:
+        return self.first(t) + self.second(t)
+
+    def area(self) -> float:
+        return self.first.area() + self.second.area()
+
+    def as_dict(self) -> dict[str, float]:
+        return {**self.first.as_dict(), **{f"recirculation_{k}": v for k, v in self.second.as_dict().items()}}
+
+
+Bolus = GammaVariate | Recirculating
+"""A bolus curve: ``bolus(t)``, ``bolus.area()``, ``bolus.arrival``."""
+
+
+def recirculating(first: GammaVariate, share: float) -> Recirculating:
+    """``first`` and its recirculation: ``share`` of its area, arriving as it peaks plus 8 s, twice as wide."""
+    shape = GammaVariate(first.arrival + first.time_to_peak + 8.0, 2.0 * first.time_to_peak, first.alpha, 1.0)
+    return Recirculating(first, replace(shape, peak=share * first.area() / shape.area()))
 
 
 def venous_outflow(aif: GammaVariate, lag: float, widening: float) -> GammaVariate:

@@ -14,12 +14,14 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from service.imaging.geometry import Geometry
-from service.phantom.anatomy import TISSUES, Pose, head_model, label_map, mni_to_voxel, resample_fractions
+from service.phantom.anatomy import TISSUES, HeadModel, Pose, head_model, label_map, mni_to_voxel, resample_fractions
 from service.phantom.clinical import Clinical, draw_clinical
-from service.phantom.haemodynamics import GammaVariate, tissue_curves, venous_outflow
+from service.phantom.families import Design, Variation, draw_design
+from service.phantom.geometric import geometric_head_model
+from service.phantom.haemodynamics import Bolus, GammaVariate, recirculating, tissue_curves, venous_outflow
 from service.phantom.lesion import Lesion, LesionPlan, build_lesion
 
-_STREAMS = {"pose": 1, "lesion": 2, "haemodynamics": 3, "ct": 4, "mr": 5, "clinical": 6, "field": 7}
+_STREAMS = {"pose": 1, "lesion": 2, "haemodynamics": 3, "ct": 4, "mr": 5, "clinical": 6, "field": 7, "design": 8}
 
 # Baseline CT attenuation (HU) and MR signals per tissue channel, in TISSUES order:
 # gm, wm, csf, skull, scalp, artery, vein; air fills the rest.
@@ -49,6 +51,7 @@ class PhantomOptions:
     mr_tr_s: float = 1.5
     mr_snr: float | None = None  # 25-45 at grey matter
     b_value: float = 1000.0
+    variation: Variation | None = None  # a phantom family's ranges (service.phantom.families); None: the ICBM phantom
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Patient:
     haemodynamics: Haemodynamics
     clinical: Clinical
     options: PhantomOptions
+    design: Design = Design()
 
     @property
     def patient_id(self) -> str:
@@ -115,8 +119,8 @@ class PerfusionSeries:
 
     geometry: Geometry
     times: np.ndarray  # s after the first frame
-    aif: GammaVariate
-    vof: GammaVariate
+    aif: Bolus
+    vof: Bolus
     truth: Truth
     frames: Iterator[np.ndarray] = field(repr=False)  # each (z, y, x) float32 in output units
     motion: list[dict[str, list[float]]] = field(default_factory=list)
@@ -128,8 +132,9 @@ def make_patient(seed: int, options: PhantomOptions | None = None) -> Patient:
     """Draw everything that defines patient ``seed`` (pose, stroke, physiology, clinical record)."""
     options = options or PhantomOptions()
     rng = {name: np.random.default_rng([seed, s]) for name, s in _STREAMS.items()}
+    design = draw_design(options.variation, rng["design"])
     plan = LesionPlan.random(rng["lesion"])
-    lesion = build_lesion(head_model(), plan, rng["lesion"])
+    lesion = build_lesion(head_of(design), plan, rng["lesion"])
     h = rng["haemodynamics"]
     haemodynamics = Haemodynamics(
         cbf_gm=float(h.uniform(50, 70)),
@@ -146,7 +151,20 @@ def make_patient(seed: int, options: PhantomOptions | None = None) -> Patient:
         haemodynamics=haemodynamics,
         clinical=draw_clinical(rng["clinical"], lesion.volumes_ml, plan.side),
         options=options,
+        design=design,
     )
+
+
+def lesion_plan(seed: int) -> LesionPlan:
+    """Patient ``seed``'s stroke plan (side, place, zone volumes) without building its lesion."""
+    return LesionPlan.random(np.random.default_rng([seed, _STREAMS["lesion"]]))
+
+
+def head_of(design: Design) -> HeadModel:
+    """The head model a patient's design asks for."""
+    if design.anatomy == "geometric":
+        return geometric_head_model(design.cortex_mm, design.artery_radius_mm)
+    return head_model(design.artery_radius_mm)
 
 
 CORE_RCBF = 0.30
@@ -171,7 +189,7 @@ def axial_geometry(matrix: int, fov_mm: float, slices: int, thickness: float, sp
 
 def truth_on_grid(patient: Patient, geometry: Geometry) -> Truth:
     """Tissue fractions, perfusion truth and zone masks of ``patient`` sampled on ``geometry``."""
-    model = head_model()
+    model = head_of(patient.design)
     fractions = resample_fractions(model, geometry, patient.pose)
     centres = geometry.voxel_centres()[0]
     coords = mni_to_voxel(patient.pose.lps_to_mni(centres), np.linalg.inv(model.affine))
@@ -213,9 +231,14 @@ def truth_on_grid(patient: Patient, geometry: Geometry) -> Truth:
     oligaemic = own * (1.0 - (1.0 - PENUMBRA_RCBF_OWN) * u_olig)
     border = np.maximum(PENUMBRA_RCBF_OWN * own, ref)
     penumbral = border + (ref - border) * u_pen
-    deep = np.minimum(DEEP_CORE_RCBF_OWN * own, 0.999 * ref)
+    design = patient.design
+    if design.core_rcbf is None:
+        deep = np.minimum(DEEP_CORE_RCBF_OWN * own, 0.999 * ref)
+    else:  # the family's deepest core CBF, relative to the reference
+        deep = np.full_like(own, min(design.core_rcbf, 0.999 * CORE_RCBF) / CORE_RCBF * ref)
     core_cbf = ref * (deep / ref) ** np.maximum(u_core, 1e-3)  # strictly below the reference
-    cbf_ischaemic = np.where(severity > t["core"], core_cbf, np.where(severity > t["hypoperfused"], penumbral, oligaemic))
+    in_core, in_penumbra = severity > t["core"], (severity > t["hypoperfused"]) & (severity <= t["core"])
+    cbf_ischaemic = np.where(in_core, core_cbf, np.where(in_penumbra, penumbral, oligaemic))
     # Tmax crosses 6 s exactly at the hypoperfusion border; a 0.02 s step there keeps
     # "Tmax > 6 s" identical to the zone after rounding to float32.
     delay = np.where(
@@ -223,6 +246,13 @@ def truth_on_grid(patient: Patient, geometry: Geometry) -> Truth:
         np.interp(severity, knots[1:], [6.01, 9.0, 12.0]),
         np.interp(severity, knots[:2], [h.delay_normal, 5.99]),
     )
+    if design.zones == "uniform":
+        # One value per zone (as phantoms built from labelled regions have): the core at its
+        # relative CBF, the penumbra at its own, each with one Tmax; MTT 2.3 and 1.8 x normal grey.
+        cbf_ischaemic = np.where(in_core, deep, np.where(in_penumbra, max(design.penumbra_rcbf, CORE_RCBF + 0.02) * cbf_reference, oligaemic))
+        delay = np.where(in_core, design.core_tmax_s, np.where(in_penumbra, design.penumbra_tmax_s, delay))
+        healthy_mtt = np.maximum(60.0 * cbv_healthy / own, 1e-3)
+        r_mtt = np.where(in_core, 2.3 * h.mtt_gm / healthy_mtt, np.where(in_penumbra, 1.8 * h.mtt_gm / healthy_mtt, r_mtt))
 
     perfused = (gm + wm) > 1e-3
     mtt_healthy = 60.0 * cbv_healthy / own
@@ -247,7 +277,9 @@ def truth_on_grid(patient: Patient, geometry: Geometry) -> Truth:
 def ct_geometry(patient: Patient) -> Geometry:
     o = patient.options
     rng = np.random.default_rng([patient.seed, _STREAMS["ct"], 0])
-    return axial_geometry(o.ct_matrix, 240.0, o.ct_slices, 5.0, 5.0, centre_z=30.0 + rng.uniform(-6, 6))
+    d = patient.design
+    slices = d.ct_slices or o.ct_slices
+    return axial_geometry(o.ct_matrix, 240.0, slices, d.slice_mm, d.slice_mm, centre_z=30.0 + rng.uniform(-6, 6))
 
 
 def mr_geometry(patient: Patient) -> Geometry:
@@ -261,28 +293,39 @@ def ct_perfusion(patient: Patient, truth: Truth | None = None) -> PerfusionSerie
     geometry = ct_geometry(patient)
     truth = truth or truth_on_grid(patient, geometry)
     rng = np.random.default_rng([patient.seed, _STREAMS["ct"], 1])
-    aif, vof, times, noise = _ct_bolus(o, rng)
-    baseline = _mix(truth.fractions, _CT_HU, _AIR_HU) - 2.0 * truth.masks["core"]
+    aif, vof, times, noise = _ct_bolus(o, patient.design, rng)
+    hu = _CT_HU.copy()
+    hu[TISSUES.index("wm")] = hu[TISSUES.index("gm")] - patient.design.gm_wm_contrast_hu
+    baseline = _mix(truth.fractions, hu, _AIR_HU) - 2.0 * truth.masks["core"]
     series = PerfusionSeries(geometry, times, aif, vof, truth, iter(()), noise_sigma=float(noise))
     contrast = _contrast(patient, truth, times, aif, vof)
     series.frames = _frames(baseline, contrast, times, noise, _motion(patient, o, series), rng, rician=False)
     return series
 
 
-def ct_bolus(patient: Patient) -> tuple[GammaVariate, GammaVariate, np.ndarray, float]:
+def ct_bolus(patient: Patient) -> tuple[Bolus, Bolus, np.ndarray, float]:
     """The CT acquisition's AIF, VOF, frame times (s) and noise (HU), without drawing the images."""
-    return _ct_bolus(patient.options, np.random.default_rng([patient.seed, _STREAMS["ct"], 1]))
+    return _ct_bolus(patient.options, patient.design, np.random.default_rng([patient.seed, _STREAMS["ct"], 1]))
 
 
-def _ct_bolus(o: PhantomOptions, rng: np.random.Generator) -> tuple[GammaVariate, GammaVariate, np.ndarray, float]:
+def _ct_bolus(o: PhantomOptions, design: Design, rng: np.random.Generator) -> tuple[Bolus, Bolus, np.ndarray, float]:
     if o.truncated_bolus:  # late injection, short scan: the curves never come back down
         arrival, duration = rng.uniform(16, 20), rng.uniform(30, 34)
     else:
         arrival, duration = rng.uniform(4, 10), o.ct_duration_s or rng.uniform(45, 60)
-    aif = GammaVariate(arrival, rng.uniform(5, 8), rng.uniform(2.5, 4.5), rng.uniform(250, 600))
-    vof = venous_outflow(aif, lag=rng.uniform(4, 7), widening=rng.uniform(1.2, 1.5))
+        duration = design.duration_s or duration
+    time_to_peak = rng.uniform(5, 8)
+    aif: Bolus = GammaVariate(arrival, design.aif_time_to_peak_s or time_to_peak, rng.uniform(2.5, 4.5), rng.uniform(250, 600))
+    lag, widening = rng.uniform(4, 7), rng.uniform(1.2, 1.5)
+    vof: Bolus = venous_outflow(aif, lag=lag, widening=widening)
     noise = o.noise_hu if o.noise_hu is not None else rng.uniform(5, 20)
-    return aif, vof, np.linspace(0.0, duration, o.ct_frames), float(noise)
+    if design.recirculation > 0:
+        aif, vof = recirculating(aif, design.recirculation), recirculating(vof, design.recirculation)
+    if design.frame_interval_s:
+        times = np.arange(0.0, duration + 1e-6, design.frame_interval_s)
+    else:
+        times = np.linspace(0.0, duration, o.ct_frames)
+    return aif, vof, times, float(noise)
 
 
 def mr_perfusion(patient: Patient, truth: Truth | None = None) -> PerfusionSeries:

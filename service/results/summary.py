@@ -77,6 +77,28 @@ def method_lines(findings: Findings) -> list[str]:
     return lines
 
 
+PARAMETER_LABELS: dict[str, tuple[str, str]] = {
+    # parameter -> how a reader reads it: (label, value format with its unit)
+    "core_rcbf": ("Core", "CBF < {:.0%} of contralateral"),
+    "reference_cbf": ("Contralateral CBF", "{:.1f} mL/100 g/min"),
+    "tmax_threshold_s": ("Hypoperfusion", "Tmax > {:g} s"),
+    "adc_threshold": ("Core", "ADC < {:g} x 10^-6 mm2/s"),
+    "min_lesion_ml": ("Smallest lesion kept", "{:g} mL"),
+    "vessel_cbv": ("Vessels left out", "CBV > {:g} mL/100 g"),
+    "aif_partial_volume_scale": ("AIF partial-volume correction", "x {:.2f}"),
+    "max_core_ml": ("DEFUSE 3 core", "< {:g} mL"),
+    "min_mismatch_ratio": ("DEFUSE 3 mismatch ratio", ">= {:g}"),
+    "min_mismatch_ml": ("DEFUSE 3 mismatch", ">= {:g} mL"),
+}
+"""Analysis parameters as the summary image shows them (others: their name in words and value)."""
+
+
+def parameter_line(name: str, value: float) -> str:
+    """One parameter as a reader reads it, with its unit: ``Hypoperfusion: Tmax > 6 s``."""
+    label, fmt = PARAMETER_LABELS.get(name, (name.replace("_", " ").capitalize(), "{:g}"))
+    return f"{label}: {fmt.format(value)}"
+
+
 def text_lines(findings: Findings) -> list[str]:
     """The measurements, verdict, QC flags and provenance, in reading order."""
     m = findings.measurements
@@ -89,8 +111,10 @@ def text_lines(findings: Findings) -> list[str]:
     lines.append("QC: " + ("; ".join(findings.qc_flags) if findings.qc_flags else "no flags"))
     lines.append("")
     lines.append(f"{findings.algorithm.name} {findings.algorithm.version}, {findings.analysis}, result v{findings.version}")
-    lines += [f"{name} = {value:g}" for name, value in sorted(findings.parameters.items())
-              if isinstance(value, (int, float)) and not name.startswith("reference")]
+    order = list(PARAMETER_LABELS)
+    numeric = [(name, value) for name, value in findings.parameters.items() if isinstance(value, (int, float))]
+    numeric.sort(key=lambda item: (order.index(item[0]) if item[0] in order else len(order), item[0]))
+    lines += [parameter_line(name, value) for name, value in numeric]
     return lines
 
 

@@ -38,6 +38,19 @@ def test_core_and_hypoperfusion_match_the_truth(noisy: tuple) -> None:
     assert result.maps["cbf"].shape == series.geometry.shape
 
 
+def test_time_to_peak_map_follows_the_truth(noisy: tuple) -> None:
+    """The TTP map the README promises (series 914 and 924): seconds after the first frame, later
+    in the hypoperfused tissue, close to the phantom's own time to peak."""
+    frames, series = noisy
+    result = analyse_ctp_series(frames, series.times, series.geometry)
+    ttp, truth = result.maps["ttp"], series.truth
+    both = result.brain & truth.brain
+    assert np.all(ttp[~result.brain] == 0)
+    assert np.median(np.abs(ttp[both] - truth.ttp[both])) < 1.5
+    late, normal = both & truth.masks["hypoperfused"], both & ~truth.masks["hypoperfused"] & ~truth.masks["oligaemia"]
+    assert np.median(ttp[late]) > np.median(ttp[normal]) + 3.0
+
+
 def test_bias_correction_moves_tmax_and_cbf_towards_the_truth(noisy: tuple) -> None:
     frames, series = noisy
     truth = series.truth
@@ -144,5 +157,6 @@ def test_analyse_ctp_reads_the_study_and_fills_the_findings(small_ctp: Path) -> 
     for name in ("core_volume_ml", "penumbra_volume_ml", "hypoperfused_volume_ml", "mismatch_volume_ml", "target_mismatch"):
         assert name in findings.measurements
     assert findings.segments[0].mask.shape == findings.geometry.shape
+    assert set(findings.maps) >= {"cbf", "cbv", "mtt", "ttp", "tmax"}  # each becomes a colour and a value series
     with pytest.raises(InputError, match="belongs to study"):
         analyse_ctp(files, study_uid="1.2.3", version=1)

@@ -12,7 +12,8 @@ from service.analysis.ctp_perfusion import analyse_ctp_series
 from service.config import Settings
 from service.errors import InputError
 from service.inference.ctp_core_penumbra import predict_core_penumbra
-from service.inference.ctp_inputs import CTP_CONTRACT, temporal_mip, time_to_peak
+from service.inference.ctp_inputs import CTP_CONTRACT, temporal_mip
+from service.perfusion.ctp import time_to_peak
 from service.inference.engine import Backend, load_engine
 
 

@@ -14,6 +14,7 @@ from service.errors import InputError
 from service.perfusion import ctp
 from service.perfusion.motion import MotionResult, correct_motion, rigid_matrix
 from service.phantom.anatomy import LABELS
+from service.phantom.families import Variation
 from service.phantom.patient import PerfusionSeries, PhantomOptions, Truth, ct_geometry, ct_perfusion, make_patient, truth_on_grid
 
 SMALL = PhantomOptions(ct_matrix=128, ct_slices=8, ct_frames=30, noise_hu=10.0)
@@ -236,6 +237,20 @@ def test_brain_mask_matches_truth(noisy: Acquired, noisy_mask: np.ndarray) -> No
     assert not np.any(noisy_mask & np.isin(truth.labels, (LABELS["artery"], LABELS["vein"])))
     csf = (truth.labels == LABELS["csf"]) & ~truth.brain
     assert np.count_nonzero(noisy_mask & csf) < 0.15 * np.count_nonzero(csf)
+
+
+def test_brain_mask_keeps_the_cortex_against_the_skull() -> None:
+    """A geometric head (thin CSF layer, a ribbon of cortex) in 10 mm slices at 20 HU: the mask
+    holds at least 97 % of the true brain tissue and no bone, yet leaves out what is mostly CSF."""
+    variation = Variation(anatomy="geometric", zones=("graded",), ct_slices=(8, 8), slice_mm=(10.0,), cortex_mm=(4.0, 4.0))
+    patient = make_patient(SEED, PhantomOptions(ct_matrix=128, ct_frames=30, noise_hu=20.0, variation=variation))
+    series = ct_perfusion(patient)
+    frames = np.stack(list(series.frames))
+    truth = series.truth
+    mask = ctp.brain_mask_ct(frames, series.geometry.spacing, ctp.baseline_frames(frames, series.times))
+    assert np.count_nonzero(mask & truth.brain) >= 0.97 * np.count_nonzero(truth.brain)
+    assert not np.any(mask & np.isin(truth.labels, (LABELS["skull"], LABELS["air"], LABELS["scalp"])))
+    assert np.count_nonzero(mask & ~truth.brain) < 0.05 * np.count_nonzero(truth.brain)
 
 
 def test_brain_mask_without_brain_is_an_input_error(noisy: Acquired) -> None:

@@ -9,6 +9,7 @@ from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes
@@ -81,7 +82,9 @@ def test_dwi_and_pwi_give_the_mismatch(mismatch: Findings) -> None:
     assert m["target_mismatch"] == float(Defuse3Criteria().is_target(m["core_volume_ml"], m["hypoperfused_volume_ml"]))
     core, penumbra = (s.mask for s in mismatch.segments)
     assert not (core & penumbra).any()
-    assert {"cbf", "cbv", "mtt", "tmax"} <= set(mismatch.maps)
+    assert {"cbf", "cbv", "mtt", "ttp", "tmax"} <= set(mismatch.maps)  # each becomes a colour and a value series
+    ttp = mismatch.maps["ttp"]  # s after the first frame: the bolus peaks later in the hypoperfused tissue
+    assert np.median(ttp[penumbra & (ttp > 0)]) > np.median(ttp[~core & ~penumbra & (ttp > 0)]) + 2.0
     assert mismatch.parameters["tmax_threshold_s"] == 6.0 and mismatch.parameters["adc_threshold"] == 620.0
 
 

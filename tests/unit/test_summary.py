@@ -15,7 +15,7 @@ from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
 from service.phantom.truth_files import read_nifti
 from service.results import identity
-from service.results.summary import SKY_BLUE, VERMILLION, build_summary, montage_slices, render_summary
+from service.results.summary import SKY_BLUE, VERMILLION, build_summary, montage_slices, render_summary, text_lines
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,19 @@ def test_core_and_penumbra_are_drawn_in_their_colours_with_a_legend(findings: Fi
     assert colour_pixels(image[:, 1000:], VERMILLION) > 100  # and their legend swatches
     no_lesion = dataclasses.replace(findings, segments=[])
     assert colour_pixels(render_summary(no_lesion)[:, :1000], VERMILLION) < 200
+
+
+def test_parameters_read_as_a_reader_reads_them_with_units(findings: Findings) -> None:
+    shown = dataclasses.replace(findings, parameters={
+        "core_rcbf": 0.3, "tmax_threshold_s": 6.0, "vessel_cbv": 8.0, "aif_partial_volume_scale": 1.01469,
+        "reference_cbf": 31.24, "min_lesion_ml": 0.3, "some_new_setting": 2.5})
+    lines = text_lines(shown)
+    for expected in ("Core: CBF < 30% of contralateral", "Hypoperfusion: Tmax > 6 s", "Vessels left out: CBV > 8 mL/100 g",
+                     "AIF partial-volume correction: x 1.01", "Contralateral CBF: 31.2 mL/100 g/min",
+                     "Smallest lesion kept: 0.3 mL", "Some new setting: 2.5"):
+        assert expected in lines, (expected, lines)
+    assert not any(name in " ".join(lines) for name in shown.parameters)  # no code names
+    assert lines.index("Core: CBF < 30% of contralateral") < lines.index("Hypoperfusion: Tmax > 6 s")
 
 
 def test_the_slice_with_the_largest_lesion_is_always_in_the_montage() -> None:
