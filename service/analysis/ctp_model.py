@@ -66,7 +66,7 @@ def model_inputs(frames: np.ndarray, maps: dict[str, np.ndarray], brain: np.ndar
 
 
 def run_ctp_model(request: CtpModelRequest, inputs: ModelInputs, geometry: Geometry, *, min_lesion_ml: float,
-                  tmax_threshold_s: float) -> ModelCorePenumbra:
+                  tmax_threshold_s: float, criteria: thresholds.Defuse3Criteria) -> ModelCorePenumbra:
     """The model's core and penumbra, specks below ``min_lesion_ml`` removed as for the threshold
     method. Raises ModelError when the model cannot be used, InputError when it cannot read this
     study (voxel sizes it was not trained on)."""
@@ -77,7 +77,7 @@ def run_ctp_model(request: CtpModelRequest, inputs: ModelInputs, geometry: Geome
     hypoperfused = thresholds.remove_specks(found.core | found.penumbra, min_lesion_ml, voxel_ml)
     core = thresholds.remove_specks(found.core, min_lesion_ml, voxel_ml) & hypoperfused
     penumbra = hypoperfused & ~core
-    summary = thresholds.summarise(core, hypoperfused, inputs.maps["tmax"], inputs.brain, voxel_ml,
+    summary = thresholds.summarise(core, hypoperfused, inputs.maps["tmax"], inputs.brain, voxel_ml, criteria,
                                    hypoperfusion_tmax=tmax_threshold_s)
     segments = [
         Segment(SegmentKind.CORE, LABELS[SegmentKind.CORE], core, summary.core_ml, model=identity),

@@ -43,6 +43,7 @@ CORRECTABLE_MOTION_MM = 1.0
 
 @dataclass(frozen=True)
 class CtpParameters:
+    criteria: thresholds.Defuse3Criteria = thresholds.Defuse3Criteria()  # the target-mismatch verdict's profile
     core_rcbf: float = 0.30
     tmax_threshold_s: float = 6.0
     min_lesion_ml: float = 0.3
@@ -154,7 +155,9 @@ def analyse_ctp(
         parameters={"core_rcbf": parameters.core_rcbf, "tmax_threshold_s": parameters.tmax_threshold_s,
                     "min_lesion_ml": parameters.min_lesion_ml, "vessel_cbv": parameters.vessel_cbv,
                     "aif_partial_volume_scale": result.aif_scale,
-                    "reference_cbf": result.reference_cbf},
+                    "reference_cbf": result.reference_cbf, "max_core_ml": parameters.criteria.max_core_ml,
+                    "min_mismatch_ratio": parameters.criteria.min_ratio,
+                    "min_mismatch_ml": parameters.criteria.min_mismatch_ml},
         maps=result.maps,
         models=models,
         core_method=core_method,
@@ -169,7 +172,7 @@ def _model_stage(request: CtpModelRequest, frames: np.ndarray, result: CtpResult
     try:
         inputs = model_inputs(frames, result.maps, result.brain)
         ran = run_ctp_model(request, inputs, geometry, min_lesion_ml=parameters.min_lesion_ml,
-                            tmax_threshold_s=parameters.tmax_threshold_s)
+                            tmax_threshold_s=parameters.tmax_threshold_s, criteria=parameters.criteria)
     except (ModelError, InputError) as error:
         flags.append(f"CT perfusion model not run: {error}")
         return None
@@ -312,7 +315,8 @@ def analyse_ctp_series(
         thresholds.hypoperfused_mask(maps["tmax"], brain, parameters.tmax_threshold_s), parameters.min_lesion_ml, voxel_ml
     )
     core &= hypoperfused  # core is hypoperfused tissue; low flow with a normal Tmax is CSF or noise
-    summary = thresholds.summarise(core, hypoperfused, maps["tmax"], brain, voxel_ml)
+    summary = thresholds.summarise(core, hypoperfused, maps["tmax"], brain, voxel_ml, parameters.criteria,
+                                   hypoperfusion_tmax=parameters.tmax_threshold_s)
     lap("thresholds")
     maps["ttp"] = ctp.time_to_peak(frames, times, brain, geometry.spacing)
     lap("ttp")

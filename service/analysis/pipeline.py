@@ -241,24 +241,16 @@ def _analyse_ctp(series: StudySeries, version: int, parameters: AnalysisParamete
     findings = analyse_ctp(
         chosen, study_uid=study_uid, version=version,
         parameters=CtpParameters(
-            core_rcbf=parameters.core_rcbf, tmax_threshold_s=parameters.tmax_threshold_s,
+            criteria=parameters.criteria, core_rcbf=parameters.core_rcbf, tmax_threshold_s=parameters.tmax_threshold_s,
             min_lesion_ml=parameters.min_lesion_ml, vessel_cbv=parameters.vessel_cbv,
             anatomy_detail=parameters.anatomy_detail,
         ),
         model=CtpModelRequest(parameters.models, nihss) if parameters.models is not None else None,
         core_method=parameters.ctp_core_method,
     )
-    criteria = parameters.criteria
-    measured = findings.measurements
-    if "core_volume_ml" in measured and "hypoperfused_volume_ml" in measured:
-        target = criteria.is_target(measured["core_volume_ml"], measured["hypoperfused_volume_ml"])
-        measured["target_mismatch"] = float(target)
-    findings.parameters.update(
-        max_core_ml=criteria.max_core_ml, min_mismatch_ratio=criteria.min_ratio, min_mismatch_ml=criteria.min_mismatch_ml
-    )
     findings.segments = [s for s in findings.segments if s.key != "penumbra" or s.mask.any()]
     if len(series.get(SeriesKind.CTP)) > 1:
-        findings.qc_flags.append(f"{len(series.get('ctp'))} CT perfusion series; used the largest")
+        findings.qc_flags.append(f"{len(series.get(SeriesKind.CTP))} CT perfusion series; used the largest")
     return findings
 
 

@@ -114,8 +114,11 @@ def test_ctp_gives_ct_perfusion_with_the_configured_verdict(small_ctp: Path) -> 
     assert findings.analysis == "ct-perfusion" and findings.version == 3
     m = findings.measurements
     assert m["target_mismatch"] == float(Defuse3Criteria().is_target(m["core_volume_ml"], m["hypoperfused_volume_ml"]))
-    never = dispatch(ctp, 3, dataclasses.replace(DEFAULTS, criteria=Defuse3Criteria(min_mismatch_ml=1e6)), None)
+    never = dispatch(ctp, 3, dataclasses.replace(DEFAULTS, criteria=Defuse3Criteria(min_mismatch_ml=1e6), tmax_threshold_s=5.0), None)
     assert never.measurements["target_mismatch"] == 0.0 and never.parameters["min_mismatch_ml"] == 1e6
+    tmax = never.maps["tmax"]  # the HIR's denominator follows the configured hypoperfusion threshold
+    assert (tmax > 5.0).sum() > (tmax > 6.0).sum() > 0
+    assert never.measurements["hypoperfusion_intensity_ratio"] == pytest.approx((tmax > 10).sum() / (tmax > 5.0).sum(), rel=1e-6)
     assert [s.key for s in findings.segments][0] == "core"
 
 
