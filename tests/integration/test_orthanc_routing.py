@@ -31,9 +31,9 @@ pytestmark = [pytest.mark.integration, requires_orthanc, requires_storescu, requ
 
 ROUTING = ORTHANC_CONFIG.parent / "strokegate.json"
 STUDIES = {  # kind -> (phantom options, folder of the series to store, maps expected)
-    "mri": (PhantomOptions(mr_matrix=96, mr_frames=30), "MR", {"ADC", "CBF", "CBV", "MTT", "Tmax"}),
+    "mri": (PhantomOptions(mr_matrix=96, mr_frames=30), "MR", {"ADC", "CBF", "CBV", "MTT", "TTP", "Tmax"}),
     # CT at 256 x 256, the pixel size the CT perfusion model was trained on: its segments come back too
-    "ctp": (PhantomOptions(ct_slices=8, ct_frames=30, noise_hu=10.0), "CT/ctp", {"CBF", "CBV", "MTT", "Tmax"}),
+    "ctp": (PhantomOptions(ct_slices=8, ct_frames=30, noise_hu=10.0), "CT/ctp", {"CBF", "CBV", "MTT", "TTP", "Tmax"}),
 }
 SEGMENT_IDENTS = {"Ischemic core": "core", "Penumbra": "penumbra", "Ischemic core (model)": "core-ctp-core-penumbra",
                   "Penumbra (model)": "penumbra-ctp-core-penumbra"}
