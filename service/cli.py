@@ -157,6 +157,7 @@ def worker(
         raise fail(str(error)) from None
     db = _database(settings.database_url)
     from service.jobs import lease
+    from service.ops.owners import HOST
     from service.jobs.celery_queue import celery_app, register_analysis, run_worker
     from service.server import job_runner
 
@@ -170,7 +171,7 @@ def worker(
     app_ = celery_app(settings.broker_url, settings.celery_queue)
     register_analysis(app_, job_runner(settings, db))
     code = run_worker(
-        app_, settings.celery_queue, settings.workers, f"strokegate@{lease.HOST}.{os.getpid()}", settings.log_level,
+        app_, settings.celery_queue, settings.workers, f"strokegate@{HOST}.{os.getpid()}", settings.log_level,
         on_ready=lambda: console.print(f"StrokeGate worker ready: {settings.workers} analyses at once from queue "
                                        f"{settings.celery_queue!r} on {shown_url(settings.broker_url)}", soft_wrap=True),
     )

@@ -20,7 +20,7 @@ from service.clinical.fhir import FhirPoller
 from service.clinical.hl7 import Hl7Listener
 from service.clinical.nihss import NihssReport, record_nihss
 from service.config import DicomTransport, JobQueueKind, Settings
-from service.delivery.outbox import Sender
+from service.delivery.outbox import Sender, release_dead_claims
 from service.dicomnet import tls
 from service.errors import SetupError
 from service.ingest.scp import Receiver, ReceiverConfig
@@ -142,8 +142,10 @@ class StrokeGate:
             log.info("recovered after restart: %d journalled instances filed into the spool", journalled)
         recovered = reconcile(self.spool, self.db)
         released = lease.release_dead_leases(self.db)
-        if recovered or released:
-            log.info("recovered after restart: %d instances recorded, %d jobs requeued", recovered, released)
+        unclaimed = release_dead_claims(self.db)
+        if recovered or released or unclaimed:
+            log.info("recovered after restart: %d instances recorded, %d jobs requeued, %d deliveries due again",
+                     recovered, released, unclaimed)
         if self.settings.hl7_port is not None:
             try:
                 self.hl7 = Hl7Listener(

@@ -35,6 +35,7 @@ from service.delivery.scu import SendOutcome, SeriesRelabel, send_files
 from service.findings import ResultKind
 from service.ops import metrics
 from service.ops.loops import Loop
+from service.ops.owners import HOST, new_owner, owner_gone
 from service.store.database import Database
 from service.store.models import Delivery, DeliveryState, Job, ResultObject, utcnow
 
@@ -105,6 +106,23 @@ class DueObject:
     uncertain: bool  # attempted before without an outcome recorded: the destination may hold it
 
 
+def release_dead_claims(db: Database) -> int:
+    """At a process's start: deliveries claimed by a sender of this host that no longer exists (a
+    service killed mid-round) are due again at once, instead of when the claim runs out."""
+    released = 0
+    now = utcnow()
+    with db.session() as session:
+        claimed = session.scalars(
+            select(Delivery).where(Delivery.state.in_((DeliveryState.PENDING, DeliveryState.UNCERTAIN)),
+                                   Delivery.claimed_by.like(f"{HOST}:%"), Delivery.next_attempt_at > now)
+        )
+        for delivery in claimed:
+            if owner_gone(delivery.claimed_by, own_pid_gone=True):
+                delivery.next_attempt_at, delivery.claimed_by = now, None
+                released += 1
+    return released
+
+
 def backoff(attempts: int, first_s: float, max_s: float) -> timedelta:
     """Delay before the next try after ``attempts`` failures: first_s, 2 first_s, 4 first_s ... max_s."""
     return timedelta(seconds=min(first_s * 2 ** max(attempts - 1, 0), max_s))
@@ -134,6 +152,7 @@ class Sender:
         self.backoff_max_s = backoff_max_s
         self.interval_s = interval_s
         self.claim_s = claim_s
+        self.owner = new_owner()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.loop = Loop("sender", self._run)
@@ -180,7 +199,7 @@ class Sender:
             claimed_until = now + timedelta(seconds=self.claim_s)
             batches: dict[str, list[DueObject]] = defaultdict(list)
             for delivery, path, kind in due:
-                delivery.next_attempt_at = claimed_until
+                delivery.next_attempt_at, delivery.claimed_by = claimed_until, self.owner
                 batches[delivery.destination].append(DueObject(delivery.id, self.results_dir / path, ResultKind.parse(kind),
                                                                delivery.state == DeliveryState.UNCERTAIN))
         delivered = 0
@@ -222,7 +241,7 @@ class Sender:
                     update(Delivery).where(Delivery.id.in_(delivery_ids),
                                            Delivery.state.in_((DeliveryState.PENDING, DeliveryState.UNCERTAIN)),
                                            Delivery.next_attempt_at == claimed_until)
-                    .values(next_attempt_at=due_at)
+                    .values(next_attempt_at=due_at, claimed_by=None)
                 )
         except Exception as error:  # noqa: BLE001 - they are due again when the claim runs out
             log.error("releasing %d claimed deliveries failed: %s", len(delivery_ids), error)

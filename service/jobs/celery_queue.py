@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from service.jobs import lease
 from service.jobs.runner import JobRunner
 from service.ops.loops import Loop
+from service.ops.owners import new_owner
 from service.store.database import Database
 from service.store.models import Job, utcnow
 
@@ -123,7 +124,7 @@ def register_analysis(app: Celery, runner: JobRunner) -> Task:
 
     @app.task(name=TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def analyse(task: Task, job_id: int) -> None:
-        owner = lease.new_owner()
+        owner = new_owner()
         try:
             if lease.release_if_owner_gone(runner.db, job_id):
                 log.info("job %d: its worker on this host is gone; taking it over", job_id)

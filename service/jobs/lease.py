@@ -10,9 +10,6 @@ longer exists is released at once instead of waiting for it to expire.
 
 from __future__ import annotations
 
-import os
-import socket
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -20,14 +17,9 @@ from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.ops import metrics
+from service.ops.owners import HOST, owner_gone
 from service.store.database import Database
 from service.store.models import AuditEvent, Job, JobState, Study, StudyState, utcnow
-
-HOST = socket.gethostname()
-
-
-def new_owner() -> str:
-    return f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def runnable(now: datetime) -> ColumnElement[bool]:
@@ -95,7 +87,7 @@ def release_dead_leases(db: Database) -> int:
     released = 0
     with db.session() as session:
         for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING, Job.lease_owner.like(f"{HOST}:%"))):
-            if _gone(job.lease_owner, own_pid_gone=True):
+            if owner_gone(job.lease_owner, own_pid_gone=True):
                 job.state, job.lease_owner, job.lease_expires_at = JobState.QUEUED, None, None
                 released += 1
     return released
@@ -106,31 +98,10 @@ def release_if_owner_gone(db: Database, job_id: int) -> bool:
     exists (a worker killed mid-job: its job need not wait for the lease to expire)."""
     with db.session() as session:
         job = session.get(Job, job_id, with_for_update={"skip_locked": True})
-        if job is None or job.state != JobState.RUNNING or not job.lease_owner or not _gone(job.lease_owner, own_pid_gone=False):
+        if job is None or job.state != JobState.RUNNING or not job.lease_owner or not owner_gone(job.lease_owner, own_pid_gone=False):
             return False
         job.state, job.lease_owner, job.lease_expires_at = JobState.QUEUED, None, None
         return True
-
-
-def _gone(owner: str, own_pid_gone: bool) -> bool:
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != HOST or not pid_text.isdigit():
-        return False  # another machine's worker: only its lease's expiry tells
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return own_pid_gone
-    return not _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _finish(session: Session, job: Job, state: JobState, error: str | None, now: datetime) -> None:

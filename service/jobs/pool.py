@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from service.jobs import lease
 from service.jobs.runner import JobRunner
 from service.ops.loops import Loop
+from service.ops.owners import new_owner
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class DatabasePool:
             loop.join(timeout=120)
 
     def _loop(self) -> None:
-        owner = lease.new_owner()
+        owner = new_owner()
         while not self._stop.is_set():
             try:
                 job = self.runner.claim(owner)

@@ -73,8 +73,12 @@ def files(findings: Findings, tmp_path_factory: pytest.TempPathFactory) -> dict[
 @pytest.mark.parametrize("kind", ["seg", "sr"])
 def test_dciodvfy_finds_no_errors(files: dict[str, Path], kind: str) -> None:
     assert dciodvfy_errors(files[kind]) == []
-    # Without local-code measurements or QC flags the objects are warning-free as well.
-    assert dciodvfy_warnings(files[kind]) == []
+    # Without local-code measurements or QC flags the objects are warning-free as well, but for the
+    # SR's clinical-input group ("NIHSS not available: imaging only"), whose concept names are
+    # StrokeGate's declared local codes (99SGATE), which dciodvfy cannot know.
+    local = "Unrecognized defined term <99SGATE> for value 1 of attribute <Coding Scheme Designator>"
+    assert [w for w in dciodvfy_warnings(files[kind]) if not w.endswith(local)] == []
+    assert kind == "sr" or dciodvfy_warnings(files[kind]) == []
 
 
 @pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dcmtk dsrdump not installed (apt-get install dcmtk)")

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from service.config import RESULT_CATEGORIES, Destination, load_settings
-from service.delivery.outbox import ResultFile, backoff, enqueue, series_label
+from service.delivery.outbox import ResultFile, backoff, enqueue, release_dead_claims, series_label
 from service.delivery.scu import SeriesRelabel
 from service.errors import InputError
 from service.findings import ResultKind
@@ -20,6 +20,7 @@ from service.ingest.header import ReceivedInstance
 from service.ingest.spool import Spool
 from service.ingest.tracker import Tracker, record_instances
 from service.jobs import lease
+from service.ops.owners import HOST
 from service.jobs.runner import _Heartbeat
 from service.ops.http import create_app
 from service.store import tokens
@@ -166,7 +167,7 @@ def test_a_worker_whose_lease_was_taken_over_stops_renewing_it(db: Database) -> 
 
 def test_dead_local_owners_release_their_jobs_and_attempts_are_bounded(db: Database) -> None:
     job_id = queued_job(db)
-    dead = f"{lease.HOST}:999999:zz"
+    dead = f"{HOST}:999999:zz"
     assert lease.claim(db, dead, lease_s=3600, max_attempts=2)
     assert lease.release_dead_leases(db) == 1
     assert lease.claim(db, "x:1:a", lease_s=0.0, max_attempts=2)  # attempt 2, lease already expired
@@ -188,6 +189,26 @@ def test_outbox_rows_are_written_once_per_object_and_destination(db: Database) -
             enqueue(s, s.get(Job, job_id), files, {"PACS@h:1": RESULT_CATEGORIES, "VNA@h:2": RESULT_CATEGORIES})
     with db.session() as s:
         assert s.query(Delivery).count() == 4
+
+
+def test_deliveries_claimed_by_a_sender_that_died_are_due_again_at_once(db: Database) -> None:
+    """A service killed mid-round held its claimed deliveries for claim_s (10 min); at the next
+    start those of a dead sender of this host are due at once, a living or remote sender's kept."""
+    job_id = queued_job(db)
+    files = [ResultFile(ResultKind.parse(k), f"9.{i}", "1.2.840.10008.5.1.4.1.1.66.4", f"a/{k}.dcm")
+             for i, k in enumerate(("SEG", "SR", "SUMMARY"))]
+    with db.session() as s:
+        enqueue(s, s.get(Job, job_id), files, {"PACS@h:1": RESULT_CATEGORIES})
+    later = utcnow() + timedelta(minutes=10)
+    owners = [f"{HOST}:999999:zz", f"{HOST}:1:live", "elsewhere:1:a"]  # pid 1 lives
+    with db.session() as s:
+        for delivery, owner in zip(s.query(Delivery).order_by(Delivery.id), owners, strict=True):
+            delivery.next_attempt_at, delivery.claimed_by = later, owner
+    assert release_dead_claims(db) == 1
+    with db.session() as s:
+        rows = s.query(Delivery).order_by(Delivery.id).all()
+        assert [r.claimed_by for r in rows] == [None, owners[1], owners[2]]
+        assert rows[0].next_attempt_at <= utcnow() < rows[1].next_attempt_at
 
 
 def test_each_destination_gets_only_the_results_it_asks_for(db: Database) -> None:
