@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-from service_harness import STROKEGATE, wait_for
+from service_harness import STROKEGATE, stop_process, wait_for
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -95,10 +95,4 @@ class Worker:
             self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, grace_s=60)

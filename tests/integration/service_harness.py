@@ -42,6 +42,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def stop_process(process: subprocess.Popen | None, grace_s: float) -> None:
+    """SIGTERM a process still running, and SIGKILL it if it has not ended within ``grace_s``."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
 class StoreSCP:
     """dcmtk storescp standing in for the PACS; one file per received instance."""
 
@@ -73,13 +84,7 @@ class StoreSCP:
         return sorted(p for p in self.folder.iterdir() if p.is_file())
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, grace_s=10)
 
 
 class QueryRetrieveSCP:
@@ -124,13 +129,7 @@ class QueryRetrieveSCP:
         return uids
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, grace_s=10)
 
 
 def _port_open(port: int) -> bool:
@@ -262,13 +261,7 @@ class Service:
             self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, grace_s=30)
 
 
 def postgres_available() -> bool:

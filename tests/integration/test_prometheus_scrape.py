@@ -15,7 +15,7 @@ import pytest
 
 from deploy_checks import DASHBOARD, RULES, require_tool
 from dicom_tools import free_port, requires_storescu
-from service_harness import Service, wait_for
+from service_harness import Service, stop_process, wait_for
 
 from service.store import tokens
 
@@ -73,13 +73,7 @@ class Prometheus:
         return self.api("query", query=expr)["result"]
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, grace_s=20)
 
 
 def test_prometheus_reads_strokegate_metrics_and_evaluates_the_rules(tmp_path: Path) -> None:
