@@ -11,6 +11,9 @@ Harnesses, each with its contract (anything else is a finding, reported as an un
            database columns and is recorded by the tracker's insert (SQLite) without error.
   filing   a journalled instance filed by the receiver: never an exception (bar OSError), and it is
            either handed to the recorder or quarantined with its reason, exactly one of the two.
+  hl7      bytes from an HL7 v2 sender over MLLP, framed by the listener and each message answered:
+           never an exception; every answer is one MLLP frame holding an HL7 ACK whose MSA-1 is one
+           of AA, AE, AR (or CA, CE, CR); what is stored is a NIHSS of 0-42 for a named patient.
 
 Seeds are made at run time (pynetdicom's association request, our command sets, small DICOM
 datasets in Implicit, Explicit and Deflated VR Little Endian); libFuzzer mutates from there. Each
@@ -35,8 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HARNESSES = ("pdu", "dimse", "journal", "header", "filing")
-MAX_LEN = {"pdu": 65536, "dimse": 4096, "journal": 65536, "header": 16384, "filing": 16384}
+HARNESSES = ("pdu", "dimse", "journal", "header", "filing", "hl7")
+MAX_LEN = {"pdu": 65536, "dimse": 4096, "journal": 65536, "header": 16384, "filing": 16384, "hl7": 8192}
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 _INSTRUMENTED_LIBRARY = (  # coverage feedback from the library code received bytes reach, function by
@@ -98,6 +101,8 @@ def seed_inputs(harness: str) -> list[bytes]:
         return [bytes([SYNTAXES.index(syntax)]) + data for syntax, data in datasets]
     if harness == "journal":
         return [_journal_segment(datasets) + bytes([mode]) for mode in range(4)]  # the provider takes ints from the end
+    if harness == "hl7":
+        return [bytes([chunk]) + b"\x0b" + message + b"\x1c\r" for chunk in (0, 5) for message in _hl7_messages()]
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title, primitive.called_ae_title = "PACS", "STROKEGATE"
@@ -114,6 +119,18 @@ def seed_inputs(harness: str) -> list[bytes]:
     stream = (pdu.encode() + _p_data(1, 0x03, command) + _p_data(1, 0x00, dataset[:100])
               + _p_data(1, 0x02, dataset[100:]) + bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
     return [bytes([chunk]) + stream for chunk in (0, 7, 255)]
+
+
+def _hl7_messages() -> list[bytes]:
+    """An ORU^R01 with a NIHSS total, one with the panel code and enhanced acknowledgement, a bad one."""
+    header = "MSH|^~\\&|EHR|HOSP|STROKEGATE|HOSP|20261204101500||ORU^R01|{id}|P|2.5.1{tail}"
+    patient = "PID|1||123456^^^HOSP^MR||DOE^JANE"
+    observation = "OBX|1|NM|{code}^NIH Stroke Scale^LN||{value}|{{score}}|||||F|||20261204101000"
+    return [
+        "\r".join([header.format(id="M1", tail=""), patient, "OBR|1", observation.format(code="72089-6", value=14)]).encode(),
+        "\r".join([header.format(id="M2", tail="|||AL|NE"), patient, observation.format(code="70182-1", value=22)]).encode(),
+        "\r".join([header.format(id="M3", tail=""), observation.format(code="72089-6", value="x")]).encode(),
+    ]
 
 
 def _p_data(context_id: int, control: int, data: bytes) -> bytes:
@@ -142,10 +159,11 @@ def _journal_record(segment: int, header: bytes, payload: bytes) -> bytes:
 
 
 class _FakeSocket:
-    """Serves the fuzzed bytes to the upper layer in chunks of a fuzzed size; discards what is sent."""
+    """Serves the fuzzed bytes in chunks of a fuzzed size; keeps what is sent (``sent``)."""
 
     def __init__(self, data: bytes, chunk: int) -> None:
         self.data, self.position, self.chunk = data, 0, chunk
+        self.sent: list[bytes] = []
 
     def settimeout(self, _: float | None) -> None:
         pass
@@ -156,8 +174,12 @@ class _FakeSocket:
         self.position += n
         return n
 
+    def recv(self, size: int) -> bytes:
+        view = memoryview(bytearray(min(size, self.chunk)))
+        return bytes(view[: self.recv_into(view)])
+
     def sendall(self, data: bytes) -> None:
-        pass
+        self.sent.append(bytes(data))
 
 
 def make_harness(name: str, work: Path):  # noqa: ANN201 - returns the TestOneInput callable
@@ -324,6 +346,38 @@ def make_harness(name: str, work: Path):  # noqa: ANN201 - returns the TestOneIn
             del recorded[:]
 
         return filing
+
+    if name == "hl7":
+        with atheris.instrument_imports(include=["service", "hl7"]):
+            import hl7
+
+            from service.clinical.hl7 import END, START, Hl7Listener, handle_message
+
+        listener = Hl7Listener("127.0.0.1", 0, lambda report: True, max_message_bytes=4096)
+        listener._socket.close()  # only its framing and answering are fuzzed, never its accept loop
+        codes = {"AA", "AE", "AR", "CA", "CE", "CR"}
+
+        def store(report) -> bool:  # noqa: ANN001 - a NihssReport
+            if not (0 <= report.value <= 42 and report.patient_id.strip()):
+                raise AssertionError(f"stored a NIHSS the edge should have refused: {report}")
+            return True
+
+        def hl7_stream(data: bytes) -> None:
+            if not data:
+                return
+            connection = _FakeSocket(data[1:], 1 + 37 * data[0])
+            for frame in listener._frames(connection, ("127.0.0.1", 0)):  # as _connection, without its catch-all
+                answer = handle_message(frame, store)
+                if answer is not None:
+                    connection.sendall(START + answer.encode("utf-8") + END)
+            for frame in connection.sent:
+                if not (frame.startswith(START) and frame.endswith(END)):
+                    raise AssertionError(f"an answer is not one MLLP frame: {frame[:80]!r}")
+                ack = hl7.parse(frame[1:-2].decode("utf-8").replace("\r\n", "\r"))
+                if str(ack.segment("MSA")[1]) not in codes:
+                    raise AssertionError(f"an answer's MSA-1 is not an acknowledgement code: {frame[:200]!r}")
+
+        return hl7_stream
 
     raise ValueError(f"no harness {name!r}")
 

@@ -87,17 +87,22 @@ def parse_time(text: str) -> datetime:
     return as_utc(moment)
 
 
+_MISSING = (IndexError, KeyError, TypeError, ValueError)
+"""What the hl7 package raises for an absent field or component, or one a sender's own delimiters
+(MSH-2) made a plain string: read as empty, so that every message still gets an answer."""
+
+
 def _field(segment: hl7.Segment, index: int) -> str:
     try:
         return str(segment(index)).strip()
-    except (IndexError, KeyError):
+    except _MISSING:
         return ""
 
 
 def _component(segment: hl7.Segment, field: int, component: int) -> str:
     try:
         return str(segment(field)(1)(component)).strip()
-    except (IndexError, KeyError):
+    except _MISSING:
         return ""
 
 

@@ -36,8 +36,8 @@ def test_a_short_fuzz_pass_of_every_harness_finds_no_uncaught_exception(tmp_path
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] and line.split()[0] in
-            ("pdu", "dimse", "journal", "header", "filing")]
-    assert len(rows) == 5 and all(int(row[1]) >= 600 and row[3] == "0" for row in rows), result.stdout
+            ("pdu", "dimse", "journal", "header", "filing", "hl7")]
+    assert len(rows) == 6 and all(int(row[1]) >= 600 and row[3] == "0" for row in rows), result.stdout
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:

@@ -90,6 +90,14 @@ def test_another_message_type_gets_ar_and_unreadable_text_too() -> None:
     assert str(ack.segment("MSA")(1)) == "AR"
 
 
+def test_a_header_with_its_own_delimiters_is_still_answered() -> None:
+    """Found by fuzzing (benchmarks/fuzz.py --harness hl7): MSH-2 'c~\\&' made MSH-9 a plain
+    string, and building the ACK raised, so the sender got no answer at all."""
+    store = Store()
+    ack = answer(oru().replace("MSH|^~\\&|", "MSH|c~\\&|", 1), store)
+    assert str(ack.segment("MSA")(1)) in ("AA", "AE", "AR")
+
+
 def test_enhanced_mode_answers_as_msh_15_and_16_ask() -> None:
     assert handle_message(oru(msh15="NE", msh16="NE"), Store()) is None
     assert handle_message(oru(msh15="NE", msh16="ER"), Store()) is None  # success, errors only
