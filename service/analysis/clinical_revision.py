@@ -14,7 +14,6 @@ re-compute the outcome with the new NIHSS from the stored maps).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,7 +25,7 @@ from sqlalchemy import func, select
 from service.clinical.nihss import choose_nihss, studies_of, used
 from service.delivery.outbox import ResultFile, enqueue
 from service.findings import SR, NihssUsed, nihss_summary
-from service.ops.loops import Loop
+from service.ops.loops import Rounds
 from service.results.sr import revise_sr
 from service.store.database import Database
 from service.store.models import AuditEvent, ClinicalResult, Job, JobState, NihssRecord, ResultObject, Study, utcnow
@@ -53,7 +52,7 @@ def first_revision(session, job: Job, nihss: NihssUsed | None) -> None:  # noqa:
                                result_id=sr.id if sr else None))
 
 
-class ClinicalReviser:
+class ClinicalReviser(Rounds):
     """A loop that finds study versions whose NIHSS changed and issues their next clinical revision.
 
     It looks at the studies of NIHSS records received since its last look and at jobs finished
@@ -66,34 +65,15 @@ class ClinicalReviser:
         on_outcome_stale: Callable[[StaleOutcome], None] | None = None, poll_s: float = 2.0,
     ) -> None:
         self.db, self.results_dir, self.destinations = db, results_dir, destinations
-        self.on_results, self.on_outcome_stale, self.poll_s = on_results, on_outcome_stale, poll_s
-        self._wake, self._stop = threading.Event(), threading.Event()
+        self.on_results, self.on_outcome_stale = on_results, on_outcome_stale
         self._seen_record = 0
         self._seen_finished = datetime(1970, 1, 1)  # every job at the first look
-        self.loop = Loop("clinical", self._run)
+        super().__init__("clinical", poll_s)
 
-    def start(self) -> None:
-        self.loop.start()
+    failure = "checking NIHSS changes"  # a database hiccup; the next look tries again
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self.loop.stop()
-        self.loop.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.poll_s)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            try:
-                self.check()
-            except Exception as error:  # noqa: BLE001 - database hiccup; the next look tries again
-                log.error("checking NIHSS changes failed: %s", error)
+    def round(self) -> int:
+        return self.check()
 
     def check(self) -> int:
         """Issue the revisions now due; returns how many."""

@@ -17,7 +17,6 @@ without a numeric value. SMART backend-services authorisation is not supported.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -31,7 +30,7 @@ from service.clinical.hl7 import NIHSS_CODES
 from service.clinical.nihss import NihssReport, as_utc, parse_score
 from service.errors import InputError
 from service.findings import NihssSource
-from service.ops.loops import Loop
+from service.ops.loops import Rounds
 from service.store.database import Database
 from service.store.models import Study, utcnow
 
@@ -129,7 +128,7 @@ def _get_bundle(client: httpx.Client, url: str, parameters: dict | None) -> Bund
         raise FhirError(f"{where} did not answer a FHIR Bundle: {str(error)[:200]}") from None
 
 
-class FhirPoller:
+class FhirPoller(Rounds):
     """The loop that searches the FHIR server for the NIHSS of recent studies' patients."""
 
     def __init__(
@@ -137,23 +136,18 @@ class FhirPoller:
         poll_s: float, timeout_s: float,
     ) -> None:
         self.db, self.base_url, self.store = db, base_url, store
-        self.search_for_s, self.poll_s, self.timeout_s = search_for_s, poll_s, timeout_s
-        self._stop = threading.Event()
-        self.loop = Loop("fhir", self._run)
+        self.search_for_s, self.timeout_s = search_for_s, timeout_s
+        self.client = httpx.Client(timeout=timeout_s, follow_redirects=False)
+        super().__init__("fhir", poll_s, join_timeout_s=timeout_s + 5)
 
-    def start(self) -> None:
-        self.loop.start()
+    failure = "FHIR search round"
+
+    def round(self) -> int:
+        return self.poll(self.client)
 
     def stop(self) -> None:
-        self._stop.set()
-        self.loop.stop()
-        self.loop.join(timeout=self.timeout_s + 5)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=self.timeout_s, follow_redirects=False) as client:
-            while not self._stop.is_set():
-                self.poll(client)
-                self._stop.wait(self.poll_s)
+        super().stop()
+        self.client.close()
 
     def poll(self, client: httpx.Client) -> int:
         """One round over the patients of recent studies; returns how many new records it stored."""
@@ -164,7 +158,7 @@ class FhirPoller:
             )))
         stored = 0
         for patient_id in patients:
-            if self._stop.is_set():
+            if self.stopping.is_set():
                 break
             try:
                 reports = search_nihss(client, self.base_url, patient_id)

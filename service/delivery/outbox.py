@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from service.delivery.confirm import Holding, ObjectKeys, ask_holding
 from service.delivery.scu import SendOutcome, SeriesRelabel, send_files
 from service.findings import ResultKind
 from service.ops import metrics
-from service.ops.loops import Loop
+from service.ops.loops import Rounds
 from service.ops.owners import HOST, new_owner, owner_gone
 from service.store.database import Database
 from service.store.models import Delivery, DeliveryState, Job, ResultObject, utcnow
@@ -128,7 +127,7 @@ def backoff(attempts: int, first_s: float, max_s: float) -> timedelta:
     return timedelta(seconds=min(first_s * 2 ** max(attempts - 1, 0), max_s))
 
 
-class Sender:
+class Sender(Rounds):
     """Sends due deliveries, one association per destination per round, on a background thread.
 
     Each attempt is committed before the object goes on the wire and its outcome as its response
@@ -153,31 +152,12 @@ class Sender:
         self.interval_s = interval_s
         self.claim_s = claim_s
         self.owner = new_owner()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self.loop = Loop("sender", self._run)
+        super().__init__("sender", interval_s, join_timeout_s=60)
 
-    def start(self) -> None:
-        self.loop.start()
+    failure = "delivery round"  # its rows stay pending; the next round retries
 
-    def wake(self) -> None:
-        """Look for due deliveries now (a job just finished)."""
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self.loop.stop()
-        self.loop.join(timeout=60)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.send_due(utcnow())
-            except Exception as error:  # noqa: BLE001 - rows stay pending; the next round retries
-                log.error("delivery round failed: %s", error)
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
+    def round(self) -> int:
+        return self.send_due(utcnow())
 
     def send_due(self, now: datetime) -> int:
         """One round: up to 200 due deliveries (pending, or uncertain: sent before without an outcome
@@ -206,7 +186,7 @@ class Sender:
         untried = {delivery.id for delivery, _, _ in due}
         try:
             for name, items in batches.items():
-                if self._stop.is_set():
+                if self.stopping.is_set():
                     break
                 destination = self.destinations.get(name) or Destination.parse(name)  # one no longer configured
                 held = self._confirm(destination, [item for item in items if item.uncertain])
@@ -285,7 +265,7 @@ class Sender:
                 if attempt == 4:
                     raise
                 log.error("recording delivery %d failed (%s); retrying", delivery_id, error)
-                self._stop.wait(0.2 * (attempt + 1))
+                self.stopping.wait(0.2 * (attempt + 1))
 
     def _mark_attempt(self, delivery_id: int) -> None:
         """Committed before the object goes on the wire: until its outcome is, the object is uncertain."""

@@ -74,5 +74,47 @@ class Loop:
                 self._down.clear()
 
 
+class Rounds:
+    """A background loop of rounds: ``round()`` runs at start, then every ``interval_s`` and at once
+    on ``wake()``, until ``stop()``. A round that raises is logged and the next one tries again
+    (the expected failure: a database hiccup); ``loop`` is the restarting thread under it.
+
+    Subclasses define ``round``; a long round looks at ``stopping`` between its items."""
+
+    failure = "round"
+    """What a failed round was, for its log line."""
+
+    def __init__(self, name: str, interval_s: float, join_timeout_s: float = 30.0) -> None:
+        self.interval_s, self.join_timeout_s = interval_s, join_timeout_s
+        self.stopping = threading.Event()
+        self._wake = threading.Event()
+        self.loop = Loop(name, self._run)
+
+    def round(self) -> object:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def wake(self) -> None:
+        """Run a round now rather than at the end of the interval."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._wake.set()
+        self.loop.stop()
+        self.loop.join(timeout=self.join_timeout_s)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.round()
+            except Exception as error:  # noqa: BLE001 - the next round tries again
+                log.error("%s failed: %s", self.failure, error)
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+
 def all_up(loops: Iterable[Loop]) -> bool:
     return all(loop.up for loop in loops)

@@ -95,3 +95,30 @@ def test_a_loop_waiting_to_restart_after_a_crash_reads_down_though_its_thread_li
         loop.stop()
         release.set()
         loop.join(5)
+
+
+def test_rounds_go_on_after_a_failed_round_and_a_wake_runs_one_at_once() -> None:
+    from service.ops.loops import Rounds
+
+    class Counting(Rounds):
+        def __init__(self) -> None:
+            self.calls, self.ran = 0, threading.Event()
+            super().__init__("counting", interval_s=60)
+
+        def round(self) -> None:
+            self.calls += 1
+            self.ran.set()
+            if self.calls == 1:
+                raise RuntimeError("database hiccup")
+
+    rounds = Counting()
+    rounds.start()
+    try:
+        assert rounds.ran.wait(5) and rounds.calls == 1
+        rounds.ran.clear()
+        rounds.wake()  # the interval is a minute: only the wake runs the second round this soon
+        assert rounds.ran.wait(5) and rounds.calls == 2
+        assert rounds.loop.up  # the failed round did not take the loop down
+    finally:
+        rounds.stop()
+    assert not rounds.loop.up
