@@ -155,6 +155,124 @@ def train(
     console.print(f"total {total_s / 60:.1f} min (dataset + training {trained_s / 60:.1f} min)")
 
 
+FINAL_VERSION = "0.1.0"
+
+
+@app.command("train-final-infarct")
+def train_final_infarct(
+    scenario: Annotated[str, typer.Option(help="reperfused or not-reperfused: the truth the network learns.")],
+    families: Annotated[list[str], typer.Option("--family", help=f"Phantom families ({', '.join(FAMILIES)}).")] = ["icbm", "icbm-varied", "geometric-graded", "geometric-uniform"],  # noqa: B006
+    held_out_family: Annotated[str | None, typer.Option(help="A family that only tests (never trains or chooses a checkpoint).")] = "geometric-uniform",
+    train_patients: Annotated[int, typer.Option(help="Training patients per family.")] = 8,
+    validation_patients: Annotated[int, typer.Option(help="Validation patients per family.")] = 1,
+    test_patients: Annotated[int, typer.Option(help="Test patients per family.")] = 3,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 6,
+    steps: Annotated[int, typer.Option(help="Steps (batches) per epoch.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of the weights, slices and dropout.")] = 1,
+    jobs: Annotated[int, typer.Option(help="Processes building the dataset.")] = 2,
+    data: Annotated[Path, typer.Option(help="Dataset cache folder.")] = Path("build/datasets/final-infarct-mri"),
+    runs: Annotated[Path, typer.Option(help="Folder of the runs (checkpoints, test predictions).")] = Path("build/runs"),
+    weights: Annotated[Path, typer.Option(help="Where the shipped files go.")] = Path("models/weights"),
+) -> None:
+    """Seed 001: the MRI late-fusion network of one reperfusion scenario (dataset, training, evaluation against
+    the mismatch baseline, export)."""
+    from models.export import PARITY_TOLERANCE, export_onnx, export_program, parity, torch_probabilities, write_test_input
+    from models.training.final_infarct import FinalStudy, FinalTrainConfig, mismatch_baseline, predict_lesion, score, summarise
+    from models.training.final_infarct import train as train_final
+    from models.training.final_infarct_card import build_final_card
+    from models.training.final_infarct_dataset import build as build_final
+    from models.training.final_infarct_report import write_report as write_final_report
+    from service.inference.card import card_path, write_card
+    from service.inference.final_infarct_inputs import LESION_THRESHOLD, Scenario, contract, model_name
+
+    try:
+        chosen = Scenario(scenario)
+    except ValueError as error:
+        console.print(f"[red]unknown scenario {scenario!r}:[/red] use {' or '.join(s.value for s in Scenario)}")
+        raise typer.Exit(2) from error
+    name = model_name("mri", chosen)
+    started, load_start = time.perf_counter(), os.getloadavg()
+    try:
+        plan = CohortPlan(parse_families(families), held_out_family, (10.0,), train_patients, validation_patients, test_patients)
+        specs = plan.samples()
+    except ValueError as error:
+        console.print(f"[red]cannot plan the cohort:[/red] {error}")
+        raise typer.Exit(2) from error
+    config = FinalTrainConfig(epochs=epochs, steps_per_epoch=steps, seed=seed)
+    command = "python -m models.training " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with _progress() as progress:
+        task = progress.add_task("dataset (MRI phantom + the service's MRI analysis)", total=len(specs), status="")
+
+        def done(spec: SampleSpec, path: Path | None, seconds: float, reason: str) -> None:
+            if path is None:
+                console.print(f"[yellow]left out[/yellow] {spec.key}: {reason}")
+            progress.update(task, advance=1, status=f"{spec.key} {reason} {seconds:.0f} s")
+
+        paths = build_final(specs, data, jobs=jobs, on_done=done)
+    dataset_s = time.perf_counter() - started
+    studies = {spec: FinalStudy.from_arrays(spec.key, load(path)) for spec, path in paths.items()}
+    training = [s for spec, s in studies.items() if spec.split == "train"]
+    validation = [s for spec, s in studies.items() if spec.split == "validation"]
+    run = runs / name
+    with _progress() as progress:
+        task = progress.add_task(f"training {name}", total=config.epochs * config.steps_per_epoch, status="")
+
+        def step(epoch: int, index: int, loss: float) -> None:
+            progress.update(task, advance=1, status=f"epoch {epoch + 1} loss {loss:.3f}")
+
+        network, history = train_final(training, validation, chosen, config, run, on_step=step)
+    trained_s = time.perf_counter() - started
+    console.print(f"training: {history.seconds / 60:.1f} min, best validation epoch {history.best_epoch}")
+
+    scores, predictions = [], {}
+    for spec, study in studies.items():
+        if spec.split not in ("test", "held-out"):
+            continue
+        lesion = predict_lesion(network, study)
+        mask = (lesion >= LESION_THRESHOLD) & study.brain
+        baseline = mismatch_baseline(study.core, study.penumbra, chosen)
+        truth = study.truths[chosen]
+        scores.append(score(spec.key, spec.split, spec.family, chosen, "model", mask, np.where(study.brain, lesion, 0.0), truth, study.spacing_mm))
+        scores.append(score(spec.key, spec.split, spec.family, chosen, "mismatch", baseline, baseline.astype(np.float32), truth, study.spacing_mm))
+        predictions[spec.key] = mask
+    np.savez_compressed(run / "test_predictions.npz", **predictions)
+    summaries = summarise(scores)
+
+    feeds = contract("mri", chosen)
+    weights.mkdir(parents=True, exist_ok=True)
+    onnx_path = export_onnx(network, weights / f"{name}.onnx", feeds)
+    program_path = export_program(network, weights / f"{name}.pt2", feeds)
+    example = max((s for spec, s in studies.items() if spec.split == "test"), key=lambda s: int(s.truths[chosen].sum()))
+    z = int(np.argmax(example.truths[chosen].sum(axis=(1, 2))))
+    z = max(0, min(z, example.inputs.shape[0] - 2))
+    inputs = {"maps": np.ascontiguousarray(example.inputs[z : z + 2]), "brain": example.brain[z : z + 2, None].astype(np.float32)}
+    test_path = write_test_input(weights / f"{name}.test.npz", inputs, torch_probabilities(network, inputs, feeds))
+    difference = parity(network, onnx_path, inputs, feeds)
+    if difference > PARITY_TOLERANCE:
+        console.print(f"[red]parity failed:[/red] ONNX Runtime differs from torch by {difference:.2e} (> {PARITY_TOLERANCE:g})")
+        raise typer.Exit(1)
+    total_s = time.perf_counter() - started
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {_torch_version()} on {config.threads} thread; "
+               f"load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    card = build_final_card(
+        name=name, version=FINAL_VERSION, scenario=chosen, plan=plan, trained=training, config=config, history=history,
+        summaries=summaries, files=(onnx_path, program_path, test_path), parity_difference=difference, command=command,
+        duration_s=trained_s, machine=machine, size_multiple=network.size_multiple,
+        notes=f"dataset {dataset_s / 60:.1f} min + training {(trained_s - dataset_s) / 60:.1f} min; "
+              f"evaluation and export {(total_s - trained_s) / 60:.1f} min more",
+    )
+    write_card(card, card_path(onnx_path))
+    header = [f"Made by `{command}` in {trained_s / 60:.1f} min (dataset {dataset_s / 60:.1f} min, training "
+              f"{(trained_s - dataset_s) / 60:.1f} min) on {machine}.",
+              f"Families {list(plan.families)}, held out: {plan.held_out_family or 'none'}; patients {card.training.counts}. "
+              f"Parity torch / ONNX Runtime: {difference:.1e}.",
+              "", "**Research use only. Not for diagnosis.** Trained and tested on synthetic patients only."]
+    report = write_final_report(weights / f"{name}.report.md", f"{name} {FINAL_VERSION}", header, summaries, history)
+    shutil.copy(report, run / report.name)
+    console.print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), its card, {report}")
+    console.print(f"total {total_s / 60:.1f} min (dataset + training {trained_s / 60:.1f} min)")
+
+
 def _counts(specs: list[SampleSpec]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for spec in specs:
