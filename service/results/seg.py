@@ -41,6 +41,8 @@ SEGMENT_TYPES: dict[SegmentKind, SegmentType] = {
 }
 """Coded property category and type per ``SegmentKind``: SNOMED CT morphologic abnormalities,
 99SGATE where SNOMED CT has none."""
+SHORT_NAMES = {SegmentKind.FINAL_IF_REPERFUSED: "final", SegmentKind.FINAL_IF_NOT_REPERFUSED: "final"}
+"""How a kind reads in the series description and content label, where not by its value."""
 
 
 def segment_masks(findings: Findings) -> np.ndarray:
@@ -152,7 +154,8 @@ def build_seg(findings: Findings) -> Dataset:
     copied from the source images, whose headers alone (no pixel data) suffice.
     """
     pixel_array = segment_masks(findings)
-    kinds = list(dict.fromkeys(s.key.value for s in findings.segments))  # a model's segments beside the threshold ones
+    # a model's segments beside the threshold ones; both predicted final infarcts read as one "final"
+    kinds = list(dict.fromkeys(SHORT_NAMES.get(s.key, s.key.value) for s in findings.segments))
     seg = hd.seg.Segmentation(
         source_images=findings.source_images,
         pixel_array=pixel_array,
