@@ -163,7 +163,7 @@ def train_final_infarct(
     scenario: Annotated[str, typer.Option(help="reperfused or not-reperfused: the truth the network learns.")],
     families: Annotated[list[str], typer.Option("--family", help=f"Phantom families ({', '.join(FAMILIES)}).")] = ["icbm", "icbm-varied", "geometric-graded", "geometric-uniform"],  # noqa: B006
     held_out_family: Annotated[str | None, typer.Option(help="A family that only tests (never trains or chooses a checkpoint).")] = "geometric-uniform",
-    train_patients: Annotated[int, typer.Option(help="Training patients per family.")] = 8,
+    train_patients: Annotated[int, typer.Option(help="Training patients per family.")] = 5,
     validation_patients: Annotated[int, typer.Option(help="Validation patients per family.")] = 1,
     test_patients: Annotated[int, typer.Option(help="Test patients per family.")] = 3,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 6,

@@ -52,7 +52,7 @@ def build_final_card(*, name: str, version: str, scenario: Scenario, plan: Cohor
             epochs=len(history.epochs),
             notes=(f"MRI (DWI, ADC, DSC-PWI; SNR drawn 25-45 per patient) analysed by the service's MRI analysis; every training "
                    f"patient against its {truth} final infarct (the phantom knows both). {config.epochs} epochs x "
-                   f"{config.steps_per_epoch} steps of {config.batch} whole slices, Adam lr {config.learning_rate:g}; best validation "
+                   f"{config.steps_per_epoch} steps of {config.batch} slices cropped to {config.crop or 'whole'} pixels, Adam lr {config.learning_rate:g}; best validation "
                    f"epoch {history.best_epoch}; torch {torch.__version__}. {notes}"),
         ),
         metrics=tuple(

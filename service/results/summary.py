@@ -114,10 +114,10 @@ def text_lines(findings: Findings) -> list[str]:
     if "target_mismatch" in m:
         lines.append("Target mismatch (DEFUSE 3): " + ("YES" if m["target_mismatch"] >= 0.5 else "NO"))
     if "reperfusion_responder" in m:
-        lines.append(f"Predicted final infarct: {m['predicted_final_reperfused_ml']:.1f} mL if reperfused, "
-                     f"{m['predicted_final_not_reperfused_ml']:.1f} mL if not")
-        lines.append(f"Reperfusion would save {m['reperfusion_salvage_ml']:.1f} mL (Dice {m['scenario_dice']:.2f}); "
-                     "likely responder: " + ("YES" if m["reperfusion_responder"] >= 0.5 else "NO"))
+        lines.append(f"Final infarct: {m['predicted_final_reperfused_ml']:.1f} mL if reperfused, "
+                     f"{m['predicted_final_not_reperfused_ml']:.1f} if not")
+        lines.append(f"Reperfusion saves {m['reperfusion_salvage_ml']:.1f} mL; Dice {m['scenario_dice']:.2f}; "
+                     "responder: " + ("YES" if m["reperfusion_responder"] >= 0.5 else "NO"))
     lines += method_lines(findings)
     lines.append("")
     lines.append("QC: " + ("; ".join(findings.qc_flags) if findings.qc_flags else "no flags"))

@@ -103,8 +103,8 @@ def test_both_predictions_are_seg_segments_and_sr_measurements(findings: Finding
 
 def test_the_summary_shows_both_scenarios_side_by_side_and_the_verdict(findings: Findings) -> None:
     lines = text_lines(findings)
-    assert any(line.startswith("Predicted final infarct:") for line in lines)
-    assert any("likely responder" in line for line in lines)
+    assert any(line.startswith("Final infarct:") and "if reperfused" in line for line in lines)
+    assert any("responder: YES" in line for line in lines)
     image = render_summary(findings)
     panel = image[int(0.645 * image.shape[0]):, : int(0.62 * image.shape[1])]
     for colour in SCENARIO_COLOURS.values():
