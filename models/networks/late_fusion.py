@@ -9,7 +9,7 @@ convolution up, concatenation with the branches' features of that level, one con
 gives three classes: background, healthy, lesion (softmax). Outside the brain mask the output is
 background with probability 1. The final infarct is lesion probability >= 0.5.
 
-Differences from the paper, for CPU speed and a file of a few MB: 4 levels of 8-64 channels per
+Differences from the paper, for CPU speed and a file of a few MB: 4 levels of 4-32 channels per
 branch (the paper: 5 levels, 8-128) and 2D slices of any size that is a multiple of 16.
 """
 
