@@ -273,6 +273,49 @@ def train_final_infarct(
     console.print(f"total {total_s / 60:.1f} min (dataset + training {trained_s / 60:.1f} min)")
 
 
+@app.command("final-infarct-consistency")
+def final_infarct_consistency(
+    data: Annotated[Path, typer.Option(help="Dataset cache folder.")] = Path("build/datasets/final-infarct-mri"),
+    runs: Annotated[Path, typer.Option(help="Folder of the two runs.")] = Path("build/runs"),
+    out: Annotated[Path, typer.Option(help="The markdown table written.")] = Path("models/weights/mri-final-infarct.consistency.md"),
+) -> None:
+    """Seed 001's consistency check of the two MRI networks on every test patient: the share of the
+    reperfused prediction inside the non-reperfused one, and predictions smaller than 80 % of the
+    measured (ADC) core."""
+    from models.training.final_infarct import consistency
+    from models.training.final_infarct_dataset import DATASET_VERSION
+    from service.inference.final_infarct_inputs import Scenario, model_name
+
+    predictions = {}
+    for scenario in Scenario:
+        path = runs / model_name("mri", scenario) / "test_predictions.npz"
+        if not path.is_file():
+            console.print(f"[red]no test predictions at {path}:[/red] train both networks first (train-final-infarct)")
+            raise typer.Exit(2)
+        predictions[scenario] = load(path)
+    rows = ["| patient | family | measured core (mL) | reperfused (mL) | not reperfused (mL) | reperfused inside not reperfused | "
+            "smaller than 80 % of the core |", "|---|---|---|---|---|---|---|"]
+    inside, small = [], 0
+    keys = sorted(set(predictions[Scenario.REPERFUSED]) & set(predictions[Scenario.NOT_REPERFUSED]))
+    for key in keys:
+        arrays = load(data / f"v{DATASET_VERSION}" / f"{key}.npz")
+        voxel_ml = float(np.prod(arrays["spacing_mm"])) / 1000.0
+        core_ml = float(arrays["mismatch_core"].sum()) * voxel_ml
+        a, b = predictions[Scenario.REPERFUSED][key], predictions[Scenario.NOT_REPERFUSED][key]
+        a_ml, b_ml = float(a.sum()) * voxel_ml, float(b.sum()) * voxel_ml
+        share = consistency(a, b)
+        below = [name for name, ml in (("reperfused", a_ml), ("not reperfused", b_ml)) if ml < 0.8 * core_ml]
+        inside.append(share)
+        small += bool(below)
+        rows.append(f"| {key} | {key.rsplit('-', 2)[0]} | {core_ml:.1f} | {a_ml:.1f} | {b_ml:.1f} | {share:.0%} | {', '.join(below) or 'no'} |")
+    summary = (f"{len(keys)} test patients: the reperfused prediction lies inside the non-reperfused one for a median "
+               f"{np.median(inside):.0%} of its voxels (lowest {min(inside):.0%}); {small} patients ({small / max(1, len(keys)):.0%}) "
+               "have a prediction smaller than 80 % of the measured core.")
+    out.write_text("\n".join(["# MRI final-infarct networks: consistency of the two scenarios", "",
+                               "**Research use only. Not for diagnosis.** Synthetic patients only.", "", summary, "", *rows]) + "\n")
+    console.print(summary)
+
+
 def _counts(specs: list[SampleSpec]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for spec in specs:
