@@ -1,8 +1,9 @@
-"""Train the seed-002 CT perfusion core/penumbra model from scratch, end to end:
+"""Train StrokeGate's learned models from scratch, end to end:
 
-    .venv/bin/python -m models.training train            # the shipped model (see README)
+    .venv/bin/python -m models.training train            # seed 002: CT perfusion core/penumbra (see README)
+    .venv/bin/python -m models.training train-final-infarct --scenario reperfused   # seed 001, MRI (and not-reperfused)
 
-cohort plan -> dataset (synthetic patients through the service's own CT perfusion analysis,
+Each: cohort plan -> dataset (synthetic patients through the service's own CT perfusion analysis,
 cached under build/datasets) -> training (checkpoints in build/runs) -> evaluation against the
 threshold method on the test and held-out patients -> ONNX, torch program, test input, model card
 and report in models/weights. Fixed seeds: the same command gives the same weights on the same
