@@ -1,4 +1,5 @@
-"""Speed of the CT perfusion core/penumbra model per study (256 x 256 x 16), by backend.
+"""Speed of the learned models per study, by backend: the CT perfusion core/penumbra model
+(256 x 256 x 16) and both MRI final-infarct networks of seed 001 together (128 x 128 x 20).
 
     .venv/bin/python benchmarks/inference_speed.py            # 9 runs per backend, medians
     .venv/bin/python benchmarks/inference_speed.py --runs 5
@@ -25,6 +26,8 @@ from service.inference.card import ModelCard
 from service.inference.ctp_core_penumbra import predict_core_penumbra
 from service.inference.ctp_inputs import CTP_CONTRACT
 from service.inference.engine import Backend, load_engine
+from service.inference.final_infarct import predict_final_infarct
+from service.inference.final_infarct_inputs import Scenario, contract, model_name
 
 app = typer.Typer(add_completion=False)
 
@@ -94,6 +97,54 @@ def main(runs: int = typer.Option(9, help="timed runs per backend")) -> None:
             run[name]()
             times[name].append(time.perf_counter() - started)
     print(f"per study {SHAPE[0]} x {SHAPE[1]} x {SHAPE[2]}, {runs} runs, load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores")
+    base = statistics.median(times["onnxruntime (CPU)"])
+    print("| backend | median | range | ratio to ONNX Runtime |")
+    print("|---|---|---|---|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.2f} s | {min(values):.2f}-{max(values):.2f} s | {median / base:.2f}x |")
+    final_infarct_times(runs)
+
+
+MRI_SHAPE = (20, 128, 128)
+MRI_SPACING = (6.0, 1.796875, 1.796875)
+
+
+def mri_study(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """DWI, ADC, Tmax, CBF, CBV of plausible values over an elliptical brain."""
+    rng = np.random.default_rng(seed)
+    _, y, x = np.ogrid[: MRI_SHAPE[0], : MRI_SHAPE[1], : MRI_SHAPE[2]]
+    brain = np.broadcast_to(((y - 64) / 45.0) ** 2 + ((x - 64) / 38.0) ** 2 <= 1.0, MRI_SHAPE).copy()
+    ranges = {"dwi": (200, 900), "adc": (400, 1200), "tmax": (0, 12), "cbf": (5, 70), "cbv": (0.5, 6)}
+    return {k: np.where(brain, rng.uniform(*r, MRI_SHAPE), 0).astype(np.float32) for k, r in ranges.items()}, brain
+
+
+def final_infarct_times(runs: int) -> None:
+    """Both MRI final-infarct networks per study, ONNX Runtime against torch eager, alternating."""
+    folder = Settings().models_dir
+    volumes, brain = mri_study()
+    backends = {"onnxruntime (CPU)": Backend.ONNXRUNTIME, "torch eager (CPU, float32)": Backend.TORCH}
+    engines: dict[str, list] = {}
+    for label, backend in backends.items():
+        try:
+            engines[label] = [load_engine(folder / f"{model_name('mri', s)}.onnx", backend, contract=contract("mri", s)) for s in Scenario]
+        except Exception as error:  # torch absent: ONNX Runtime alone
+            print(f"{label} not measured: {error}")
+    times: dict[str, list[float]] = {name: [] for name in engines}
+
+    def both(pair: list) -> None:
+        for engine in pair:
+            predict_final_infarct(engine, volumes, brain, MRI_SPACING)
+
+    for pair in engines.values():
+        both(pair)  # warm-up
+    for k in range(runs):
+        for name in (list(engines) if k % 2 == 0 else list(reversed(engines))):
+            started = time.perf_counter()
+            both(engines[name])
+            times[name].append(time.perf_counter() - started)
+    print(f"\nboth MRI final-infarct networks per study {' x '.join(map(str, MRI_SHAPE))}, {runs} runs, "
+          f"load average {os.getloadavg()[0]:.1f}")
     base = statistics.median(times["onnxruntime (CPU)"])
     print("| backend | median | range | ratio to ONNX Runtime |")
     print("|---|---|---|---|")

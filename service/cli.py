@@ -407,10 +407,12 @@ def models(
         console.print(f"  pixels {card.inputs.in_plane_spacing_mm.low:g}-{card.inputs.in_plane_spacing_mm.high:g} mm, slices "
                       f"{card.inputs.slice_spacing_mm.low:g}-{card.inputs.slice_spacing_mm.high:g} mm; classes: {', '.join(card.outputs.classes)}")
         console.print(f"  trained on families {', '.join(t.families)} (held out: {t.held_out_family or 'none'}), patients {t.counts}, "
-                      f"noise {', '.join(f'{n:g}' for n in t.noise_hu)} HU, {t.duration_s / 60:.0f} min: {t.command}")
-        rows = [m for m in card.metrics if m.noise_hu == 10.0 and m.method in ("model", "threshold")]
+                      f"noise {', '.join(f'{n:g}' for n in t.noise_hu) or '-'} HU, {t.duration_s / 60:.0f} min: {t.command}")
+        # CT models: the rows at 10 HU; MRI models (no noise levels on the card): every row
+        rows = [m for m in card.metrics if (m.noise_hu == 10.0 or not t.noise_hu) and m.method in ("model", "threshold", "mismatch")]
         if rows:
-            metrics = Table("split", "family", "class", "method", "patients", "Dice", "HD95 mm", "|dV| mL", title="at 10 HU (medians)")
+            metrics = Table("split", "family", "class", "method", "patients", "Dice", "HD95 mm", "|dV| mL",
+                            title="at 10 HU (medians)" if t.noise_hu else "medians")
             for m in rows:
                 metrics.add_row(m.split, m.family, m.cls, m.method, str(m.patients), f"{m.dice:.2f}",
                                 "-" if m.hd95_mm is None else f"{m.hd95_mm:.1f}", f"{m.volume_difference_ml:.1f}")

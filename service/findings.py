@@ -92,13 +92,18 @@ class Measurement(StrEnum):
     MISMATCH_RATIO = "mismatch_ratio"
     HYPOPERFUSION_INTENSITY_RATIO = "hypoperfusion_intensity_ratio"
     TARGET_MISMATCH = "target_mismatch"  # 1: DEFUSE 3 target mismatch criteria met, 0: not
+    FINAL_IF_REPERFUSED_VOLUME = "predicted_final_reperfused_ml"
+    FINAL_IF_NOT_REPERFUSED_VOLUME = "predicted_final_not_reperfused_ml"
+    REPERFUSION_SALVAGE = "reperfusion_salvage_ml"  # not-reperfused minus reperfused prediction
+    SCENARIO_DICE = "scenario_dice"  # Dice between the two predictions
+    RESPONDER = "reperfusion_responder"  # 1: seed 001's responder verdict met, 0: not
 
     @property
     def unit(self) -> str:
         """Unit of the value: "ml", "ratio" or "1" (a yes/no verdict)."""
         if self.value.endswith("_ml"):
             return "ml"
-        return "1" if self is Measurement.TARGET_MISMATCH else "ratio"
+        return "1" if self in (Measurement.TARGET_MISMATCH, Measurement.RESPONDER) else "ratio"
 
 
 class SegmentKind(StrEnum):
@@ -106,6 +111,8 @@ class SegmentKind(StrEnum):
 
     CORE = "core"
     PENUMBRA = "penumbra"
+    FINAL_IF_REPERFUSED = "final_reperfused"  # predicted final infarct if reperfused (learned)
+    FINAL_IF_NOT_REPERFUSED = "final_not_reperfused"  # predicted final infarct if not reperfused (learned)
 
 
 class CoreMethod(StrEnum):
@@ -296,6 +303,7 @@ class Findings:
     core_method: CoreMethod = CoreMethod.THRESHOLD  # whose segments the measurements and verdict use
     timings_s: dict[str, float] = field(default_factory=dict)
     nihss: NihssUsed | None = None  # the clinical input the results name; None: imaging only
+    dwi: np.ndarray | None = None  # highest-b DWI on the source grid: an input of learned models, not a result series
 
     def __post_init__(self) -> None:
         """Names given as plain strings become the vocabularies' members (ValueError if unknown)."""

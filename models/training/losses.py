@@ -24,3 +24,23 @@ def focal_tversky(probabilities: torch.Tensor, labels: torch.Tensor, brain: torc
     fp = (predicted * (1.0 - truth) * brain).sum(dims)
     tversky = (tp + smooth) / (tp + alpha * fn + beta * fp + smooth)
     return torch.pow(torch.clamp(1.0 - tversky, min=0.0), 1.0 / gamma).mean()
+
+
+LESION_WEIGHT = 8.0
+"""Seed 001: the lesion class weighs 8 times the healthy and background classes in the Dice loss."""
+
+
+def weighted_dice_loss(probabilities: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Weighted multi-class soft Dice loss (Milletari et al.), as seed 001 trains with it:
+    ``1 - sum_c w_c Dice_c / sum_c w_c``, each class's Dice over the whole batch.
+
+    ``probabilities`` [N, C, H, W], ``labels`` [N, H, W] class indices, ``weights`` [C].
+    """
+    classes = probabilities.shape[1]
+    truth = torch.nn.functional.one_hot(labels.long(), classes).permute(0, 3, 1, 2).to(probabilities.dtype)
+    dims = (0, 2, 3)
+    overlap = (probabilities * truth).sum(dims)
+    total = probabilities.sum(dims) + truth.sum(dims)
+    per_class = (2.0 * overlap + smooth) / (total + smooth)
+    weights = weights.to(probabilities.dtype)
+    return 1.0 - (weights * per_class).sum() / weights.sum()

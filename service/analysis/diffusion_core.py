@@ -124,6 +124,9 @@ def analyse_diffusion_core(
     core = core_mask(adc, brain, adc_threshold, voxel_ml=geometry.voxel_volume_ml, min_volume_ml=min_lesion_ml)
     timings["core"] = time.perf_counter() - started
 
+    dwi = None
+    if diffusion and max(diffusion) >= MIN_HIGH_B and _same_grid(diffusion[max(diffusion)], grid):
+        dwi = np.where(brain, diffusion[max(diffusion)].pixels, 0.0).astype(np.float32)
     return Findings(
         study_uid=study_uid,
         version=version,
@@ -136,6 +139,7 @@ def analyse_diffusion_core(
         parameters={"adc_threshold": float(adc_threshold), "min_lesion_ml": float(min_lesion_ml)},
         maps={MapName.ADC: np.where(brain, adc, 0.0).astype(np.float32)},
         timings_s=timings,
+        dwi=dwi,
     )
 
 

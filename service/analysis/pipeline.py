@@ -24,6 +24,7 @@ from pydicom.uid import UID
 from service.analysis.ctp_model import CtpModelRequest
 from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp
 from service.analysis.diffusion_core import analyse_diffusion_core
+from service.analysis.final_infarct_model import add_final_infarct
 from service.findings import SEG, SR, SUMMARY, CoreMethod, Findings, NihssUsed, ResultCategory, ResultKind, SeriesKind
 from service.analysis.mri_perfusion import MriPerfusionParameters, add_mismatch, dsc_maps
 from service.analysis.vendor_maps import MapParameters, analyse_vendor_maps
@@ -217,7 +218,7 @@ def _analyse_mri(series: StudySeries, version: int, parameters: AnalysisParamete
     )
     candidates = series.get(SeriesKind.PWI)
     if not candidates:
-        return core
+        return _final_infarct(core, parameters)
     chosen = max(candidates, key=len)
     mri = MriPerfusionParameters(
         tmax_threshold_s=parameters.tmax_threshold_s, min_lesion_ml=parameters.min_lesion_ml, criteria=parameters.criteria
@@ -225,10 +226,20 @@ def _analyse_mri(series: StudySeries, version: int, parameters: AnalysisParamete
     try:
         maps = dsc_maps(chosen, mri)
     except InputError as error:
-        return replace(core, qc_flags=[*core.qc_flags, f"DSC perfusion not analysed: {error}"])
+        return _final_infarct(replace(core, qc_flags=[*core.qc_flags, f"DSC perfusion not analysed: {error}"]), parameters)
     findings = add_mismatch(core, maps, mri)
     if len(candidates) > 1:
         findings.qc_flags.append(f"{len(candidates)} DSC perfusion series; used series {maps.series_uid}")
+    return _final_infarct(findings, parameters)
+
+
+def _final_infarct(findings: Findings, parameters: AnalysisParameters) -> Findings:
+    """Seed 001's predicted final infarcts (both scenarios) where learned models are on."""
+    if parameters.models is None:
+        return findings
+    started = time.perf_counter()
+    findings = add_final_infarct(findings, parameters.models)
+    findings.timings_s["final_infarct"] = time.perf_counter() - started
     return findings
 
 

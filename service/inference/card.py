@@ -110,12 +110,16 @@ class MetricRow(_Strict):
     split: str  # "test" or "held-out"
     family: str
     noise_hu: float
-    method: Literal["model", "model, NIHSS unknown", "threshold"]
+    method: Literal["model", "model, NIHSS unknown", "threshold", "mismatch"]
     cls: str = Field(alias="class")
     patients: int
     dice: float
     hd95_mm: float | None  # None where neither mask has a voxel in any patient
     volume_difference_ml: float  # median of |V_pred - V_true|
+    precision: float | None = None  # seed 001's further metrics, where the report has them
+    recall: float | None = None
+    volumetric_similarity: float | None = None
+    auc: float | None = None  # voxel AUC
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -18,6 +18,8 @@ LOCAL_SCHEME = "99SGATE"
 
 INFARCT = Code("55641003", "SCT", "Infarct")
 PENUMBRA = Code("PENUMBRA", LOCAL_SCHEME, "Ischemic penumbra")
+FINAL_IF_REPERFUSED = Code("FINALIFREP", LOCAL_SCHEME, "Predicted final infarct if reperfused")
+FINAL_IF_NOT_REPERFUSED = Code("FINALIFNOTREP", LOCAL_SCHEME, "Predicted final infarct if not reperfused")
 QC_FLAG = Code("QCFLAG", LOCAL_SCHEME, "Quality control flag")
 TARGET_MISMATCH = Code("TARGETMISMATCH", LOCAL_SCHEME, "DEFUSE 3 target mismatch")
 NIHSS_TOTAL = Code("72089-6", "LN", "Total score [NIHSS]")
@@ -32,11 +34,16 @@ MEASUREMENT_CODES: dict[str, Code] = {
     "mismatch_volume_ml": Code("MISMATCHVOL", LOCAL_SCHEME, "Mismatch volume (hypoperfused minus core)"),
     "mismatch_ratio": Code("MISMATCHRATIO", LOCAL_SCHEME, "Mismatch ratio (hypoperfused / core)"),
     "hypoperfusion_intensity_ratio": Code("HIR", LOCAL_SCHEME, "Hypoperfusion intensity ratio"),
+    "predicted_final_reperfused_ml": Code("FINALREPVOL", LOCAL_SCHEME, "Predicted final infarct volume if reperfused"),
+    "predicted_final_not_reperfused_ml": Code("FINALNOTREPVOL", LOCAL_SCHEME, "Predicted final infarct volume if not reperfused"),
+    "reperfusion_salvage_ml": Code("REPSALVAGE", LOCAL_SCHEME, "Tissue reperfusion would save"),
+    "scenario_dice": Code("SCENARIODICE", LOCAL_SCHEME, "Dice of the two predicted final infarcts"),
+    "reperfusion_responder": Code("RESPONDER", LOCAL_SCHEME, "Likely responder to reperfusion"),
 }
 """99SGATE codes (values within the 16 characters of a Code Value) of the study measurements."""
 
 LOCAL_CODES: tuple[Code, ...] = (
-    PENUMBRA, QC_FLAG, TARGET_MISMATCH, CLINICAL_INPUT, NIHSS_SOURCE, NIHSS_ASSESSED, *MEASUREMENT_CODES.values(),
+    PENUMBRA, FINAL_IF_REPERFUSED, FINAL_IF_NOT_REPERFUSED, QC_FLAG, TARGET_MISMATCH, CLINICAL_INPUT, NIHSS_SOURCE, NIHSS_ASSESSED, *MEASUREMENT_CODES.values(),
 )
 """Every fixed 99SGATE code, as README lists them."""
 

@@ -16,7 +16,7 @@ from pydicom.sr.coding import Code
 
 from service.findings import Findings, ModelInfo, SegmentKind
 from service.results import identity
-from service.results.coding import INFARCT, PENUMBRA, scheme_declarations
+from service.results.coding import FINAL_IF_NOT_REPERFUSED, FINAL_IF_REPERFUSED, INFARCT, PENUMBRA, scheme_declarations
 
 POSITION_TOLERANCE_MM = 0.05
 
@@ -35,9 +35,14 @@ SEGMENT_TYPES: dict[SegmentKind, SegmentType] = {
     SegmentKind.CORE: SegmentType(codes.SCT.MorphologicallyAbnormalStructure, INFARCT, (255, 0, 0)),
     # Penumbra: hypoperfused, still viable tissue; SNOMED CT has no concept for it (coding.py).
     SegmentKind.PENUMBRA: SegmentType(codes.SCT.MorphologicallyAbnormalStructure, PENUMBRA, (0, 255, 0)),
+    # Seed 001's predicted final infarcts (learned, one per reperfusion scenario): local codes.
+    SegmentKind.FINAL_IF_REPERFUSED: SegmentType(codes.SCT.MorphologicallyAbnormalStructure, FINAL_IF_REPERFUSED, (255, 200, 0)),
+    SegmentKind.FINAL_IF_NOT_REPERFUSED: SegmentType(codes.SCT.MorphologicallyAbnormalStructure, FINAL_IF_NOT_REPERFUSED, (200, 0, 255)),
 }
 """Coded property category and type per ``SegmentKind``: SNOMED CT morphologic abnormalities,
 99SGATE where SNOMED CT has none."""
+SHORT_NAMES = {SegmentKind.FINAL_IF_REPERFUSED: "final", SegmentKind.FINAL_IF_NOT_REPERFUSED: "final"}
+"""How a kind reads in the series description and content label, where not by its value."""
 
 
 def segment_masks(findings: Findings) -> np.ndarray:
@@ -149,7 +154,8 @@ def build_seg(findings: Findings) -> Dataset:
     copied from the source images, whose headers alone (no pixel data) suffice.
     """
     pixel_array = segment_masks(findings)
-    kinds = list(dict.fromkeys(s.key.value for s in findings.segments))  # a model's segments beside the threshold ones
+    # a model's segments beside the threshold ones; both predicted final infarcts read as one "final"
+    kinds = list(dict.fromkeys(SHORT_NAMES.get(s.key, s.key.value) for s in findings.segments))
     seg = hd.seg.Segmentation(
         source_images=findings.source_images,
         pixel_array=pixel_array,

@@ -4,7 +4,8 @@ Many PACS viewers display neither SEG nor SR, so the summary carries the result 
 montage of the slices with the core and the rest of the hypoperfused tissue in two colours of the
 Okabe-Ito colour-blind-safe palette over the CBF (CT perfusion) or ADC (MRI) map, the volumes,
 mismatch, HIR, the target-mismatch verdict, the QC flags, the algorithm and its thresholds, R/L
-markers and a research-use banner. No patient identifier is burnt into the pixels: the viewer
+markers and a research-use banner. Where seed 001's networks ran, a panel below the montage shows
+both predicted final infarcts (if reperfused, if not) side by side over the same slices. No patient identifier is burnt into the pixels: the viewer
 shows the patient from the header.
 """
 
@@ -20,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from pydicom.dataset import Dataset
 
-from service.findings import Analysis, Findings, MapName, SegmentKind
+from service.findings import Analysis, Findings, MapName, Segment, SegmentKind
 from service.results import identity
 
 SUMMARY_SERIES_NUMBER = 903
@@ -35,6 +36,11 @@ LINES = [  # core and penumbra volumes are in the legend
     ("mismatch_ratio", "Mismatch ratio", "{:.1f}"),
     ("hypoperfusion_intensity_ratio", "HIR (Tmax>10 s / Tmax>6 s)", "{:.2f}"),
 ]
+BLUISH_GREEN, REDDISH_PURPLE = (0.0, 158 / 255, 115 / 255), (204 / 255, 121 / 255, 167 / 255)
+SCENARIO_KINDS = (SegmentKind.FINAL_IF_REPERFUSED, SegmentKind.FINAL_IF_NOT_REPERFUSED)
+SCENARIO_COLOURS = {SegmentKind.FINAL_IF_REPERFUSED: BLUISH_GREEN, SegmentKind.FINAL_IF_NOT_REPERFUSED: REDDISH_PURPLE}
+SCENARIO_TITLES = {SegmentKind.FINAL_IF_REPERFUSED: "Final infarct\nif reperfused", SegmentKind.FINAL_IF_NOT_REPERFUSED: "Final infarct\nif not reperfused"}
+PANEL_SLICES = 6
 WIDTH_PX, HEIGHT_PX, DPI = 1600, 1000, 100
 MAX_TILES = 16
 
@@ -66,11 +72,12 @@ def montage_slices(volume: np.ndarray, masks: list[np.ndarray], count: int = MAX
 def method_lines(findings: Findings) -> list[str]:
     """Where a learned model drew segments beside the threshold method: which method the volumes
     and the verdict use, and the other method's volumes."""
-    if not any(s.model is not None for s in findings.segments):
+    segments = [s for s in findings.segments if s.key in SEGMENT_COLOURS]  # the predicted final infarcts have their own panel
+    if not any(s.model is not None for s in segments):
         return []
-    used = next((s.model for s in findings.segments if findings.uses(s) and s.model is not None), None)
+    used = next((s.model for s in segments if findings.uses(s) and s.model is not None), None)
     lines = [f"Verdict by: {'model ' + used.name + ' ' + used.version if used else 'threshold method'}"]
-    others = [s for s in findings.segments if not findings.uses(s)]
+    others = [s for s in segments if not findings.uses(s)]
     if others:
         by = "threshold method" if others[0].model is None else f"model {others[0].model.name}"
         lines.append(f"By {by}: " + ", ".join(f"{s.key.value} {s.volume_ml:.1f} mL" for s in others))
@@ -106,6 +113,11 @@ def text_lines(findings: Findings) -> list[str]:
     lines = [label.format(tmax=tmax) + ": " + fmt.format(m[key]) for key, label, fmt in LINES if key in m]
     if "target_mismatch" in m:
         lines.append("Target mismatch (DEFUSE 3): " + ("YES" if m["target_mismatch"] >= 0.5 else "NO"))
+    if "reperfusion_responder" in m:
+        lines.append(f"Final infarct: {m['predicted_final_reperfused_ml']:.1f} mL if reperfused, "
+                     f"{m['predicted_final_not_reperfused_ml']:.1f} if not")
+        lines.append(f"Reperfusion saves {m['reperfusion_salvage_ml']:.1f} mL; Dice {m['scenario_dice']:.2f}; "
+                     "responder: " + ("YES" if m["reperfusion_responder"] >= 0.5 else "NO"))
     lines += method_lines(findings)
     lines.append("")
     lines.append("QC: " + ("; ".join(findings.qc_flags) if findings.qc_flags else "no flags"))
@@ -132,7 +144,9 @@ def render_summary(findings: Findings) -> np.ndarray:
     figure.text(0.5, 0.975, identity.RESEARCH_USE_ONLY, ha="center", va="top", color="black", fontsize=20,
                 weight="bold", bbox={"facecolor": (240 / 255, 228 / 255, 66 / 255), "edgecolor": "none", "pad": 6})
     left_marker, right_marker = side_markers(findings)
-    grid = figure.add_gridspec(rows, columns, left=0.01, right=0.62, top=0.91, bottom=0.02, wspace=0.02, hspace=0.02)
+    scenarios = [next((s for s in findings.segments if s.key is kind), None) for kind in SCENARIO_KINDS]
+    panel = all(s is not None for s in scenarios)
+    grid = figure.add_gridspec(rows, columns, left=0.01, right=0.62, top=0.91, bottom=0.38 if panel else 0.02, wspace=0.02, hspace=0.02)
     for index, k in enumerate(slices):
         axes = figure.add_subplot(grid[index // columns, index % columns])
         axes.imshow(volume[k], cmap="gray", vmin=0, vmax=top, interpolation="nearest")
@@ -144,6 +158,8 @@ def render_summary(findings: Findings) -> np.ndarray:
         axes.text(0.02, 0.98, left_marker, transform=axes.transAxes, color="white", fontsize=11, va="top")
         axes.text(0.98, 0.98, right_marker, transform=axes.transAxes, color="white", fontsize=11, va="top", ha="right")
         axes.text(0.02, 0.02, f"{k + 1}", transform=axes.transAxes, color="white", fontsize=9)
+    if panel:
+        _scenario_panel(figure, volume, top, [s for s in scenarios if s is not None], (left_marker, right_marker))
     title = {Analysis.CT_PERFUSION: "CT perfusion", Analysis.VENDOR_MAPS: "Perfusion maps"}.get(findings.analysis, "MRI")
     figure.text(0.64, 0.90, f"StrokeGate - {title}", color="white", fontsize=22, weight="bold", va="top")
     figure.text(0.64, 0.85, f"background: {name.title} ({name.unit})", color="white", fontsize=13, va="top")
@@ -161,6 +177,27 @@ def render_summary(findings: Findings) -> np.ndarray:
     figure.savefig(buffer, format="rgba", dpi=DPI, facecolor="black")
     rgba = np.frombuffer(buffer.getvalue(), dtype=np.uint8).reshape(HEIGHT_PX, WIDTH_PX, 4)
     return np.ascontiguousarray(rgba[..., :3])
+
+
+def _scenario_panel(figure: Figure, volume: np.ndarray, top: float, scenarios: list[Segment], markers: tuple[str, str]) -> None:
+    """Seed 001's two predicted final infarcts side by side, one row each, over the same slices
+    (those where the non-reperfused prediction is largest), at the bottom of the montage."""
+    slices = montage_slices(volume, [scenarios[-1].mask], count=PANEL_SLICES)
+    if len(slices) > PANEL_SLICES:
+        slices = slices[:PANEL_SLICES]
+    grid = figure.add_gridspec(2, len(slices), left=0.09, right=0.62, top=0.355, bottom=0.02, wspace=0.02, hspace=0.04)
+    for row, segment in enumerate(scenarios):
+        figure.text(0.005, 0.30 - row * 0.17, SCENARIO_TITLES[segment.key] + f"\n{segment.volume_ml:.1f} mL", color="white",
+                    fontsize=11, va="top")
+        for column, k in enumerate(slices):
+            axes = figure.add_subplot(grid[row, column])
+            axes.imshow(volume[k], cmap="gray", vmin=0, vmax=top, interpolation="nearest")
+            axes.imshow(np.ma.masked_where(~segment.mask[k], segment.mask[k]), cmap=ListedColormap([SCENARIO_COLOURS[segment.key]]),
+                        alpha=0.6, interpolation="nearest", vmin=0, vmax=1)
+            axes.set_axis_off()
+            axes.text(0.02, 0.98, markers[0], transform=axes.transAxes, color="white", fontsize=9, va="top")
+            axes.text(0.98, 0.98, markers[1], transform=axes.transAxes, color="white", fontsize=9, va="top", ha="right")
+            axes.text(0.02, 0.02, f"{k + 1}", transform=axes.transAxes, color="white", fontsize=8)
 
 
 def build_summary(findings: Findings) -> Dataset:

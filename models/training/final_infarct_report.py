@@ -1,0 +1,43 @@
+"""The final-infarct report (seed 001): each network against the mismatch baseline per family,
+with the seed's metrics, and the consistency of the two scenarios' predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.training.final_infarct import FinalSummary, History
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def comparison_table(summaries: list[FinalSummary]) -> list[str]:
+    """One row per (split, family, scenario): the network's and the baseline's medians."""
+    rows = ["| split | family | scenario | patients | Dice network | Dice mismatch | VS network | VS mismatch | precision network | "
+            "precision mismatch | recall network | recall mismatch | HD95 network (mm) | HD95 mismatch (mm) | AUC network | AUC mismatch |",
+            "|---" * 16 + "|"]
+    keyed = {(s.split, s.family, s.scenario, s.method): s for s in summaries}
+    for split, family, scenario in sorted({(s.split, s.family, s.scenario) for s in summaries}, key=lambda k: (k[0] != "test", k[1], k[2])):
+        model, baseline = keyed.get((split, family, scenario, "model")), keyed.get((split, family, scenario, "mismatch"))
+        if model is None or baseline is None:
+            continue
+        rows.append(f"| {split} | {family} | {scenario} | {model.patients} | **{model.dice:.2f}** | {baseline.dice:.2f} | "
+                    f"**{model.volumetric_similarity:.2f}** | {baseline.volumetric_similarity:.2f} | {model.precision:.2f} | "
+                    f"{baseline.precision:.2f} | {model.recall:.2f} | {baseline.recall:.2f} | {_number(model.hd95_mm, 1)} | "
+                    f"{_number(baseline.hd95_mm, 1)} | {_number(model.auc)} | {_number(baseline.auc)} |")
+    return rows
+
+
+def write_report(path: Path, title: str, header: list[str], summaries: list[FinalSummary], history: History) -> Path:
+    lines = [f"# {title}", "", *header, "", "## Network against the perfusion-diffusion mismatch baseline", "",
+             "Medians over patients; truth is the phantom's final infarct of this scenario; the baseline is seed 001's mismatch "
+             "model on the service's MRI analysis (the ADC core if reperfused, core plus Tmax > 6 s penumbra if not). VS: "
+             "volumetric similarity; HD95: 95 % Hausdorff distance; AUC: voxel AUC (the baseline's from its binary mask).", "",
+             *comparison_table(summaries), "", "## Training", "",
+             f"Best validation epoch {history.best_epoch} of {len(history.epochs)}; {history.seconds / 60:.1f} min of training.", "",
+             "| epoch | training loss | validation lesion Dice | minutes |", "|---|---|---|---|"]
+    for r in history.epochs:
+        lines.append(f"| {r['epoch']} | {r['train_loss']:.3f} | {r['validation_dice']:.3f} | {r['seconds'] / 60:.1f} |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

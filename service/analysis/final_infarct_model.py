@@ -1,0 +1,98 @@
+"""Seed 001's predicted final infarcts as a stage of the MRI analysis: one learned network per
+reperfusion scenario, both run on the same inputs, shown side by side.
+
+Input: the MRI mismatch Findings (the diffusion core's high-b DWI and ADC, the DSC perfusion's
+Tmax, CBF and CBV on the diffusion grid; the brain is where the ADC map is non-zero). Output: two
+segments ("Predicted final infarct if reperfused" / "... if not reperfused"), both volumes, their
+difference (the tissue reperfusion would save), the Dice between them and the seed's responder
+verdict. A study without the inputs, or a network that cannot run, gets no prediction and a QC
+flag saying why; the rest of the analysis stands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from service.errors import InputError, ModelError
+from service.findings import Findings, MapName, Measurement, ModelInfo, Segment, SegmentKind
+from service.inference.final_infarct import predict_final_infarct
+from service.inference.final_infarct_inputs import Scenario, contract, model_name
+from service.inference.model_set import ModelSet
+
+MODALITY = "mri"
+SEGMENT_KINDS = {Scenario.REPERFUSED: SegmentKind.FINAL_IF_REPERFUSED, Scenario.NOT_REPERFUSED: SegmentKind.FINAL_IF_NOT_REPERFUSED}
+RESPONDER_MAX_DICE = 0.5
+"""Seed 001: the two predictions differ (Dice below this) ..."""
+RESPONDER_MIN_GROWTH = 1.2
+"""... and the non-reperfused prediction is at least this many times the reperfused one."""
+
+
+@dataclass(frozen=True)
+class ScenarioComparison:
+    """Both predictions' volumes (mL), their difference, their Dice and the responder verdict."""
+
+    reperfused_ml: float
+    not_reperfused_ml: float
+    dice: float
+    responder: bool
+
+    @property
+    def salvage_ml(self) -> float:
+        """Tissue reperfusion would save: the non-reperfused minus the reperfused volume."""
+        return self.not_reperfused_ml - self.reperfused_ml
+
+    def measurements(self) -> dict[Measurement, float]:
+        return {
+            Measurement.FINAL_IF_REPERFUSED_VOLUME: self.reperfused_ml,
+            Measurement.FINAL_IF_NOT_REPERFUSED_VOLUME: self.not_reperfused_ml,
+            Measurement.REPERFUSION_SALVAGE: self.salvage_ml,
+            Measurement.SCENARIO_DICE: self.dice,
+            Measurement.RESPONDER: 1.0 if self.responder else 0.0,
+        }
+
+
+def compare_scenarios(reperfused: np.ndarray, not_reperfused: np.ndarray, voxel_ml: float) -> ScenarioComparison:
+    """The two predictions compared as seed 001 does: responder when their Dice is below 0.5 and
+    the non-reperfused volume is at least 1.2 times the reperfused one (and not empty)."""
+    a, b = np.asarray(reperfused, dtype=bool), np.asarray(not_reperfused, dtype=bool)
+    total = int(a.sum()) + int(b.sum())
+    overlap = 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
+    small, large = float(a.sum()) * voxel_ml, float(b.sum()) * voxel_ml
+    return ScenarioComparison(small, large, overlap, overlap < RESPONDER_MAX_DICE and large > 0 and large >= RESPONDER_MIN_GROWTH * small)
+
+
+def missing_inputs(findings: Findings) -> list[str]:
+    """The inputs the networks need that ``findings`` lacks (empty: it has them all)."""
+    missing = [] if findings.dwi is not None else ["a DWI with b >= 500 on the ADC grid"]
+    missing += [name.title for name in (MapName.ADC, MapName.TMAX, MapName.CBF, MapName.CBV) if name not in findings.maps]
+    return missing
+
+
+def add_final_infarct(findings: Findings, models: ModelSet) -> Findings:
+    """``findings`` with both predicted final infarcts, or with a QC flag saying why not."""
+    missing = missing_inputs(findings)
+    if missing:
+        return replace(findings, qc_flags=[*findings.qc_flags, f"no predicted final infarct: the study lacks {', '.join(missing)}"])
+    volumes = {"dwi": findings.dwi, "adc": findings.maps[MapName.ADC], "tmax": findings.maps[MapName.TMAX],
+               "cbf": findings.maps[MapName.CBF], "cbv": findings.maps[MapName.CBV]}
+    brain = np.asarray(findings.maps[MapName.ADC]) > 0
+    masks: dict[Scenario, np.ndarray] = {}
+    identities: dict[Scenario, ModelInfo] = {}
+    try:
+        for scenario in Scenario:
+            with models.use(model_name(MODALITY, scenario), contract(MODALITY, scenario)) as engine:
+                masks[scenario] = predict_final_infarct(engine, volumes, brain, findings.geometry.spacing).mask
+                identities[scenario] = engine.identity
+    except (ModelError, InputError) as error:
+        return replace(findings, qc_flags=[*findings.qc_flags, f"no predicted final infarct: {error}"])
+    voxel_ml = findings.geometry.voxel_volume_ml
+    comparison = compare_scenarios(masks[Scenario.REPERFUSED], masks[Scenario.NOT_REPERFUSED], voxel_ml)
+    segments = [Segment(SEGMENT_KINDS[s], s.label, masks[s], float(masks[s].sum()) * voxel_ml, model=identities[s]) for s in Scenario]
+    return replace(
+        findings,
+        segments=[*findings.segments, *segments],
+        measurements={**findings.measurements, **comparison.measurements()},
+        models=[*findings.models, *identities.values()],
+    )

@@ -1,0 +1,95 @@
+"""What the final-infarct networks (seed 001) are fed, one network per reperfusion scenario.
+
+MRI: the diffusion (high-b DWI, ADC) and DSC perfusion maps (Tmax, CBF, CBV) the service's MRI
+analysis computes, on the diffusion grid, normalised per study inside the brain mask. Pure
+functions over numpy arrays ``[slice, row, column]``; training (``models.training.final_infarct``)
+calls the same ones, so the networks see in training exactly what the service gives them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+
+import numpy as np
+
+from service.inference.card import Contract, InputChannel, Normalisation, TensorSpec
+
+CLASSES = ("background", "healthy", "lesion")
+LESION = CLASSES.index("lesion")
+LESION_THRESHOLD = 0.5
+"""Seed 001: a voxel is predicted infarcted when its lesion probability is at least this."""
+
+
+class Scenario(StrEnum):
+    """Whether the patient is assumed reperfused (TICI 2b-3) or not."""
+
+    REPERFUSED = "reperfused"
+    NOT_REPERFUSED = "not-reperfused"
+
+    @property
+    def label(self) -> str:
+        """The SEG segment label of this scenario's prediction."""
+        return "Predicted final infarct if reperfused" if self is Scenario.REPERFUSED else "Predicted final infarct if not reperfused"
+
+
+MRI_CHANNELS: tuple[InputChannel, ...] = (
+    # DWI signal is uncalibrated: relative to the study's own brain median.
+    InputChannel(name="dwi", unit="signal", normalisation=Normalisation.RATIO_TO_BRAIN_MEDIAN, clip=(0.0, 5.0), outside_brain="zero"),
+    InputChannel(name="adc", unit="1e-6 mm2/s", normalisation=Normalisation.SCALE, scale=1000.0, clip=(0.0, 3.0), outside_brain="zero"),
+    InputChannel(name="tmax", unit="s", normalisation=Normalisation.SCALE, scale=10.0, clip=(0.0, 3.0), outside_brain="zero"),
+    # DSC flow and volume are relative: to the study's brain median.
+    InputChannel(name="cbf", unit="mL/100 g/min", normalisation=Normalisation.RATIO_TO_BRAIN_MEDIAN, clip=(0.0, 5.0), outside_brain="zero"),
+    InputChannel(name="cbv", unit="mL/100 g", normalisation=Normalisation.RATIO_TO_BRAIN_MEDIAN, clip=(0.0, 5.0), outside_brain="zero"),
+)
+
+
+def model_name(modality: str, scenario: Scenario) -> str:
+    """The shipped file's name, e.g. ``mri-final-infarct-reperfused``."""
+    return f"{modality}-final-infarct-{scenario.value}"
+
+
+def contract(modality: str, scenario: Scenario) -> Contract:
+    """What the service feeds the ``modality`` network of ``scenario`` and reads back."""
+    if modality != "mri":
+        raise ValueError(f"no final-infarct inputs defined for {modality!r}")
+    channels = MRI_CHANNELS
+    return Contract(
+        task=f"{modality}-final-infarct-{scenario.value}",
+        tensors=(
+            TensorSpec(name="maps", dtype="float32", shape=("batch", len(channels), "height", "width")),
+            TensorSpec(name="brain", dtype="float32", shape=("batch", 1, "height", "width")),
+        ),
+        channels=channels,
+        clinical=(),
+        output=TensorSpec(name="probabilities", dtype="float32", shape=("batch", len(CLASSES), "height", "width")),
+        classes=CLASSES,
+    )
+
+
+def normalise(volumes: Mapping[str, np.ndarray], brain: np.ndarray, channels: tuple[InputChannel, ...] = MRI_CHANNELS) -> np.ndarray:
+    """The image input: float32 ``[Z, channels, Y, X]`` in ``channels`` order, each channel
+    scaled as its ``InputChannel`` says, the brain median being the study's own reference."""
+    brain = np.asarray(brain, dtype=bool)
+    if not brain.any():
+        raise ValueError("the brain mask is empty")
+    missing = [c.name for c in channels if c.name not in volumes]
+    if missing:
+        raise ValueError(f"inputs lack {', '.join(missing)}")
+    out = np.zeros((brain.shape[0], len(channels), *brain.shape[1:]), dtype=np.float32)
+    for index, channel in enumerate(channels):
+        volume = np.nan_to_num(np.asarray(volumes[channel.name], dtype=np.float32))
+        if volume.shape != brain.shape:
+            raise ValueError(f"{channel.name} has shape {volume.shape}, the brain mask {brain.shape}")
+        median = float(np.median(volume[brain]))
+        if channel.normalisation is Normalisation.RATIO_TO_BRAIN_MEDIAN:
+            value = volume / max(median, 1e-6)
+        elif channel.normalisation is Normalisation.OFFSET_FROM_BRAIN_MEDIAN:
+            value = (volume - median) / channel.scale
+        else:
+            value = volume / channel.scale
+        value = np.clip(value, *channel.clip)
+        if channel.outside_brain == "zero":
+            value = np.where(brain, value, 0.0)
+        out[:, index] = value
+    return out

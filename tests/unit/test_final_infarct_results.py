@@ -1,0 +1,115 @@
+"""Seed 001's predicted final infarcts in the results: the responder verdict, the QC flag when a
+study lacks what the networks need, and both predictions in the SEG, the SR and the summary."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from service.analysis.final_infarct_model import add_final_infarct, compare_scenarios
+from service.findings import Findings, MapName, Measurement, ModelInfo, Segment, SegmentKind
+from service.imaging.geometry import Geometry
+from service.inference.model_set import ModelSet
+from service.phantom.generate import write_patient
+from service.phantom.patient import PhantomOptions
+from service.phantom.truth_files import read_nifti
+from service.results.coding import FINAL_IF_NOT_REPERFUSED, FINAL_IF_REPERFUSED
+from service.results.seg import build_seg
+from service.results.sr import build_sr
+from service.results.summary import SCENARIO_COLOURS, render_summary, text_lines
+
+MODEL = ModelInfo("mri-final-infarct-reperfused", "0.1.0", "0" * 64, "onnxruntime (CPUExecutionProvider)")
+
+
+def test_a_responder_has_two_different_predictions_and_a_larger_one_without_reperfusion() -> None:
+    small = np.zeros((2, 10, 10), dtype=bool)
+    small[0, :2, :2] = True  # 4 voxels
+    large = small.copy()
+    large[1] = True  # 104 voxels
+    verdict = compare_scenarios(small, large, voxel_ml=0.5)
+    assert verdict.responder and verdict.salvage_ml == pytest.approx(50.0) and verdict.dice < 0.5
+    same = compare_scenarios(large, large, voxel_ml=0.5)
+    assert not same.responder and same.dice == 1.0 and same.salvage_ml == 0.0
+    nothing = compare_scenarios(np.zeros_like(small), np.zeros_like(small), voxel_ml=0.5)
+    assert not nothing.responder
+    assert set(verdict.measurements()) == {Measurement.FINAL_IF_REPERFUSED_VOLUME, Measurement.FINAL_IF_NOT_REPERFUSED_VOLUME,
+                                          Measurement.REPERFUSION_SALVAGE, Measurement.SCENARIO_DICE, Measurement.RESPONDER}
+
+
+@pytest.fixture(scope="module")
+def findings(tmp_path_factory: pytest.TempPathFactory) -> Findings:
+    """MRI Findings made of a small phantom's truth: core, penumbra and both final infarcts."""
+    out = tmp_path_factory.mktemp("final")
+    write_patient(2, "mri", out, PhantomOptions(mr_matrix=64, mr_slices=8, mr_frames=6))
+    root = out / "SGPH00000002"
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((root / "dicom/MR/adc").glob("*.dcm"))]
+    headers.sort(key=lambda h: float(h.ImagePositionPatient[2]))
+    geometry = Geometry((8, 64, 64), (6.0, 230 / 64, 230 / 64), tuple(map(float, headers[0].ImagePositionPatient)))
+
+    def truth(name: str) -> np.ndarray:
+        return read_nifti(root / "truth" / "mr" / f"{name}.nii.gz")[0]
+
+    masks = {name: truth(name).astype(bool) for name in ("core", "penumbra", "final_reperfused", "final_not_reperfused")}
+    voxel = geometry.voxel_volume_ml
+    comparison = compare_scenarios(masks["final_reperfused"], masks["final_not_reperfused"], voxel)
+    other = dataclasses.replace(MODEL, name="mri-final-infarct-not-reperfused")
+    return Findings(
+        study_uid=str(headers[0].StudyInstanceUID), version=1, analysis="mri-perfusion-diffusion-mismatch", geometry=geometry, source_images=headers,
+        segments=[Segment("core", "Ischemic core", masks["core"], float(masks["core"].sum()) * voxel),
+                  Segment("penumbra", "Penumbra", masks["penumbra"], float(masks["penumbra"].sum()) * voxel),
+                  Segment(SegmentKind.FINAL_IF_REPERFUSED, "Predicted final infarct if reperfused", masks["final_reperfused"],
+                          comparison.reperfused_ml, model=MODEL),
+                  Segment(SegmentKind.FINAL_IF_NOT_REPERFUSED, "Predicted final infarct if not reperfused", masks["final_not_reperfused"],
+                          comparison.not_reperfused_ml, model=other)],
+        measurements={"core_volume_ml": float(masks["core"].sum()) * voxel, **comparison.measurements()},
+        maps={"adc": np.where(truth("adc") > 0, truth("adc"), 0).astype(np.float32)}, models=[MODEL, other],
+    )
+
+
+def test_a_study_without_perfusion_gets_no_prediction_and_a_flag_saying_why(findings: Findings, tmp_path: Path) -> None:
+    bare = dataclasses.replace(findings, segments=findings.segments[:1], maps={MapName.ADC: findings.maps[MapName.ADC]},
+                               measurements={}, qc_flags=[], dwi=None)
+    out = add_final_infarct(bare, ModelSet(tmp_path))
+    assert [s.key for s in out.segments] == [SegmentKind.CORE]
+    assert len(out.qc_flags) == 1 and "no predicted final infarct" in out.qc_flags[0]
+    assert "Tmax" in out.qc_flags[0] and "DWI" in out.qc_flags[0]
+
+
+def test_a_study_whose_networks_are_not_installed_gets_a_flag(findings: Findings, tmp_path: Path) -> None:
+    shape = findings.geometry.shape
+    full = dataclasses.replace(findings, segments=findings.segments[:2], qc_flags=[], dwi=np.ones(shape, dtype=np.float32),
+                               maps={**findings.maps, **{m: np.ones(shape, dtype=np.float32) for m in (MapName.TMAX, MapName.CBF, MapName.CBV)}})
+    out = add_final_infarct(full, ModelSet(tmp_path))
+    assert len(out.segments) == 2
+    assert "not installed" in out.qc_flags[0]
+
+
+def test_both_predictions_are_seg_segments_and_sr_measurements(findings: Findings) -> None:
+    seg = build_seg(findings)
+    labels = [s.SegmentLabel for s in seg.SegmentSequence]
+    assert labels[2:] == ["Predicted final infarct if reperfused", "Predicted final infarct if not reperfused"]
+    types = [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence]
+    assert types[2:] == [FINAL_IF_REPERFUSED.value, FINAL_IF_NOT_REPERFUSED.value]
+    sr = build_sr(findings, seg)
+    text = str(sr)
+    for meaning in ("Predicted final infarct volume if reperfused", "Tissue reperfusion would save",
+                    "Dice of the two predicted final infarcts", "Likely responder to reperfusion"):
+        assert meaning in text
+
+
+def test_the_summary_shows_both_scenarios_side_by_side_and_the_verdict(findings: Findings) -> None:
+    lines = text_lines(findings)
+    assert any(line.startswith("Final infarct:") and "if reperfused" in line for line in lines)
+    assert any("responder: YES" in line for line in lines)
+    image = render_summary(findings)
+    panel = image[int(0.645 * image.shape[0]):, : int(0.62 * image.shape[1])]
+    for colour in SCENARIO_COLOURS.values():
+        target = np.asarray(colour) * 255
+        close = np.abs(panel.astype(float) - (0.6 * target + 0.4 * panel.astype(float))).max(axis=-1) < 40
+        assert close.sum() > 0
+    without = dataclasses.replace(findings, segments=findings.segments[:2])
+    assert not np.array_equal(render_summary(without)[int(0.645 * image.shape[0]):], image[int(0.645 * image.shape[0]):])
