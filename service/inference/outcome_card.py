@@ -99,3 +99,33 @@ def read_outcome_card(path: Path) -> OutcomeCard:
 def write_outcome_card(card: OutcomeCard, path: Path) -> Path:
     path.write_text(json.dumps(card.model_dump(mode="json"), indent=1) + "\n", encoding="utf-8")
     return path
+
+
+class FusionCard(_Strict):
+    """Seed 000's CNN-LSTM modules (one ONNX file per map) and Algorithm 1's learned parameters."""
+
+    name: str
+    version: str
+    intended_use: str
+    outcome: str
+    modules: tuple[NetworkFile, ...]  # one per map, in fusion order; each file's ``maps`` names its map
+    thresholds: tuple[float, ...]  # tau_i, in module order
+    nihss_low: float
+    nihss_high: float
+    evaluation: tuple[OutcomeEvaluation, ...]
+    training: dict[str, object]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FusionCard:
+        if RESEARCH_ONLY not in self.intended_use:
+            raise ValueError(f"intended_use must say {RESEARCH_ONLY!r}")
+        if len(self.thresholds) != len(self.modules):
+            raise ValueError("one threshold per module")
+        if self.nihss_high <= self.nihss_low:
+            raise ValueError("nihss_high must exceed nihss_low")
+        return self
+
+
+def write_fusion_card(card: FusionCard, path: Path) -> Path:
+    path.write_text(json.dumps(card.model_dump(mode="json"), indent=1) + "\n", encoding="utf-8")
+    return path

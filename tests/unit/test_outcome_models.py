@@ -179,3 +179,46 @@ def test_a_few_training_steps_learn_and_onnx_matches_torch(tmp_path) -> None:
     y = (x[:, 3] - x[:, 7] + 0.3 * rng.normal(size=200) > 0).astype(int)
     lasso = fit_lasso(x, y, [f"f{i}" for i in range(30)])
     assert {"f3", "f7"} <= set(lasso.names) and len(lasso.names) < 30
+
+
+def _mri_study(radius: float, nihss: int | None):
+    from datetime import datetime
+
+    from service.analysis.outcome_model import OutcomeInputs
+    from service.findings import NihssSource, NihssUsed
+
+    z, y, x = np.mgrid[0:20, 0:64, 0:64]
+    brain = ((z - 10) / 9.0) ** 2 + ((y - 32) / 26.0) ** 2 + ((x - 32) / 22.0) ** 2 < 1
+    d = np.sqrt(((z - 10) * 1.6) ** 2 + (y - 30) ** 2 + (x - 20) ** 2)
+    hypo, core = brain & (d < radius), brain & (d < radius * 0.5)
+    rng = np.random.default_rng(2)
+    maps = {"adc": np.where(core, 520.0, 800.0), "dwi": np.where(core, 900.0, 600.0), "tmax": np.where(hypo, 9.0, 1.0),
+            "cbf": np.where(hypo, 18.0, 45.0), "cbv": np.where(core, 2.0, 4.0)}
+    maps = {k: np.where(brain, v * (1 + 0.05 * rng.standard_normal(v.shape)), 0.0) for k, v in maps.items()}
+    used = None if nihss is None else NihssUsed(nihss, NihssSource.HL7, "MSG1", datetime(2026, 12, 4, 12), datetime(2026, 12, 4, 12, 5))
+    return OutcomeInputs(maps, brain, core, hypo, (6.0, 3.6, 3.6), 72.0, True, used)
+
+
+def test_shipped_outcome_model_follows_nihss_and_lesion() -> None:
+    """The shipped CRD model (ONNX Runtime + card): a higher NIHSS or a larger lesion raises the
+    probability; without an NIHSS it says it used imaging only."""
+    pytest.importorskip("onnxruntime")
+    from service.analysis.outcome_model import DEFAULT_CARD, CrdOutcomeModel
+
+    model = CrdOutcomeModel(DEFAULT_CARD)
+    mild, severe = model.predict(_mri_study(10, 14)), model.predict(_mri_study(10, 22))
+    assert 0 < mild.probability < severe.probability < 1
+    assert "NIHSS 14" in mild.inputs_used and model.info.name == "outcome-crd"
+    assert model.predict(_mri_study(16, 14)).probability > mild.probability
+    blind = model.predict(_mri_study(10, None))
+    assert blind.inputs_used == "NIHSS not available: imaging only" and 0 < blind.probability < 1
+
+
+def test_outcome_model_refuses_a_network_that_is_not_its_cards(tmp_path) -> None:
+    from service.analysis.outcome_model import DEFAULT_CARD, CrdOutcomeModel
+
+    card = json.loads(DEFAULT_CARD.read_text())
+    (tmp_path / card["deep"]["file"]).write_bytes(b"not the network")
+    (tmp_path / "outcome-crd.card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="does not match its card"):
+        CrdOutcomeModel(tmp_path / "outcome-crd.card.json")
