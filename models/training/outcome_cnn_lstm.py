@@ -77,7 +77,7 @@ def train_module(x: np.ndarray, y: np.ndarray, config: ModuleConfig) -> tuple[Cn
             loss = loss_fn(network(batch), targets[index])
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(index)
+            total += float(loss.detach()) * len(index)
         losses.append(total / len(order))
     network.eval()
     return network, losses

@@ -19,7 +19,7 @@ import numpy as np
 from rich.console import Console
 
 from models.training.outcome_crd import CLINICAL, DeepConfig, component_scores, features, fit_crd, probabilities
-from models.training.outcome_data import CHUNK, OutcomeCohort, concatenate, family_block, outcome_geometry
+from models.training.outcome_data import OutcomeCohort, concatenate, family_block, outcome_geometry
 from models.training.outcome_metrics import OutcomeScore, score
 from models.training.outcome_report import calibration_png, decision_curve_png, nomogram_png, score_table
 from service.analysis.outcome_radiomics import feature_names
@@ -48,7 +48,7 @@ def run(families: list[str], held_out_family: str, patients: int, test: int, con
     parts: dict[str, dict[str, OutcomeCohort]] = {}
     for family in families:
         block = family_block(family, patients, data, jobs=2,
-                             on_chunk=lambda f, s, sec: console.print(f"  {f} patients {s}..{s + CHUNK - 1}: {sec:.0f} s"))
+                             on_chunk=lambda f, k, sec: console.print(f"  {f} chunk {k}: {sec:.0f} s"))
         parts[family] = split(block, family == held_out_family, test)
     dataset_s = time.perf_counter() - started
     console.print(f"dataset: {sum(len(c) for p in parts.values() for c in p.values())} patients in {dataset_s / 60:.1f} min")
@@ -109,10 +109,11 @@ def run(families: list[str], held_out_family: str, patients: int, test: int, con
              f"**{RESEARCH_ONLY}** Trained and tested on synthetic patients only.", "",
              f"Made by `{command}` in {trained_s / 60:.1f} min (dataset {dataset_s / 60:.1f} min, fitting "
              f"{(trained_s - dataset_s) / 60:.1f} min), {total_s / 60:.1f} min with evaluation and export, on {machine}.",
-             f"Families {families}, held out: {held_out_family}; {patients} patients per family; part A {len(part_a)} "
-             f"(components), part B {len(part_b)} (combiner). Parity torch / ONNX Runtime of the ResNet: {difference:.1e}.",
+             f"Families {families}, held out: {held_out_family}; {patients} patients per family; part A {len(part_a)}, "
+             f"part B {len(part_b)}. Parity torch / ONNX Runtime of the ResNet: {difference:.1e}.",
              f"Radiomics: numpy/scipy/scikit-image region features (pyradiomics has no wheel here); LASSO kept "
-             f"{len(model.radiomics.names)} of {len(feature_names(MRI_MAPS))}: {', '.join(model.radiomics.names)}.", "",
+             f"{len(model.radiomics.names)} of {len(feature_names(MRI_MAPS))}: {', '.join(model.radiomics.names)}.",
+             "Components and combiners cross-fitted over parts A and B (models/training/outcome_crd.py); the shipped components are fitted on A and B together.", "",
              "## Against the admission ceiling", "",
              "The ceiling is the AUC, on the same patients, of the phantom's own outcome model with reperfusion and "
              "sICH integrated out (service.phantom.clinical.admission_probability).", "",

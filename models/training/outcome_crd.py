@@ -1,8 +1,8 @@
 """Seed 004's clinical-radiomics-deep learning (CRD) outcome model, fitted on synthetic patients.
 
-Splits (by patient, per family): the first ``test`` patients of each training family test; of the
-rest, part A fits the three components and part B (the last third) fits the logistic combiner, so
-the combiner sees the components' predictions on patients they were not fitted to. The held-out
+Splits (by patient, per family): the first ``test`` patients of each training family test; the
+rest is cut into parts A (two thirds) and B, cross-fitted so that the logistic combiner is fitted
+on the components' predictions for patients they were not fitted to (``fit_crd``). The held-out
 family only tests.
 
 - clinical: logistic regression on NIHSS, age, sex (and a second one without the NIHSS, for
@@ -141,7 +141,7 @@ def train_deep(x: np.ndarray, y: np.ndarray, config: DeepConfig,
             loss = loss_fn(network(_augment(inputs[index], generator)), targets[index])
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(index)
+            total += float(loss.detach()) * len(index)
         schedule.step()
         history.append({"epoch": epoch + 1, "train_loss": total / len(order), "seconds": time.perf_counter() - started})
         if on_epoch is not None:
@@ -172,18 +172,32 @@ def features(cohort: OutcomeCohort, spacing_mm: tuple[float, float, float]) -> F
                     radiomics_matrix(cohort, spacing_mm), slabs(cohort), cohort.poor.astype(int))
 
 
+def _components(f: Features, config: DeepConfig, on_epoch: Callable[[int, float], None] | None) -> CrdModel:
+    clinical = fit_logistic(f.clinical, f.poor, CLINICAL)
+    clinical_io = fit_logistic(f.clinical_imaging_only, f.poor, CLINICAL_IMAGING_ONLY)
+    radiomics = fit_lasso(f.radiomics, f.poor, feature_names(MRI_MAPS), seed=config.seed)
+    network, history = train_deep(f.slabs, f.poor, config, on_epoch)
+    return CrdModel(clinical, clinical_io, radiomics, network, clinical, clinical, history)
+
+
+def _join(a: Features, b: Features) -> Features:
+    return Features(*(np.concatenate([getattr(a, n), getattr(b, n)]) for n in ("clinical", "clinical_imaging_only", "radiomics", "slabs", "poor")))
+
+
 def fit_crd(part_a: Features, part_b: Features, config: DeepConfig,
             on_epoch: Callable[[int, float], None] | None = None) -> CrdModel:
-    """Components on part A, combiners on part B."""
-    clinical = fit_logistic(part_a.clinical, part_a.poor, CLINICAL)
-    clinical_io = fit_logistic(part_a.clinical_imaging_only, part_a.poor, CLINICAL_IMAGING_ONLY)
-    radiomics = fit_lasso(part_a.radiomics, part_a.poor, feature_names(MRI_MAPS))
-    network, history = train_deep(part_a.slabs, part_a.poor, config, on_epoch)
-    model = CrdModel(clinical, clinical_io, radiomics, network, clinical, clinical, history)
-    scores_b = component_scores(model, part_b)
-    model.combined = fit_logistic(np.stack([scores_b["clinical"], scores_b["radiomics"], scores_b["deep"]], 1), part_b.poor, SCORES, standardise=False)
-    model.combined_imaging_only = fit_logistic(np.stack([scores_b["clinical_imaging_only"], scores_b["radiomics"], scores_b["deep"]], 1),
-                                               part_b.poor, SCORES, standardise=False)
+    """Cross-fitted: components fitted on A score B and fitted on B score A; the combiners are
+    fitted on those out-of-fold scores of all of A and B; the shipped components are then fitted
+    on A and B together."""
+    out_of_fold = []
+    for fit_on, scored in ((part_a, part_b), (part_b, part_a)):
+        out_of_fold.append(component_scores(_components(fit_on, config, None), scored))
+    s = {k: np.concatenate([out_of_fold[0][k], out_of_fold[1][k]]) for k in out_of_fold[0]}
+    poor = np.concatenate([part_b.poor, part_a.poor])
+    model = _components(_join(part_a, part_b), config, on_epoch)
+    model.combined = fit_logistic(np.stack([s["clinical"], s["radiomics"], s["deep"]], 1), poor, SCORES, standardise=False)
+    model.combined_imaging_only = fit_logistic(np.stack([s["clinical_imaging_only"], s["radiomics"], s["deep"]], 1),
+                                               poor, SCORES, standardise=False)
     return model
 
 
