@@ -366,6 +366,7 @@ def phantom(
     auc = record["best_auc_mrs_3_6"]
     if auc == auc:  # not NaN: both outcome classes present
         console.print(f"best achievable AUC for mRS 3-6 (true outcome model) on this cohort: {auc:.3f}")
+        console.print(f"admission ceiling (reperfusion and sICH integrated out): {record['admission_ceiling_auc_mrs_3_6']:.3f}")
     else:
         console.print("best achievable AUC for mRS 3-6: undefined (only one outcome class in this cohort)")
 

@@ -317,6 +317,60 @@ def final_infarct_consistency(
     console.print(summary)
 
 
+@app.command("train-outcome-crd")
+def train_outcome_crd(
+    families: Annotated[list[str], typer.Option("--family", help=f"Phantom families ({', '.join(FAMILIES)}).")] = list(FAMILIES),  # noqa: B006
+    held_out_family: Annotated[str, typer.Option(help="The family that only tests.")] = "geometric-uniform",
+    patients: Annotated[int, typer.Option(help="Patients per family (the held-out family's all test).")] = 80,
+    test_patients: Annotated[int, typer.Option(help="Test patients per training family.")] = 20,
+    epochs: Annotated[int, typer.Option(help="ResNet epochs.")] = 30,
+    seed: Annotated[int, typer.Option(help="Seed of the weights, folds and augmentation.")] = 4,
+    data: Annotated[Path, typer.Option(help="Dataset cache folder.")] = Path("build/datasets/outcome"),
+    weights: Annotated[Path, typer.Option(help="Where the shipped files go.")] = Path("models/weights"),
+) -> None:
+    """Seed 004's clinical-radiomics-deep learning outcome model: P(mRS 3-6 at 90 days)."""
+    from models.training.outcome_command import run
+    from models.training.outcome_crd import DeepConfig
+
+    try:
+        chosen = parse_families(families)
+    except ValueError as error:
+        console.print(f"[red]cannot plan the cohort:[/red] {error}")
+        raise typer.Exit(2) from error
+    if held_out_family not in chosen or len(chosen) < 2:
+        console.print(f"[red]cannot plan the cohort:[/red] the held-out family {held_out_family!r} must be one of at least two families")
+        raise typer.Exit(2)
+    if patients < test_patients + 30:
+        console.print(f"[red]cannot plan the cohort:[/red] {patients} patients per family leave too few to fit after {test_patients} test patients")
+        raise typer.Exit(2)
+    run(list(chosen), held_out_family, patients, test_patients, DeepConfig(epochs=epochs, seed=seed), data, weights, console)
+
+
+@app.command("train-outcome-cnn-lstm")
+def train_outcome_cnn_lstm(
+    families: Annotated[list[str], typer.Option("--family", help=f"Phantom families ({', '.join(FAMILIES)}).")] = list(FAMILIES),  # noqa: B006
+    held_out_family: Annotated[str, typer.Option(help="The family that only tests.")] = "geometric-uniform",
+    patients: Annotated[int, typer.Option(help="Patients per family (the held-out family's all test).")] = 80,
+    test_patients: Annotated[int, typer.Option(help="Test patients per training family.")] = 20,
+    epochs: Annotated[int, typer.Option(help="Epochs per module.")] = 12,
+    seed: Annotated[int, typer.Option(help="Seed of the first module's weights (the others: +1, +2, ...).")] = 0,
+    data: Annotated[Path, typer.Option(help="Dataset cache folder.")] = Path("build/datasets/outcome"),
+    weights: Annotated[Path, typer.Option(help="Where the shipped files go.")] = Path("models/weights"),
+) -> None:
+    """Seed 000's CNN-LSTM modules (MRI: ADC, DWI, Tmax, CBF, CBV) fused by Algorithm 1 with the NIHSS."""
+    from models.training.outcome_cnn_lstm import ModuleConfig, run
+
+    try:
+        chosen = parse_families(families)
+    except ValueError as error:
+        console.print(f"[red]cannot plan the cohort:[/red] {error}")
+        raise typer.Exit(2) from error
+    if held_out_family not in chosen or len(chosen) < 2:
+        console.print(f"[red]cannot plan the cohort:[/red] the held-out family {held_out_family!r} must be one of at least two families")
+        raise typer.Exit(2)
+    run(list(chosen), held_out_family, patients, test_patients, ModuleConfig(epochs=epochs, seed=seed), data, weights, console)
+
+
 def _counts(specs: list[SampleSpec]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for spec in specs:

@@ -9,6 +9,12 @@ The 90-day modified Rankin Scale follows a proportional-odds logistic model:
 so P(mRS 3-6) = sigmoid(eta); V_final (mL) is the final infarct for the patient's actual
 reperfusion status. The true probability is kept, so an outcome model's AUC can be compared with
 the best achievable one on the same cohort.
+
+Reperfusion (TICI) and sICH happen after admission, so no admission-time model can know them. The
+admission probability integrates them out of the model above (``admission_probability``): the
+mean of sigmoid(eta) over reperfused / not (P = 0.75 for a stroke, from the TICI grades) and sICH /
+not (its own logistic model in the core volume). Its AUC on a cohort is the admission ceiling
+(``admission_ceiling``), the honest upper bound for an outcome model fed at admission.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class Clinical:
     final_infarct_ml: float
     p_poor_outcome: float  # true P(mRS 3-6) under the model above
     mrs_90d: int
+    p_poor_outcome_admission: float  # P(mRS 3-6) from what is known at admission (TICI, sICH integrated out)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +79,7 @@ def draw_clinical(rng: np.random.Generator, volumes_ml: dict[str, float], side: 
         tici = None
     reperfused = tici is None or tici in REPERFUSED_GRADES
     final = volumes_ml["final_reperfused" if reperfused else "final_not_reperfused"]
-    sich = bool(stroke and rng.random() < sigmoid(-4.5 + 0.015 * core + 0.5 * reperfused))
+    sich = bool(stroke and rng.random() < sich_probability(core, reperfused))
     eta = outcome_logit(age, nihss, final, sich, reperfused)
     latent = eta + rng.logistic()
     mrs = int(np.sum(latent > np.asarray(MRS_CUTPOINTS)))
@@ -90,7 +97,38 @@ def draw_clinical(rng: np.random.Generator, volumes_ml: dict[str, float], side: 
         final_infarct_ml=round(final, 1),
         p_poor_outcome=float(sigmoid(eta)),
         mrs_90d=mrs,
+        p_poor_outcome_admission=admission_probability(age, nihss, volumes_ml),
     )
+
+
+REPERFUSION_PROBABILITY = float(sum(p for g, p in zip(TICI_GRADES, TICI_PROBABILITIES, strict=True) if g in REPERFUSED_GRADES))
+"""P(TICI 2b-3) for a patient with an occlusion."""
+
+
+def sich_probability(core_ml: float, reperfused: bool) -> float:
+    """P(symptomatic intracranial haemorrhage) of a stroke patient."""
+    return float(sigmoid(-4.5 + 0.015 * core_ml + 0.5 * reperfused))
+
+
+def admission_probability(age: float, nihss: float, volumes_ml: dict[str, float]) -> float:
+    """P(mRS 3-6) given what is known at admission (age, NIHSS, the lesion's zone volumes), with
+    reperfusion and sICH integrated out of the outcome model: the best prediction any model fed
+    at admission can make for this patient."""
+    if volumes_ml["hypoperfused"] <= 0:  # no occlusion: reperfused by definition, no sICH, no infarct
+        return float(sigmoid(outcome_logit(age, nihss, volumes_ml.get("final_reperfused", 0.0), False, True)))
+    total = 0.0
+    for reperfused, p_reperfused in ((True, REPERFUSION_PROBABILITY), (False, 1.0 - REPERFUSION_PROBABILITY)):
+        final = volumes_ml["final_reperfused" if reperfused else "final_not_reperfused"]
+        p_sich = sich_probability(volumes_ml["core"], reperfused)
+        for sich, p in ((True, p_sich), (False, 1.0 - p_sich)):
+            total += p_reperfused * p * float(sigmoid(outcome_logit(age, nihss, final, sich, reperfused)))
+    return total
+
+
+def admission_ceiling(records: list[Clinical]) -> float:
+    """AUC for mRS 3-6 of the admission probability on these patients: the ceiling of any
+    admission-time outcome model on the same cohort (NaN unless both outcomes occur)."""
+    return roc_auc(np.array([r.p_poor_outcome_admission for r in records]), np.array([r.mrs_90d >= 3 for r in records]))
 
 
 def outcome_logit(age: float, nihss: float, final_ml: float, sich: bool, reperfused: bool) -> float:

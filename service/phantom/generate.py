@@ -238,8 +238,8 @@ def write_cohort(
     """Write patients ``first_seed`` .. ``first_seed + count - 1`` and a cohort table.
 
     Patient ``s`` is the same whether written alone or in a cohort. Returns the cohort record,
-    including the AUC of the true outcome probability for mRS 3-6: the best any outcome model
-    can reach on this cohort.
+    including the AUC of the true outcome probability for mRS 3-6 (which knows reperfusion and
+    sICH) and the admission ceiling (the best any outcome model fed at admission can reach).
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
@@ -257,11 +257,12 @@ def write_cohort(
         "kind": kind,
         "poor_outcome_fraction": float(poor.mean()),
         "best_auc_mrs_3_6": roc_auc(np.array([c["p_poor_outcome"] for c in clinical]), poor),
+        "admission_ceiling_auc_mrs_3_6": roc_auc(np.array([c["p_poor_outcome_admission"] for c in clinical]), poor),
         "patients": patients,
     }
     write_json(out / "cohort.json", record)
     columns = ["patient_id", "age", "sex", "nihss", "onset_to_imaging_min", "lesion_side", "tici",
-               "reperfused", "sich", "core_ml", "hypoperfused_ml", "final_infarct_ml", "p_poor_outcome", "mrs_90d"]
+               "reperfused", "sich", "core_ml", "hypoperfused_ml", "final_infarct_ml", "p_poor_outcome", "p_poor_outcome_admission", "mrs_90d"]
     rows = ["\t".join(columns)]
     for p in patients:
         values = {"patient_id": p["patient_id"], **p["clinical"]}

@@ -1,0 +1,99 @@
+"""Seed 004's CRD outcome model in the service: a study's MRI maps, masks and clinical record ->
+P(mRS 3-6 at 90 days), with the model's identification and the inputs it used.
+
+The card (``models/weights/outcome-crd.card.json``) holds the logistic coefficients; the ResNet
+runs through ONNX Runtime. Without an NIHSS the model's imaging-only combiner is used (age and
+sex, radiomics, deep score), and the result says so ("NIHSS not available: imaging only").
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.analysis.outcome_radiomics import feature_names, region_features
+from service.errors import InputError, ModelError
+from service.findings import NIHSS_NOT_AVAILABLE, ModelInfo, NihssUsed
+from service.inference.outcome_card import OutcomeCard, read_outcome_card
+from service.inference.outcome_inputs import MRI_MAPS, lesion_slice, network_maps, slab_25d
+
+DEFAULT_CARD = Path(__file__).resolve().parents[2] / "models" / "weights" / "outcome-crd.card.json"
+
+
+@dataclass(frozen=True)
+class OutcomeInputs:
+    """What the outcome model reads of one study (maps on the study's grid, [Z, Y, X])."""
+
+    maps: dict[str, np.ndarray]  # MRI_MAPS: ADC (1e-6 mm2/s), DWI, Tmax (s), CBF, CBV
+    brain: np.ndarray
+    core: np.ndarray
+    hypoperfused: np.ndarray
+    spacing_mm: tuple[float, float, float]
+    age: float
+    sex_female: bool
+    nihss: NihssUsed | None
+
+
+@dataclass(frozen=True)
+class OutcomePrediction:
+    probability: float  # P(mRS 3-6 at 90 days)
+    model: ModelInfo
+    nihss: NihssUsed | None  # None: imaging only
+    scores: dict[str, float]  # clinical, radiomics, deep: the combiner's inputs
+
+    @property
+    def inputs_used(self) -> str:
+        return self.nihss.describe() if self.nihss is not None else NIHSS_NOT_AVAILABLE
+
+
+class CrdOutcomeModel:
+    """Loaded once; ``predict`` is safe to call from one thread at a time per instance."""
+
+    def __init__(self, card_path: Path = DEFAULT_CARD) -> None:
+        import onnxruntime
+
+        self.card: OutcomeCard = read_outcome_card(card_path)
+        onnx_path = card_path.parent / self.card.deep.file
+        try:
+            data = onnx_path.read_bytes()
+        except FileNotFoundError as error:
+            raise ModelError(f"the outcome model's network {onnx_path} is missing") from error
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.card.deep.sha256:
+            raise ModelError(f"{onnx_path.name} does not match its card (sha256 {digest[:12]}, card {self.card.deep.sha256[:12]})")
+        if tuple(self.card.deep.maps) != MRI_MAPS:
+            raise ModelError(f"the outcome card's maps {self.card.deep.maps} are not the service's {MRI_MAPS}")
+        unknown = set(self.card.radiomics.names) - set(feature_names(MRI_MAPS))
+        if unknown:
+            raise ModelError(f"the outcome card names radiomics features the service does not compute: {sorted(unknown)[:3]}")
+        self.session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+        self.info = ModelInfo(self.card.name, self.card.version, digest, "onnxruntime (CPUExecutionProvider)")
+
+    def predict(self, study: OutcomeInputs) -> OutcomePrediction:
+        missing = [m for m in MRI_MAPS if m not in study.maps]
+        if missing:
+            raise InputError(f"the outcome model needs the maps {missing}, which this study lacks")
+        shape = study.brain.shape
+        if any(np.shape(study.maps[m]) != shape for m in MRI_MAPS) or study.core.shape != shape or study.hypoperfused.shape != shape:
+            raise InputError("the outcome model's maps and masks differ in shape")
+        if shape[0] < 1 or not study.brain.any():
+            raise InputError("the outcome model needs a brain mask with at least one voxel")
+        maps = {m: np.asarray(study.maps[m], dtype=np.float32) for m in MRI_MAPS}
+        features = region_features(maps, study.brain, study.core, study.hypoperfused, study.spacing_mm)
+        names = feature_names(MRI_MAPS)
+        radiomics = float(self.card.radiomics.score(features[[names.index(n) for n in self.card.radiomics.names]][None, :])[0])
+        slab = slab_25d(network_maps(maps, study.brain), lesion_slice(study.hypoperfused, study.core))[None]
+        deep = float(self.session.run([self.card.deep.output], {self.card.deep.input: slab})[0][0])
+        record = {"age": float(study.age), "sex_female": float(study.sex_female)}
+        if study.nihss is not None:
+            clinical = float(self.card.clinical.score({**record, "nihss": float(study.nihss.value)})[0])
+            combiner = self.card.combined
+        else:
+            clinical = float(self.card.clinical_imaging_only.score(record)[0])
+            combiner = self.card.combined_imaging_only
+        logit = float(combiner.score(np.array([[clinical, radiomics, deep]]))[0])
+        return OutcomePrediction(float(1.0 / (1.0 + np.exp(-logit))), self.info, study.nihss,
+                                 {"clinical": clinical, "radiomics": radiomics, "deep": deep})
