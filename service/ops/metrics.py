@@ -57,6 +57,11 @@ LAST_INSTANCE_TO_ACK = Histogram(
     "From a study version's last received instance to the PACS acknowledging its last result",
     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
 )
+LAST_INSTANCE_TO_DECISION = Histogram(
+    "strokegate_last_instance_to_seg_sr_ack_seconds",
+    "From a study version's last received instance to the PACS acknowledging its SEG and SR (sent first)",
+    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+)
 DELIVERY_ATTEMPTS = Counter("strokegate_delivery_attempts_total", "C-STORE attempts of result objects", ["result"])
 DELIVERY_FAILURES = Counter("strokegate_delivery_failures_total", "Failed C-STORE attempts of result objects")
 DELIVERY_CONFIRMATIONS = Counter(
