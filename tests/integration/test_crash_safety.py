@@ -116,7 +116,8 @@ def test_kill_during_analysis_retries_the_job_and_delivers_once(tmp_path: Path, 
         _send_and_kill_when(
             service, patient, lambda: any(j["state"] == "running" for j in service.get("/api/jobs")), "a running job"
         )
-        assert not pacs.files()
+        # The SEG and SR may be at the PACS already (they go out before the maps are drawn): the job
+        # run again after the restart makes the same objects and must not send them a second time.
         service.start()
         _exactly_once(pacs, service)
         assert service.get("/api/jobs")[0]["attempts"] == 2
