@@ -138,6 +138,7 @@ def worker(
     jobs in progress finish first) or Ctrl-C. Give it serve's configuration: the database, the
     spool and results folders, the destinations and the analysis settings."""
     import os
+    import threading
 
     from service.config import JobQueueKind
     from service.errors import SetupError
@@ -179,7 +180,9 @@ def worker(
                        f"({error.strerror or error}); choose a free port with --metrics-port") from None
         console.print(f"worker metrics on http://{settings.http_host}:{settings.worker_metrics_port}/metrics", soft_wrap=True)
     app_ = celery_app(settings.broker_url, settings.celery_queue)
-    register_analysis(app_, job_runner(settings, db))
+    runner = job_runner(settings, db)
+    threading.Thread(target=runner.warm_up, name="model-warm-up", daemon=True).start()
+    register_analysis(app_, runner)
     code = run_worker(
         app_, settings.celery_queue, settings.workers, f"strokegate@{HOST}.{os.getpid()}", settings.log_level,
         on_ready=lambda: console.print(f"StrokeGate worker ready: {settings.workers} analyses at once from queue "

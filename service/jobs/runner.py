@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.analysis.clinical_revision import first_revision
+from service.analysis.ctp_model import load_ctp_model
 from service.analysis.pipeline import AnalysisParameters, add_reader_series, analyse_study, write_results
 from service.clinical.nihss import choose_nihss, used
 from service.delivery.outbox import enqueue
@@ -54,6 +55,11 @@ class JobRunner:
         self.max_attempts = max_attempts
         self.on_results = on_results
         self.on_finished = on_finished
+
+    def warm_up(self) -> None:
+        """Load the learned models the analyses run, before the first job asks for them."""
+        if self.parameters.models is not None:
+            load_ctp_model(self.parameters.models)
 
     def claim(self, owner: str, job_id: int | None = None) -> Job | None:
         """Claim the oldest runnable job (or job ``job_id``) for ``owner``."""
