@@ -466,9 +466,12 @@ class Receiver:
             if command.command_field == C_ECHO_RQ:
                 connection.send_command(message.context_id, encode_response(command, STATUS_SUCCESS))
             elif command.command_field == C_STORE_RQ:
+                received = time.monotonic()
                 entry = JournalEntry(command.sop_class_uid, command.sop_instance_uid,
                                      str(contexts[message.context_id].transfer_syntax[0]), calling_ae, message.dataset)
                 status, segment = self._store(entry, str(contexts[message.context_id].abstract_syntax), command.has_dataset)
+                metrics.RECEIVE_SECONDS.labels(phase="dataset").observe(received - message.command_at)
+                metrics.RECEIVE_SECONDS.labels(phase="durable").observe(time.monotonic() - received)
                 connection.send_command(message.context_id, encode_response(command, status))
                 if segment is not None:
                     self._hand_to_filer(segment, entry)
