@@ -37,6 +37,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -114,17 +115,30 @@ class Gate:
             [str(cli), "serve", "--host", "127.0.0.1", "--port", str(self.port), "--http-port", str(self.http),
              "--database-url", f"sqlite:///{folder / 'db.sqlite'}", "--spool-dir", str(folder / "spool"),
              "--results-dir", str(folder / "results")],
-            env={**ENV, "STROKEGATE_SERIES_IDLE_S": "600", **environment},
+            env={**ENV, "STROKEGATE_SERIES_IDLE_S": "600", "STROKEGATE_METRICS_AUTH": "false", **environment},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_ready(self.http)
+        self.phases: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
+        """Per send, by TCP_NODELAY: (seconds, dataset s per instance, durable s per instance)."""
+
+    def receive_seconds(self) -> tuple[float, float]:
+        """The service's total seconds so far of waiting for datasets (command to last byte) and of
+        journalling them (strokegate_receive_seconds)."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.http}/metrics", timeout=10).read().decode()
+        sums = {sample.labels["phase"]: sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples if sample.name == "strokegate_receive_seconds_sum"}
+        return sums.get("dataset", 0.0), sums.get("durable", 0.0)
 
     def send(self, study: Path, instances: int, nodelay: bool = True) -> tuple[float, float]:
         """Seconds for storescu to send ``study`` (``instances`` new ones), and until all of it was
         filed into the spool."""
         self.expected += instances
         expected_total = self.expected
+        before = self.receive_seconds()
         seconds = send(study, self.port, "STROKEGATE", nodelay)
+        after = self.receive_seconds()
+        self.phases[nodelay].append((seconds, (after[0] - before[0]) / instances, (after[1] - before[1]) / instances))
         sent = time.perf_counter()
         deadline = time.monotonic() + 120
         while (stored := self.spooled()) < expected_total and time.monotonic() < deadline:
@@ -224,6 +238,17 @@ def main() -> None:
               f"{statistics.median(plain['storescp']) / statistics.median(plain['strokegate']):.1f}x as shipped, "
               f"{statistics.median(plain['storescp']) / statistics.median(plain['strokegate-async']):.1f}x with "
               "receive_sync false; target >= 5x")
+        print("where a StrokeGate's time per instance goes (medians over the runs): waiting for the dataset "
+              "(its command to its last byte), making it durable (journal), and the rest (the sender's own "
+              "time between instances, our response on the wire)")
+        for name, gate in gates.items():
+            for nodelay, label in ((True, "TCP_NODELAY=1"), (False, "storescu as shipped")):
+                runs = gate.phases[nodelay][1:]  # not the untimed first study
+                per = statistics.median(r[0] for r in runs) / len(files) * 1e3
+                dataset = statistics.median(r[1] for r in runs) * 1e3
+                durable = statistics.median(r[2] for r in runs) * 1e3
+                print(f"{name:16s} {label:20s}: {per:.2f} ms per instance = dataset {dataset:.2f} ms + durable "
+                      f"{durable:.2f} ms + rest {per - dataset - durable:.2f} ms")
         for name in gates:
             print(f"{name}: the sender without TCP_NODELAY took {statistics.median(plain[name]) - medians[name]:+.2f} s "
                   "(median) against the sender with it")

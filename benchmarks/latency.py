@@ -15,6 +15,7 @@ and the last result object (the file's modification time). Medians over ``--runs
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sqlite3
@@ -64,6 +65,21 @@ def job_times(database: Path, study_uid: str) -> tuple[float, float, float]:
     return tuple(datetime.fromisoformat(value).replace(tzinfo=timezone.utc).timestamp() for value in row)
 
 
+def stage_seconds(database: Path, study_uid: str) -> dict[str, float]:
+    """The analysis stages' durations of the study's last job (its findings' timings_s)."""
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+        row = connection.execute(
+            "SELECT j.findings FROM jobs j JOIN studies s ON s.id = j.study_id WHERE s.study_uid = ? "
+            "ORDER BY j.id DESC LIMIT 1", (study_uid,)).fetchone()
+    return json.loads(row[0]).get("timings_s", {}) if row and row[0] else {}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds process ``pid`` has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def arrivals(folder: Path, study_uid: str) -> dict[str, list[float]]:
     """When storescp finished writing each result object of the study, by Modality (SEG, SR, OT...)."""
     found: dict[str, list[float]] = {}
@@ -100,6 +116,9 @@ def main() -> None:
         ))
         wait_ready(http)
         rows = []
+        stages: list[dict[str, float]] = []
+        cpu_used: list[float] = []  # the service's CPU seconds from the last image to the SEG and SR acknowledged
+        to_pacs: list[float] = []  # from the SEG and SR made (job start + their stages) to both at the destination
         for run in range(args.runs):
             copy = work / f"copy{run}"
             copy_with_new_uids(study, copy)
@@ -109,17 +128,25 @@ def main() -> None:
             subprocess.run(["storescu", "-aec", "STROKEGATE", "+sd", "127.0.0.1", str(port), str(copy)], env=ENV,
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             last_sent = time.time()
+            serve_pid = processes[1].pid
+            cpu = [(last_sent, cpu_seconds(serve_pid))]  # the service's CPU time, sampled while it works
             deadline = time.monotonic() + 300
             while not results_done(gate / "db.sqlite", study_uid):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"run {run}: results not all delivered within 300 s (log: {work / 'service.log'})")
                 time.sleep(0.05)
+                cpu.append((time.time(), cpu_seconds(serve_pid)))
             found = arrivals(pacs, study_uid)
             seg, sr = min(found["SEG"]) - last_sent, min(found["SR"]) - last_sent
             last = max(t for times in found.values() for t in times) - last_sent
             count = sum(len(times) for times in found.values())
             queued, began, finished = job_times(gate / "db.sqlite", study_uid)
             rows.append((last_sent - started, seg, sr, max(seg, sr), last, queued - last_sent, finished - began))
+            stages.append(stage_seconds(gate / "db.sqlite", study_uid))
+            decision_at = last_sent + max(seg, sr)
+            cpu_used.append(next((c for t, c in cpu if t >= decision_at), cpu[-1][1]) - cpu[0][1])
+            decided = began + sum(v for k, v in stages[-1].items() if k != "reader_series")
+            to_pacs.append(max(seg, sr) + last_sent - decided)
             print(f"run {run}: sent {instances} instances in {last_sent - started:.2f} s; after the last image: "
                   f"study complete (job queued) {queued - last_sent:.2f} s, analysis {finished - began:.2f} s, "
                   f"SEG {seg:.2f} s, SR {sr:.2f} s, last of {count} result objects {last:.2f} s", flush=True)
@@ -130,6 +157,15 @@ def main() -> None:
               f"SEG and SR {median[3]:.2f} s (target <= {TARGET_S:g} s: {'met' if median[3] <= TARGET_S else 'NOT met'}), "
               f"last result object {median[4]:.2f} s; of which: study complete {median[5]:.2f} s, "
               f"analysis {median[6]:.2f} s")
+        names = list(dict.fromkeys(name for run in stages for name in run))
+        print("where the seconds go (medians): " + ", ".join(
+            f"{name} {statistics.median(run.get(name, 0.0) for run in stages):.2f} s" for name in names)
+            + f"; SEG and SR made -> both acknowledged by the destination {statistics.median(to_pacs):.2f} s "
+            "(writing, outbox, sending)")
+        print(f"CPU time of the service from the last image to the SEG and SR acknowledged: "
+              f"{statistics.median(cpu_used):.2f} s (median; runs: {', '.join(f'{c:.2f}' for c in cpu_used)}): what "
+              "the wall time comes to on an idle machine where the work runs on one core at a time, less where "
+              "it uses both (ONNX Runtime, SciPy), more where it waits for the disk")
         print(f"load average during the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     finally:
         for process in reversed(processes):

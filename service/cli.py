@@ -132,11 +132,13 @@ def worker(
     results_dir: Annotated[Path | None, typer.Option(help="serve's results folder (shared storage).")] = None,
     destination: Annotated[list[str] | None, typer.Option(help="Result destination AE@host:port (repeatable): the same as serve's.")] = None,
     workers: Annotated[int | None, typer.Option(help="Analyses run at once by this process (threads).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve this worker's Prometheus metrics at http_host:PORT/metrics (0: none).")] = None,
 ) -> None:
     """Run analysis jobs that `strokegate serve` publishes (job_queue celery) until SIGTERM (the
     jobs in progress finish first) or Ctrl-C. Give it serve's configuration: the database, the
     spool and results folders, the destinations and the analysis settings."""
     import os
+    import threading
 
     from service.config import JobQueueKind
     from service.errors import SetupError
@@ -145,7 +147,7 @@ def worker(
 
     settings = _settings(
         config, broker_url=broker_url, database_url=database_url, spool_dir=spool_dir, results_dir=results_dir,
-        destinations=destination or None, workers=workers,
+        destinations=destination or None, workers=workers, worker_metrics_port=metrics_port,
     )
     if settings.job_queue != JobQueueKind.CELERY:
         raise fail("job_queue is database: serve analyses in its own threads and publishes no jobs; set job_queue "
@@ -168,8 +170,19 @@ def worker(
     released = lease.release_dead_leases(db)
     if released:
         console.print(f"{released} jobs of workers no longer running on this host requeued")
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(settings.worker_metrics_port, addr=settings.http_host)
+        except OSError as error:
+            raise fail(f"cannot serve the worker's metrics on {settings.http_host}:{settings.worker_metrics_port} "
+                       f"({error.strerror or error}); choose a free port with --metrics-port") from None
+        console.print(f"worker metrics on http://{settings.http_host}:{settings.worker_metrics_port}/metrics", soft_wrap=True)
     app_ = celery_app(settings.broker_url, settings.celery_queue)
-    register_analysis(app_, job_runner(settings, db))
+    runner = job_runner(settings, db)
+    threading.Thread(target=runner.warm_up, name="model-warm-up", daemon=True).start()
+    register_analysis(app_, runner)
     code = run_worker(
         app_, settings.celery_queue, settings.workers, f"strokegate@{HOST}.{os.getpid()}", settings.log_level,
         on_ready=lambda: console.print(f"StrokeGate worker ready: {settings.workers} analyses at once from queue "

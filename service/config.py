@@ -237,6 +237,11 @@ class Settings(BaseSettings):
     # Operations
     http_host: str = Field("127.0.0.1", description="loopback by default; set it for a Prometheus on another host")
     http_port: int = Field(8080, ge=0, le=65535)
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535,
+        description="`strokegate worker`: serve its Prometheus metrics (jobs, stages, inference) at http_host on this "
+        "port, /metrics, without a token (counts and durations only); 0: none",
+    )
     http_tls_certificate: Path | None = Field(None, description="PEM certificate (chain): the API is served as HTTPS")
     http_tls_key: Path | None = Field(None, description="PEM private key of http_tls_certificate")
     api_auth: bool = Field(True, description="/api needs a bearer token (strokegate token create)")

@@ -59,6 +59,11 @@ class ModelCorePenumbra:
         return f"CT perfusion model {self.identity.name} {self.identity.version} on {self.identity.backend}: {given}"
 
 
+def load_ctp_model(models: ModelSet) -> bool:
+    """Load the CT perfusion model of ``models`` ahead of the first study; False when it cannot be used."""
+    return models.load(MODEL_NAME, CTP_CONTRACT)
+
+
 def model_inputs(frames: np.ndarray, maps: dict[str, np.ndarray], brain: np.ndarray) -> ModelInputs:
     """The model's inputs from the frames ``[T, Z, Y, X]`` (HU, as received) and the analysis's
     maps and brain mask on the same grid."""

@@ -147,11 +147,15 @@ def check_sop_class(ds: Dataset, series_uid: str) -> None:
 
 def analyse_study(
     paths: list[Path], version: int, parameters: AnalysisParameters, study_uid: str | None = None,
-    nihss: NihssUsed | None = None,
+    nihss: NihssUsed | None = None, with_reader_series: bool = True,
 ) -> StudyOutcome:
     """Analyse the instances at ``paths`` (one study) as result version ``version``. ``nihss``, the
     patient's NIHSS if known (with where it came from), goes to the learned models trained to take
     it, and the results name it as the clinical input (None: "NIHSS not available: imaging only").
+
+    The outcome's objects start with the SEG and the SR, what a stroke team decides on; with
+    ``with_reader_series`` false they are all it holds, and ``add_reader_series`` draws the rest
+    later (a worker sends the SEG and SR before it draws the maps).
 
     Raises InputError when the study cannot be analysed, with the reason.
     """
@@ -168,11 +172,27 @@ def analyse_study(
     findings.nihss = nihss
     started = time.perf_counter()
     seg = build_seg(findings)
-    objects = [(SEG, seg), (SR, build_sr(findings, seg)), *reader_series(findings)]
-    findings.timings_s["results"] = time.perf_counter() - started
-    for stage, seconds in findings.timings_s.items():
-        metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
-    return StudyOutcome(findings, objects)
+    outcome = StudyOutcome(findings, [(SEG, seg), (SR, build_sr(findings, seg))])
+    findings.timings_s["seg_sr"] = time.perf_counter() - started
+    _observe(findings.timings_s, tuple(findings.timings_s))
+    if with_reader_series:
+        add_reader_series(outcome)
+    return outcome
+
+
+def add_reader_series(outcome: StudyOutcome) -> list[tuple[ResultKind, Dataset]]:
+    """Draw the outcome's reader series (``reader_series``), append them to its objects and return them."""
+    started = time.perf_counter()
+    drawn = reader_series(outcome.findings)
+    outcome.objects += drawn
+    outcome.findings.timings_s["reader_series"] = time.perf_counter() - started
+    _observe(outcome.findings.timings_s, ("reader_series",))
+    return drawn
+
+
+def _observe(timings_s: dict[str, float], stages: tuple[str, ...]) -> None:
+    for stage in stages:
+        metrics.STAGE_SECONDS.labels(stage=stage).observe(timings_s[stage])
 
 
 def reader_series(findings: Findings) -> list[tuple[ResultKind, Dataset]]:
@@ -265,12 +285,15 @@ def _analyse_ctp(series: StudySeries, version: int, parameters: AnalysisParamete
     return findings
 
 
-def write_results(outcome: StudyOutcome, results_dir: Path) -> list[ResultFile]:
-    """Write each result object to ``results_dir/<study UID>/v<version>/<kind>.dcm`` atomically."""
+def write_results(
+    outcome: StudyOutcome, results_dir: Path, objects: list[tuple[ResultKind, Dataset]] | None = None,
+) -> list[ResultFile]:
+    """Write each result object (``objects``, default all the outcome's) to
+    ``results_dir/<study UID>/v<version>/<kind>.dcm`` atomically."""
     folder = Path(outcome.findings.study_uid) / f"v{outcome.findings.version}"
     (results_dir / folder).mkdir(parents=True, exist_ok=True)
     files = []
-    for kind, ds in outcome.objects:
+    for kind, ds in outcome.objects if objects is None else objects:
         relative = folder / f"{kind.name}.dcm"
         temporary = results_dir / relative.with_suffix(".part")
         ds.save_as(temporary, enforce_file_format=True)

@@ -31,12 +31,12 @@ from sqlalchemy.orm import Session
 from service.config import ConfirmMode, Destination
 from service.delivery.confirm import Holding, ObjectKeys, ask_holding
 from service.delivery.scu import SendOutcome, SeriesRelabel, send_files
-from service.findings import ResultKind
+from service.findings import SEG, SR, ResultKind
 from service.ops import metrics
 from service.ops.loops import Rounds
 from service.ops.owners import HOST, new_owner, owner_gone
 from service.store.database import Database
-from service.store.models import Delivery, DeliveryState, Job, ResultObject, utcnow
+from service.store.models import Delivery, DeliveryState, Job, JobState, ResultObject, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,11 @@ def enqueue(session: Session, job: Job, results: list[ResultFile], destinations:
                 session.add(Delivery(result_id=row.id, destination=destination))
 
 
+DECISION_KINDS = (SEG.name, SR.name)
+"""The result objects a stroke team decides on: in the outbox before the rest are drawn, sent first."""
+
 DELIVERY_PRIORITY = case(
-    (ResultObject.kind == "SEG", 0), (ResultObject.kind == "SR", 1), (ResultObject.kind == "SUMMARY", 2),
+    (ResultObject.kind == SEG.name, 0), (ResultObject.kind == SR.name, 1), (ResultObject.kind == "SUMMARY", 2),
     (ResultObject.kind.like("PM-%"), 3), else_=4,
 )
 """The order results go out in: what a stroke team decides on first (the SEG and the SR, then the
@@ -318,15 +321,22 @@ class Sender(Rounds):
                         row.id, destination, row.attempts, outcome.error, row.next_attempt_at.isoformat(timespec="seconds"))
 
     def _observe_job_delivered(self, delivery_id: int, now: datetime) -> None:
-        """With its job's last delivery sent, the time from the last instance to the PACS."""
+        """With its job's last SEG or SR delivery sent, the time from the last instance to the
+        decision objects at the PACS; with the last of all (the job done: nothing more comes), to
+        the PACS."""
         try:
             with self.db.session() as session:
-                job = session.scalar(select(Job).join(ResultObject).join(Delivery).where(Delivery.id == delivery_id))
-                unsent = session.scalar(
-                    select(func.count()).select_from(Delivery).join(ResultObject)
-                    .where(ResultObject.job_id == job.id, Delivery.state != DeliveryState.SENT)
-                )
-            if unsent == 0:
+                job, kind = session.execute(
+                    select(Job, ResultObject.kind).join(ResultObject).join(Delivery).where(Delivery.id == delivery_id)
+                ).one()
+                unsent = select(func.count()).select_from(Delivery).join(ResultObject).where(
+                    ResultObject.job_id == job.id, Delivery.state != DeliveryState.SENT)
+                decision_unsent = (session.scalar(unsent.where(ResultObject.kind.in_(DECISION_KINDS)))
+                                   if kind in DECISION_KINDS else None)
+                all_unsent = session.scalar(unsent) if job.state == JobState.DONE else None
+            if decision_unsent == 0:
+                metrics.LAST_INSTANCE_TO_DECISION.observe((now - job.last_instance_at).total_seconds())
+            if all_unsent == 0:
                 metrics.LAST_INSTANCE_TO_ACK.observe((now - job.last_instance_at).total_seconds())
         except Exception as error:  # noqa: BLE001 - the outcome is recorded; only a metric is missed
             log.error("could not observe the time to the PACS of delivery %d: %s", delivery_id, error)

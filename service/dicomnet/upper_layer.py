@@ -116,6 +116,7 @@ class Message:
     context_id: int
     command: Command
     dataset: bytearray = field(default_factory=bytearray)
+    command_at: float = 0.0  # time.monotonic() when its command set was complete
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,7 @@ class Connection:
                         raise ProtocolError("command set longer than 64 KiB", ABORT_INVALID_PARAMETER)
                     if control & 0x02:
                         try:
-                            message = Message(context_id, decode_command(command))
+                            message = Message(context_id, decode_command(command), command_at=time.monotonic())
                         except InputError as error:
                             raise ProtocolError(str(error), ABORT_INVALID_PARAMETER) from error
                         complete = not message.command.has_dataset

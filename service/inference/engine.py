@@ -144,18 +144,25 @@ def available_backends() -> list[Availability]:
     return [tensorrt_availability(), onnxruntime_availability(), torch_availability()]
 
 
+AVAILABILITY = {Backend.TENSORRT: tensorrt_availability, Backend.ONNXRUNTIME: onnxruntime_availability,
+                Backend.TORCH: torch_availability}
+"""How to find out whether each concrete backend can run here (importing it: torch takes seconds)."""
+
+
 def choose_backend(requested: Backend | str, card: ModelCard) -> tuple[Backend, str]:
-    """The backend to load ``card``'s model on, and why; ModelError when the one asked for cannot run."""
+    """The backend to load ``card``'s model on, and why; ModelError when the one asked for cannot run.
+    Only the backends that could be chosen are looked at (auto never imports torch)."""
     requested = Backend(requested)
-    states = {a.backend: a for a in available_backends()}
     if requested is Backend.TORCH and card.files.exported_program is None:
         raise ModelError(f"model {card.name} has no exported torch program: the torch backend cannot run it")
     if requested is not Backend.AUTO:
-        state = states[requested]
+        state = AVAILABILITY[requested]()
         if not state.available:
             raise ModelError(f"inference backend {requested.value} was asked for but cannot run here: {state.reason}")
         return requested, f"asked for; {state.reason}"
+    states: dict[Backend, Availability] = {}
     for backend in (Backend.TENSORRT, Backend.ONNXRUNTIME):
+        states[backend] = AVAILABILITY[backend]()
         if states[backend].available:
             passed = [f"{b.value}: {states[b].reason}" for b in (Backend.TENSORRT,) if b is not backend]
             return backend, "; ".join([f"auto chose {backend.value}: {states[backend].reason}", *(f"not {p}" for p in passed)])

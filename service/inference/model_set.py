@@ -40,6 +40,15 @@ class ModelSet:
         with self._locks[name]:
             yield engine
 
+    def load(self, name: str, contract: Contract) -> bool:
+        """Load model ``name`` now (at start, so that the first study does not wait seconds for it);
+        False when it cannot be used (logged, and raised as ModelError when a study asks for it)."""
+        try:
+            self._engine(name, contract)
+        except ModelError:
+            return False
+        return True
+
     def _engine(self, name: str, contract: Contract) -> Engine:
         with self._loading:
             if name not in self._engines:

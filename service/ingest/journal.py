@@ -15,14 +15,22 @@ nothing, as the written pages belong to the kernel; a power cut may lose that la
 Record: magic, segment number, header and payload lengths, CRC-32 over all of it, a JSON header and
 the encoded dataset. The segment number in each record tells records of a recycled segment's
 previous life from new ones.
+
+Each receiving process has its own journal, ``<spool>/journal/<owner>``, locked (``flock``) for as
+long as the process lives, so that several ingest replicas sharing a spool never append to one
+file. A journal whose lock can be taken belongs to a process that is gone: at start a process
+takes one such journal over as its own (renamed to its owner name; its segments are replayed and
+then recycled), and replays and removes any others (``claim_folder``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import logging
 import os
+import shutil
 import struct
 import threading
 import time
@@ -56,6 +64,74 @@ class JournalEntry:
     dataset: bytes | bytearray  # the encoded dataset exactly as received
 
 
+_LOCK_NAME = "owner.lock"
+
+
+@dataclass
+class JournalFolder:
+    """The journal folder a process claimed (``lock_fd`` holds its lock for the process's life) and
+    the folders of other processes that are gone, to be replayed and removed (``remove_orphan``)."""
+
+    path: Path
+    lock_fd: int
+    orphans: list[tuple[Path, int]]  # folder, the fd holding its lock
+
+    def release(self) -> None:
+        """Unlock the folder (the journal is closed): the next process to start takes it over."""
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+
+def _try_lock(folder: Path) -> int | None:
+    """An fd holding ``folder``'s lock, or None while its process lives."""
+    fd = os.open(folder / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def claim_folder(root: Path, owner: str) -> JournalFolder:
+    """This process's journal folder under ``root``, named ``owner`` and locked: the folder of a
+    process that is gone, taken over (the first found), or a new one; the segments of the older
+    layout (directly in ``root``, one journal for all) are moved into it. The other folders of
+    processes that are gone come back as orphans. One process at a time looks (a lock on ``root``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    guard = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        mine = root / owner
+        lock_fd: int | None = None
+        orphans: list[tuple[Path, int]] = []
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            fd = _try_lock(folder)
+            if fd is None:
+                continue  # a live process's journal
+            if lock_fd is None:
+                folder.rename(mine)
+                lock_fd = fd
+            else:
+                orphans.append((folder, fd))
+        if lock_fd is None:
+            mine.mkdir()
+            lock_fd = _try_lock(mine)
+        for legacy in [*root.glob("*.wal"), *root.glob("*.free")]:
+            os.replace(legacy, mine / legacy.name)
+        fsync_folder(root)
+        return JournalFolder(mine, lock_fd, orphans)
+    finally:
+        os.close(guard)
+
+
+def remove_orphan(folder: Path, lock_fd: int) -> None:
+    """Delete a gone process's journal folder once every record in it is filed."""
+    shutil.rmtree(folder)
+    os.close(lock_fd)
+
+
 class Journal:
     """Append-only, recycled segment files in one folder (on the spool's file system)."""
 
@@ -82,7 +158,7 @@ class Journal:
         return self.folder / f"{segment:016d}.wal"
 
     def segments(self) -> list[int]:
-        return sorted(int(p.stem) for p in self.folder.glob("*.wal"))
+        return sorted(int(p.stem) for p in self.folder.glob("*.wal") if p.stem.isdigit())
 
     def replay(self) -> Iterator[tuple[int, JournalEntry]]:
         """Every whole record left in the segments, oldest first (call before ``open``)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -69,7 +70,7 @@ from service.errors import InputError
 from service.dicomnet import tls
 from service.dicomnet.dimse import C_ECHO_RQ, C_STORE_RQ, encode_response
 from service.ingest.header import ReceivedInstance, parse_header, received_instance
-from service.ingest.journal import Journal, JournalEntry
+from service.ingest.journal import Journal, JournalEntry, claim_folder, remove_orphan
 from service.ingest.spool import Spool, check_uid, part10_header
 from service.dicomnet.upper_layer import (
     IMPLEMENTATION_CLASS_UID,
@@ -85,6 +86,7 @@ from service.dicomnet.upper_layer import (
 )
 from service.ops import metrics
 from service.ops.loops import Loop
+from service.ops.owners import new_owner
 from service.store.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -175,7 +177,8 @@ class Receiver:
         self.config = config
         self.spool = spool
         self.on_instance = on_instance
-        self.journal = Journal(spool.root / "journal", sync_each=config.sync_each, sync_interval_s=config.sync_interval_s)
+        self.journal_folder = claim_folder(spool.root / "journal", new_owner().replace(":", "-"))
+        self.journal = Journal(self.journal_folder.path, sync_each=config.sync_each, sync_interval_s=config.sync_interval_s)
         self.contexts = [build_context(Verification)]
         self.contexts += [build_context(sop_class, list(TRANSFER_SYNTAXES)) for sop_class in STORAGE_CLASSES]
         self._listener: socket.socket | None = None
@@ -241,7 +244,31 @@ class Receiver:
                           "and are retried, new instances get 0xA700 meanwhile", error)
                 self._unrecovered[segment] = offset
                 self._spool_writable = False
+        count += self._recover_orphans()
         self._open_journal()
+        return count
+
+    def _recover_orphans(self) -> int:
+        """File the records of the journals of other receivers that are gone (replicas sharing the
+        spool), then remove them; one that cannot be filed now stays for the next start."""
+        count = 0
+        for folder, lock_fd in self.journal_folder.orphans:
+            orphan = Journal(folder)
+            try:
+                for segment in orphan.segments():
+                    for _, entry in orphan.replay_segment(segment):
+                        self._file(entry, replace=True)
+                        count += 1
+                orphan.close()
+                remove_orphan(folder, lock_fd)
+                log.info("filed the journal %s of a receiver that is gone", folder.name)
+            except OSError as error:
+                orphan.close()
+                os.close(lock_fd)
+                metrics.FILING_FAILURES.inc()
+                log.error("could not file the journal %s of a receiver that is gone (%s); the next start tries again",
+                          folder.name, error)
+        self.journal_folder.orphans = []
         return count
 
     def _open_journal(self) -> None:
@@ -281,6 +308,7 @@ class Receiver:
             self._backlog_changed.notify_all()
         self.loops[1].join(timeout=60)  # what is still unfiled after that is replayed at the next start
         self.journal.close()
+        self.journal_folder.release()
 
     def _accept_loop(self) -> None:
         allowed = frozenset(self.config.allowed_hosts)
@@ -438,9 +466,12 @@ class Receiver:
             if command.command_field == C_ECHO_RQ:
                 connection.send_command(message.context_id, encode_response(command, STATUS_SUCCESS))
             elif command.command_field == C_STORE_RQ:
+                received = time.monotonic()
                 entry = JournalEntry(command.sop_class_uid, command.sop_instance_uid,
                                      str(contexts[message.context_id].transfer_syntax[0]), calling_ae, message.dataset)
                 status, segment = self._store(entry, str(contexts[message.context_id].abstract_syntax), command.has_dataset)
+                metrics.RECEIVE_SECONDS.labels(phase="dataset").observe(received - message.command_at)
+                metrics.RECEIVE_SECONDS.labels(phase="durable").observe(time.monotonic() - received)
                 connection.send_command(message.context_id, encode_response(command, status))
                 if segment is not None:
                     self._hand_to_filer(segment, entry)

@@ -117,6 +117,17 @@ def _finish(session: Session, job: Job, state: JobState, error: str | None, now:
     session.add(AuditEvent(kind=f"job_{state.value}", study_id=job.study_id, detail={"job": job.id, "error": error}))
 
 
+def while_owned(db: Database, job_id: int, owner: str, action: Callable[[Session, Job], None]) -> bool:
+    """Run ``action`` in one transaction if job ``job_id`` still runs under our lease (the SEG and
+    SR of a job going into the outbox before the job is done); False, and nothing done, if not."""
+    with db.session() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or job.lease_owner != owner or job.state != JobState.RUNNING:
+            return False
+        action(session, job)
+        return True
+
+
 def finish(
     db: Database,
     job_id: int,

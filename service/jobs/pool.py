@@ -25,6 +25,7 @@ class DatabasePool:
         self.loops = [Loop(f"worker-{i}", self._loop) for i in range(count)]
 
     def start(self) -> None:
+        threading.Thread(target=self.runner.warm_up, name="model-warm-up", daemon=True).start()
         for loop in self.loops:
             loop.start()
 

@@ -1,5 +1,7 @@
-"""Running one claimed job: analyse the study version, write the result files, and in one
-transaction mark the job done and fill the outbox. The same for every job queue."""
+"""Running one claimed job: analyse the study version, write the SEG and SR and put them in the
+outbox at once (what a stroke team decides on goes out while the maps are drawn), then draw and
+write the reader series and, in one transaction, put them in the outbox too and mark the job done.
+The same for every job queue."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.analysis.clinical_revision import first_revision
-from service.analysis.pipeline import AnalysisParameters, analyse_study, write_results
+from service.analysis.ctp_model import load_ctp_model
+from service.analysis.pipeline import AnalysisParameters, add_reader_series, analyse_study, write_results
 from service.clinical.nihss import choose_nihss, used
 from service.delivery.outbox import enqueue
 from service.errors import InputError
@@ -53,6 +56,11 @@ class JobRunner:
         self.on_results = on_results
         self.on_finished = on_finished
 
+    def warm_up(self) -> None:
+        """Load the learned models the analyses run, before the first job asks for them."""
+        if self.parameters.models is not None:
+            load_ctp_model(self.parameters.models)
+
     def claim(self, owner: str, job_id: int | None = None) -> Job | None:
         """Claim the oldest runnable job (or job ``job_id``) for ``owner``."""
         return lease.claim(self.db, owner, self.lease_s, self.max_attempts, job_id=job_id)
@@ -72,11 +80,20 @@ class JobRunner:
         heartbeat = _Heartbeat(self.db, job_id, owner, self.lease_s)
         started = time.perf_counter()
         try:
-            outcome = analyse_study(paths, version, self.parameters, study_uid=study_uid, nihss=nihss)
+            outcome = analyse_study(paths, version, self.parameters, study_uid=study_uid, nihss=nihss,
+                                    with_reader_series=False)
             if heartbeat.lost:
                 log.warning("job %d: lease lost during the analysis; another worker runs it", job_id)
                 return
             files = write_results(outcome, self.results_dir)
+            if not lease.while_owned(self.db, job_id, owner,
+                                     lambda session, job: enqueue(session, job, files, self.destinations)):
+                heartbeat.stop()
+                log.warning("job %d: lease lost before its SEG and SR went out; another worker runs it", job_id)
+                return
+            if self.on_results is not None:
+                self.on_results()
+            files += write_results(outcome, self.results_dir, add_reader_series(outcome))
         except InputError as error:
             heartbeat.stop()
             lease.finish(self.db, job_id, owner, JobState.FAILED, error=str(error))

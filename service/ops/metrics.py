@@ -22,6 +22,13 @@ BUILD.info({"version": service.__version__})
 INSTANCES_RECEIVED = Counter(
     "strokegate_instances_received_total", "DICOM instances stored in the spool", ["modality", "sop_class"]
 )
+RECEIVE_SECONDS = Histogram(
+    "strokegate_receive_seconds",
+    "Per C-STORE: 'dataset', from its command to the last byte of its dataset (a sender held up by "
+    "delayed acknowledgements shows here); 'durable', journalling it before Success (fdatasync)",
+    ["phase"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
+)
 INSTANCES_REJECTED = Counter(
     "strokegate_instances_rejected_total", "C-STORE requests answered with a failure status", ["reason"]
 )
@@ -55,6 +62,11 @@ STAGE_SECONDS = Histogram(
 LAST_INSTANCE_TO_ACK = Histogram(
     "strokegate_last_instance_to_pacs_ack_seconds",
     "From a study version's last received instance to the PACS acknowledging its last result",
+    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+)
+LAST_INSTANCE_TO_DECISION = Histogram(
+    "strokegate_last_instance_to_seg_sr_ack_seconds",
+    "From a study version's last received instance to the PACS acknowledging its SEG and SR (sent first)",
     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
 )
 DELIVERY_ATTEMPTS = Counter("strokegate_delivery_attempts_total", "C-STORE attempts of result objects", ["result"])

@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pydicom
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
 from service_harness import STROKEGATE, stop_process, wait_for
@@ -60,12 +62,16 @@ def delete_queue(name: str, broker_url: str = BROKER) -> None:
 class Worker:
     """`strokegate worker` in its own process, sharing ``root``'s spool and results with serve."""
 
-    def __init__(self, root: Path, name: str, database_url: str, destinations: list[str], env: dict[str, str]) -> None:
+    def __init__(self, root: Path, name: str, database_url: str, destinations: list[str], env: dict[str, str],
+                 metrics_port: int = 0) -> None:
+        """``metrics_port``: serve the worker's Prometheus metrics there (0: none)."""
         self.root = root
         self.log = root / f"{name}.log"
+        self.metrics_port = metrics_port
         self.command = [
             str(STROKEGATE), "worker", "--database-url", database_url, "--spool-dir", str(root / "spool"),
             "--results-dir", str(root / "results"), *[arg for d in destinations for arg in ("--destination", d)],
+            "--metrics-port", str(metrics_port),
         ]
         self.env = env
         self.process: subprocess.Popen | None = None
@@ -83,6 +89,12 @@ class Worker:
             return "StrokeGate worker ready" in self.log.read_text()
 
         wait_for(ready, timeout, f"the worker to be ready (log: {self.log})", interval=0.5)
+
+    def metric(self, name: str, labels: dict[str, str]) -> float:
+        """The value of sample ``name`` with ``labels`` on the worker's /metrics (0 when absent)."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
     @property
     def pid(self) -> int:

@@ -97,6 +97,9 @@ def _send_and_kill_when(service: Service, dicom: Path, condition, what: str) -> 
 
 
 def _exactly_once(pacs: StoreSCP, service: Service) -> None:
+    # The job done: one killed after its SEG and SR were in the outbox runs again, makes the same
+    # objects and must not send them a second time.
+    wait_for(lambda: [j["state"] for j in service.get("/api/jobs")] == ["done"], 120, "the job done")
     files = wait_for(lambda: len(pacs.files()) >= 2 and pacs.files(), 120, "SEG and SR at the PACS")
     wait_for(lambda: all(d["state"] == "sent" for d in service.get("/api/deliveries")), 30, "deliveries marked sent")
     time.sleep(2)  # a duplicate send would arrive now
@@ -113,10 +116,11 @@ def test_kill_during_analysis_retries_the_job_and_delivers_once(tmp_path: Path, 
     pacs = StoreSCP(tmp_path / "pacs").start()
     service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'db.sqlite'}", [f"{pacs.address}?send=seg+sr"]).start()
     try:
-        _send_and_kill_when(
-            service, patient, lambda: any(j["state"] == "running" for j in service.get("/api/jobs")), "a running job"
+        _send_and_kill_when(  # while it analyses: before its SEG and SR go out (they do before the maps are drawn)
+            service, patient,
+            lambda: any(j["state"] == "running" for j in service.get("/api/jobs")) and not service.get("/api/deliveries"),
+            "a running job with nothing in the outbox yet",
         )
-        assert not pacs.files()
         service.start()
         _exactly_once(pacs, service)
         assert service.get("/api/jobs")[0]["attempts"] == 2
@@ -156,7 +160,9 @@ def test_kill_during_delivery_resends_at_most_the_object_in_flight(tmp_path: Pat
     try:
         storescu(out / "SGPH00000002" / "dicom" / "MR" / "dwi", service.port, "STROKEGATE")
         sent = lambda: sum(d["state"] == "sent" for d in service.get("/api/deliveries"))  # noqa: E731
-        wait_for(lambda: sent() >= 2, 120, "two results delivered", interval=0.05)
+        # The job done (every result in the outbox; its SEG and SR may go out before that) and two sent.
+        done = lambda: [j["state"] for j in service.get("/api/jobs")] == ["done"]  # noqa: E731
+        wait_for(lambda: done() and sent() >= 2, 120, "the job done and two results delivered", interval=0.05)
         service.kill()
         before = len(pacs.files())
         objects = len(service.start().get("/api/deliveries"))

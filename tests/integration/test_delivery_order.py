@@ -13,10 +13,13 @@ import pytest
 from sqlalchemy import select
 
 from dicom_tools import requires_storescu
-from service.config import Destination
+from service.analysis.pipeline import AnalysisParameters
+from service.config import Destination, Settings
 from service.delivery.outbox import ResultFile, Sender, enqueue
-from service.findings import ResultKind
-from service.ingest.header import ReceivedInstance
+from service.findings import ResultCategory, ResultKind
+from service.ingest.header import ReceivedInstance, parse_header, received_instance
+from service.jobs.runner import JobRunner
+from service.ops.owners import new_owner
 from service.ingest.spool import Spool
 from service.ingest.tracker import Tracker, record_instances
 from service.phantom.generate import write_patient
@@ -75,3 +78,41 @@ def test_seg_and_sr_of_every_pending_study_go_out_before_its_images(tmp_path: Pa
         pacs.stop()
         db.dispose()
 
+
+
+def test_a_job_puts_its_seg_and_sr_in_the_outbox_before_it_draws_the_maps(tmp_path: Path) -> None:
+    """The worker's first hand-over to the sender holds the SEG and the SR alone, while the job
+    still runs; the summary and map series follow when the job is done."""
+    write_patient(4, "mri", tmp_path / "patient", PhantomOptions(mr_frames=8))
+    dwi = tmp_path / "patient" / "SGPH00000004" / "dicom" / "MR" / "dwi"
+    spool_dir = tmp_path / "spool"
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    db.upgrade()
+    items = []
+    for source in sorted(dwi.glob("*.dcm")):
+        relative = Path("study") / source.name
+        (spool_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, spool_dir / relative)
+        items.append(received_instance(parse_header(source.read_bytes()), relative.as_posix(), source.stat().st_size, "CT1"))
+    with db.session() as session:
+        record_instances(session, items, utcnow() - timedelta(hours=1))
+    job_id = Tracker(db, Spool(spool_dir), 1, 24).tick(utcnow())[0]
+    handed_over: list[tuple[str, set[str]]] = []
+
+    def outbox() -> None:
+        with db.session() as session:
+            handed_over.append((session.get(Job, job_id).state.value,
+                                set(session.scalars(select(ResultObject.kind).join(Delivery)))))
+
+    settings = Settings(learned_models=False)
+    runner = JobRunner(db, spool_dir, tmp_path / "results", AnalysisParameters.from_settings(settings),
+                       {"PACS": set(ResultCategory)}, lease_s=60, max_attempts=1, on_results=outbox)
+    try:
+        owner = new_owner()
+        assert runner.claim(owner, job_id) is not None
+        runner.run(job_id, owner)
+    finally:
+        db.dispose()
+    assert handed_over[0] == ("running", {"SEG", "SR"})
+    state, kinds = handed_over[-1]
+    assert state == "done" and {"SEG", "SR", "SUMMARY"} <= kinds and any(k.startswith("MAP-") for k in kinds)

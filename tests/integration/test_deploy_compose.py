@@ -123,6 +123,10 @@ def test_prometheus_scrapes_the_compose_service_on_its_http_port(compose: dict) 
     # /metrics needs a reader token (tokens live in the database): Prometheus reads it from its secret
     assert job["authorization"]["credentials_file"] == "/run/secrets/prometheus_token"
     assert "prometheus_token" in compose["services"]["prometheus"]["secrets"]
+    # and every worker replica on the metrics port the compose workers are given
+    workers = next(j for j in config["scrape_configs"] if j["job_name"] == "strokegate-worker")["dns_sd_configs"][0]
+    for name in workers["names"]:
+        assert compose["services"][name]["environment"]["STROKEGATE_WORKER_METRICS_PORT"] == str(workers["port"])
 
 
 def test_the_compose_orthanc_routes_like_the_shipped_rule_but_to_the_strokegate_service() -> None:

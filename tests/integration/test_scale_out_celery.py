@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_tools import requires_storescu, storescu
+from dicom_tools import free_port, requires_storescu, storescu
 from scale_out import BROKER, Worker, delete_queue, distinct_studies, queue_name, rabbitmq_available
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
@@ -53,7 +53,7 @@ def test_three_workers_analyse_twelve_studies_once_and_deliver_each_result_once_
     with TemporaryPostgres() as database_url:
         root = tmp_path / "gate"
         service = Service(root, database_url, [destination], env=env)
-        workers = [Worker(root, f"worker{i}", database_url, [destination], env) for i in range(3)]
+        workers = [Worker(root, f"worker{i}", database_url, [destination], env, metrics_port=free_port()) for i in range(3)]
         db = Database(database_url)
         try:
             service.start()
@@ -111,6 +111,13 @@ def test_three_workers_analyse_twelve_studies_once_and_deliver_each_result_once_
             sent_studies = {str(pydicom.dcmread(next(s.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID) for s in studies}
             assert per_study == {(uid, modality): 1 for uid in sent_studies for modality in ("SEG", "SR")}
             assert "already exists" not in pacs.log.read_text()
+            # Each surviving worker's /metrics counts the jobs its log says it finished.
+            for worker in workers:
+                if worker is not victim:
+                    finished = sum(" done: " in line and "job " in line for line in worker.log.read_text().splitlines())
+                    assert worker.metric("strokegate_stage_duration_seconds_count", {"stage": "job"}) == finished
+            assert sum(worker.metric("strokegate_stage_duration_seconds_count", {"stage": "job"})
+                       for worker in workers if worker is not victim) > 0
         finally:
             db.dispose()
             for worker in workers:

@@ -17,7 +17,7 @@ from pynetdicom.dsutils import decode, encode
 from service.errors import InputError
 from service.dicomnet.dimse import C_ECHO_RQ, C_STORE_RQ, decode_command, encode_response
 from service.ingest import journal as journal_module
-from service.ingest.journal import Journal, JournalEntry
+from service.ingest.journal import Journal, JournalEntry, claim_folder, remove_orphan
 from service.ingest.spool import part10_header
 from service.dicomnet.upper_layer import Connection, PeerGone, ProtocolError
 
@@ -225,3 +225,42 @@ def test_prompt_acknowledgement_is_skipped_where_the_socket_has_no_such_option()
         assert not connection.prompt_ack
         peer.sendall(p_data(pdv(1, 0x03, store_request()), pdv(1, 0x02, b"pixels")))
         assert bytes(connection.read_message({1: None}).dataset) == b"pixels"
+
+
+def journalled(folder: Path, first: int, count: int) -> None:
+    """``count`` records appended to the journal in ``folder`` and left unfiled, as a crash leaves them."""
+    journal = Journal(folder, segment_bytes=1 << 20)
+    journal.open()
+    for index in range(first, first + count):
+        journal.append(entry(index))
+    journal.close()
+
+
+def test_each_receiver_has_its_own_journal_and_one_that_is_gone_is_taken_over(tmp_path: Path) -> None:
+    root = tmp_path / "journal"
+    first = claim_folder(root, "replica-a")
+    second = claim_folder(root, "replica-b")  # a second replica on the same spool, while the first runs
+    assert (first.path.name, second.path.name) == ("replica-a", "replica-b")
+    journalled(first.path, 0, 3)
+    journalled(second.path, 10, 2)
+    first.release()  # replica a is gone (a crash releases its lock as well)
+    restarted = claim_folder(root, "replica-c")
+    assert restarted.path.name == "replica-c" and not first.path.exists() and restarted.orphans == []
+    assert [e.sop_instance_uid for _, e in Journal(restarted.path).replay()] == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["replica-b", "replica-c"]  # b's is b's
+    second.release()
+    restarted.release()
+    after_both = claim_folder(root, "replica-d")  # one process restarts for two that are gone: one journal is
+    assert [folder.name for folder, _ in after_both.orphans] == ["replica-c"]  # its own, the other to replay
+    assert [e.sop_instance_uid for _, e in Journal(after_both.path).replay()] == ["1.2.3.10", "1.2.3.11"]
+    for folder, lock_fd in after_both.orphans:
+        remove_orphan(folder, lock_fd)
+    assert sorted(p.name for p in root.iterdir()) == ["replica-d"]
+
+
+def test_the_one_journal_of_an_earlier_version_moves_into_the_first_receivers_own(tmp_path: Path) -> None:
+    root = tmp_path / "journal"
+    journalled(root, 0, 2)  # segments directly in the journal folder, as before
+    claimed = claim_folder(root, "replica-a")
+    assert not list(root.glob("*.wal"))
+    assert [e.sop_instance_uid for _, e in Journal(claimed.path).replay()] == ["1.2.3.0", "1.2.3.1"]
