@@ -94,8 +94,13 @@ def analysis_fingerprint(parameters: CtpParameters = CtpParameters()) -> str:
     return digest.hexdigest()[:12]
 
 
+def dataset_folder(folder: Path) -> Path:
+    """Where the studies of this dataset version, made by this analysis, are cached under ``folder``."""
+    return folder / f"v{DATASET_VERSION}-{analysis_fingerprint()}"
+
+
 def sample_path(folder: Path, spec: SampleSpec) -> Path:
-    return folder / f"v{DATASET_VERSION}-{analysis_fingerprint()}" / f"{spec.key}.npz"
+    return dataset_folder(folder) / f"{spec.key}.npz"
 
 
 def build_sample(spec: SampleSpec, folder: Path) -> tuple[SampleSpec, Path | None, float, str]:
