@@ -82,10 +82,11 @@ def analyse(simulated: Simulated, parameters: CtpParameters = CtpParameters()) -
 
 
 @cache
-def analysis_fingerprint(parameters: CtpParameters = CtpParameters()) -> str:
-    """sha256 (12 hex digits) of the analysis and phantom sources (``ANALYSIS_SOURCES``) and the
-    analysis parameters: which analysis a cached study came from."""
-    root = Path(service.__file__).parent
+def analysis_fingerprint(parameters: CtpParameters = CtpParameters(), root: Path | None = None) -> str:
+    """sha256 (12 hex digits) of the analysis and phantom sources (``ANALYSIS_SOURCES`` under
+    ``root``, the service's package by default) and the analysis parameters: which analysis a cached
+    study came from."""
+    root = Path(service.__file__).parent if root is None else root
     digest = hashlib.sha256(repr(parameters).encode())
     for name in ANALYSIS_SOURCES:
         path = root / name
