@@ -4,6 +4,7 @@ input with the reference probabilities, and the parity check torch against ONNX 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +53,17 @@ def export_onnx(network: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def onnx_probabilities(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
+def onnx_forward(path: Path) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """The ONNX file on ONNX Runtime (CPU), one session: (maps, brain, clinical) -> probabilities."""
     import onnxruntime
 
-    options = onnxruntime.SessionOptions()
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run([CTP_CONTRACT.output.name], inputs)[0]
+    session = onnxruntime.InferenceSession(str(path), onnxruntime.SessionOptions(), providers=["CPUExecutionProvider"])
+    names = [t.name for t in CTP_CONTRACT.tensors]
+    return lambda *arrays: session.run([CTP_CONTRACT.output.name], dict(zip(names, arrays, strict=True)))[0]
+
+
+def onnx_probabilities(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    return onnx_forward(path)(*(inputs[t.name] for t in CTP_CONTRACT.tensors))
 
 
 def torch_probabilities(network: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 
 from models.networks.slow_fusion import SlowFusionNet
 from models.training.cohort import SampleSpec
-from models.training.loop import Study, predict_study
+from models.training.loop import Forward, Study, predict_study
 from models.training.metrics import dice, hausdorff_95, volume_difference_ml
 
 CLASSES = {"penumbra": 1, "core": 2}
@@ -33,12 +33,14 @@ class Score:
     true_ml: float
 
 
-def score_study(network: SlowFusionNet, spec: SampleSpec, study: Study) -> list[Score]:
+def score_study(network: SlowFusionNet, spec: SampleSpec, study: Study, forward: Forward | None = None) -> list[Score]:
+    """Both methods' scores on one study; the model run by ``forward`` (e.g. the exported file on
+    ONNX Runtime, as the service runs it) or by torch when None."""
     spacing = tuple(float(v) for v in study.extra["spacing_mm"])
     voxel_ml = float(np.prod(spacing)) / 1000.0
     predictions = {
-        "model": predict_study(network, study, nihss_known=True).argmax(axis=1),
-        "model, NIHSS unknown": predict_study(network, study, nihss_known=False).argmax(axis=1),
+        "model": predict_study(network, study, nihss_known=True, forward=forward).argmax(axis=1),
+        "model, NIHSS unknown": predict_study(network, study, nihss_known=False, forward=forward).argmax(axis=1),
     }
     scores = []
     for cls, index in CLASSES.items():
