@@ -5,6 +5,7 @@ model whose inputs a ``Contract`` names (the CT perfusion model's by default).""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +62,17 @@ def export_onnx(network: torch.nn.Module, path: Path, contract: Contract = CTP_C
     return path
 
 
-def onnx_probabilities(path: Path, inputs: dict[str, np.ndarray], contract: Contract = CTP_CONTRACT) -> np.ndarray:
+def onnx_forward(path: Path, contract: Contract = CTP_CONTRACT) -> Callable[..., np.ndarray]:
+    """The ONNX file on ONNX Runtime (CPU), one session: the contract's tensors in order -> probabilities."""
     import onnxruntime
 
-    options = onnxruntime.SessionOptions()
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run([contract.output.name], inputs)[0]
+    session = onnxruntime.InferenceSession(str(path), onnxruntime.SessionOptions(), providers=["CPUExecutionProvider"])
+    names = [t.name for t in contract.tensors]
+    return lambda *arrays: session.run([contract.output.name], dict(zip(names, arrays, strict=True)))[0]
+
+
+def onnx_probabilities(path: Path, inputs: dict[str, np.ndarray], contract: Contract = CTP_CONTRACT) -> np.ndarray:
+    return onnx_forward(path, contract)(*(inputs[t.name] for t in contract.tensors))
 
 
 def torch_probabilities(network: torch.nn.Module, inputs: dict[str, np.ndarray], contract: Contract = CTP_CONTRACT) -> np.ndarray:

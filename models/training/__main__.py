@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from models.training.cohort import FAMILIES, CohortPlan, SampleSpec, parse_families
-from models.training.dataset import build, load
+from models.training.dataset import build, dataset_folder, load
 from models.training.loop import Study, TrainConfig, train as train_network
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train StrokeGate's learned models (research use only).")
@@ -69,9 +69,9 @@ def train(
     weights: Annotated[Path, typer.Option(help="Where the shipped files go.")] = Path("models/weights"),
 ) -> None:
     """Dataset, training, evaluation, export: the shipped CT perfusion core/penumbra model."""
-    from models.export import PARITY_TOLERANCE, export_onnx, export_program, parity, torch_probabilities, write_test_input
+    from models.export import PARITY_TOLERANCE, export_onnx, export_program, onnx_forward, parity, torch_probabilities, write_test_input
     from models.training.card import build_card
-    from models.training.evaluate import score_study, summarise
+    from models.training.evaluate import ACCEPTANCE_NOISE_HU, acceptance, score_study, summarise
     from models.training.report import curves, write_report
     from service.inference.card import card_path, write_card
 
@@ -114,17 +114,18 @@ def train(
     trained_s = time.perf_counter() - started
     console.print(f"training: {history.seconds / 60:.1f} min, best validation epoch {history.best_epoch}")
 
+    weights.mkdir(parents=True, exist_ok=True)
+    onnx_path = export_onnx(network, weights / f"{MODEL_NAME}.onnx")
+    shipped = onnx_forward(onnx_path)  # the test patients are scored on the shipped file, as the service runs it
     scores = []
     evaluated = [(spec, s) for spec, s in studies.items() if spec.split in ("test", "held-out")]
     with _progress() as progress:
-        task = progress.add_task("evaluation", total=len(evaluated), status="")
+        task = progress.add_task("evaluation (ONNX Runtime)", total=len(evaluated), status="")
         for spec, study in evaluated:
-            scores += score_study(network, spec, study)
+            scores += score_study(network, spec, study, forward=shipped)
             progress.update(task, advance=1, status=spec.key)
     summaries = summarise(scores)
 
-    weights.mkdir(parents=True, exist_ok=True)
-    onnx_path = export_onnx(network, weights / f"{MODEL_NAME}.onnx")
     program_path = export_program(network, weights / f"{MODEL_NAME}.pt2")
     inputs = _test_input(evaluated)
     reference = torch_probabilities(network, inputs)
@@ -140,7 +141,8 @@ def train(
         name=MODEL_NAME, version=MODEL_VERSION, plan=plan, studies=studies, config=config, history=history, summaries=summaries,
         files=(onnx_path, program_path, test_path), parity_difference=difference, command=command,
         duration_s=trained_s, machine=machine, size_multiple=network.size_multiple,
-        notes=f"dataset {dataset_s / 60:.1f} min + training {(trained_s - dataset_s) / 60:.1f} min; "
+        notes=f"dataset {dataset_folder(data).name} (version, analysis fingerprint), {len(paths)} studies; "
+              f"dataset {dataset_s / 60:.1f} min + training {(trained_s - dataset_s) / 60:.1f} min; "
               f"evaluation and export {(total_s - trained_s) / 60:.1f} min more",
     )
     write_card(card, card_path(onnx_path))
@@ -152,6 +154,9 @@ def train(
               "", "**Research use only. Not for diagnosis.** Trained and tested on synthetic patients only."]
     report = write_report(weights / f"{MODEL_NAME}.report.md", f"{MODEL_NAME} {MODEL_VERSION}", header, summaries, history, curves_png.name)
     shutil.copy(report, run / report.name)
+    for check in acceptance(summaries):
+        console.print(f"acceptance at {ACCEPTANCE_NOISE_HU:g} HU, {check.split} {check.family}: core {check.core_margin:+.3f}, "
+                      f"penumbra {check.penumbra_margin:+.3f} -> {'holds' if check.holds else 'FAILS'}")
     console.print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), its card, {report}")
     console.print(f"total {total_s / 60:.1f} min (dataset + training {trained_s / 60:.1f} min)")
 

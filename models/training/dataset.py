@@ -5,19 +5,25 @@ stores, exactly what the DICOM path reads back) and analysed by ``analyse_ctp_se
 function the service runs after loading DICOM; the model inputs are then made by
 ``service.inference.ctp_inputs``, as the service makes them. Writing and reading the DICOM files
 would cost ~7 s a study and change nothing (tests/unit/test_training.py checks that the
-maps agree). One ``.npz`` per study is cached under the dataset folder (ignored by git).
+maps agree). One ``.npz`` per study is cached under the dataset folder (ignored by git), in a
+folder named by the dataset version and the fingerprint of the analysis that made it, so that a
+changed analysis (or phantom) never reuses studies it did not make.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
+
+import service
 
 from models.training.cohort import FAMILIES, SampleSpec
 from service.analysis.ctp_model import model_inputs
@@ -31,6 +37,8 @@ CT_INTERCEPT, CT_BITS = -1024.0, 12
 """How the phantom's CT perfusion series is stored as DICOM (service.phantom.generate)."""
 DATASET_VERSION = 2
 """Bump when what a cached study holds changes."""
+ANALYSIS_SOURCES = ("perfusion", "imaging", "phantom", "analysis/ctp_perfusion.py", "analysis/ctp_model.py", "inference/ctp_inputs.py")
+"""The service's code (under ``service/``) that draws the patients and makes the maps and inputs."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +81,27 @@ def analyse(simulated: Simulated, parameters: CtpParameters = CtpParameters()) -
     }
 
 
+@cache
+def analysis_fingerprint(parameters: CtpParameters = CtpParameters(), root: Path | None = None) -> str:
+    """sha256 (12 hex digits) of the analysis and phantom sources (``ANALYSIS_SOURCES`` under
+    ``root``, the service's package by default) and the analysis parameters: which analysis a cached
+    study came from."""
+    root = Path(service.__file__).parent if root is None else root
+    digest = hashlib.sha256(repr(parameters).encode())
+    for name in ANALYSIS_SOURCES:
+        path = root / name
+        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(source.relative_to(root).as_posix().encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def dataset_folder(folder: Path) -> Path:
+    """Where the studies of this dataset version, made by this analysis, are cached under ``folder``."""
+    return folder / f"v{DATASET_VERSION}-{analysis_fingerprint()}"
+
+
 def sample_path(folder: Path, spec: SampleSpec) -> Path:
-    return folder / f"v{DATASET_VERSION}" / f"{spec.key}.npz"
+    return dataset_folder(folder) / f"{spec.key}.npz"
 
 
 def build_sample(spec: SampleSpec, folder: Path) -> tuple[SampleSpec, Path | None, float, str]:

@@ -10,11 +10,16 @@ import numpy as np
 
 from models.networks.slow_fusion import SlowFusionNet
 from models.training.cohort import SampleSpec
-from models.training.loop import Study, predict_study
+from models.training.loop import Forward, Study, predict_study
 from models.training.metrics import dice, hausdorff_95, volume_difference_ml
 
 CLASSES = {"penumbra": 1, "core": 2}
 METHODS = ("model", "model, NIHSS unknown", "threshold")
+ACCEPTANCE_NOISE_HU = 10.0
+CORE_MARGIN = 0.05
+"""The model's median core Dice must be at least the threshold method's plus this."""
+PENUMBRA_SLACK = 0.02
+"""The model's median penumbra Dice may be at most this below the threshold method's."""
 
 
 @dataclass(frozen=True)
@@ -28,12 +33,14 @@ class Score:
     true_ml: float
 
 
-def score_study(network: SlowFusionNet, spec: SampleSpec, study: Study) -> list[Score]:
+def score_study(network: SlowFusionNet, spec: SampleSpec, study: Study, forward: Forward | None = None) -> list[Score]:
+    """Both methods' scores on one study; the model run by ``forward`` (e.g. the exported file on
+    ONNX Runtime, as the service runs it) or by torch when None."""
     spacing = tuple(float(v) for v in study.extra["spacing_mm"])
     voxel_ml = float(np.prod(spacing)) / 1000.0
     predictions = {
-        "model": predict_study(network, study, nihss_known=True).argmax(axis=1),
-        "model, NIHSS unknown": predict_study(network, study, nihss_known=False).argmax(axis=1),
+        "model": predict_study(network, study, nihss_known=True, forward=forward).argmax(axis=1),
+        "model, NIHSS unknown": predict_study(network, study, nihss_known=False, forward=forward).argmax(axis=1),
     }
     scores = []
     for cls, index in CLASSES.items():
@@ -70,4 +77,30 @@ def summarise(scores: list[Score]) -> list[Summary]:
         out.append(Summary(split, family, noise, method, cls, len(group), float(np.median([s.dice for s in group])),
                            float(np.median(distances)) if distances else None,
                            float(np.median([s.volume_difference_ml for s in group]))))
+    return out
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """The model's Dice minus the threshold method's, per family, at the acceptance noise level."""
+
+    split: str
+    family: str
+    core_margin: float
+    penumbra_margin: float
+
+    @property
+    def holds(self) -> bool:
+        return self.core_margin >= CORE_MARGIN and self.penumbra_margin >= -PENUMBRA_SLACK
+
+
+def acceptance(summaries: list[Summary], noise_hu: float = ACCEPTANCE_NOISE_HU) -> list[Acceptance]:
+    """The acceptance check of each (split, family) evaluated at ``noise_hu``: core Dice at least
+    ``CORE_MARGIN`` above the threshold method's, penumbra Dice no more than ``PENUMBRA_SLACK`` below."""
+    dice_of = {(s.split, s.family, s.method, s.cls): s.dice for s in summaries if s.noise_hu == noise_hu}
+    out = []
+    for split, family in sorted({(split, family) for split, family, _, _ in dice_of}, key=lambda k: (k[0] != "test", k[1])):
+        margins = [dice_of.get((split, family, "model", cls), float("nan")) - dice_of.get((split, family, "threshold", cls), float("nan"))
+                   for cls in ("core", "penumbra")]
+        out.append(Acceptance(split, family, *margins))
     return out

@@ -108,8 +108,14 @@ class CropSampler:
         )
 
 
-def predict_study(network: SlowFusionNet, study: Study, nihss_known: bool = True, batch: int = 4) -> np.ndarray:
-    """Probabilities ``[Z, 3, H, W]`` of a whole study (torch, eval mode); H and W padded as needed."""
+Forward = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""(maps, brain, clinical) -> probabilities, as numpy arrays: the network run by some backend."""
+
+
+def predict_study(network: SlowFusionNet, study: Study, nihss_known: bool = True, batch: int = 4,
+                  forward: Forward | None = None) -> np.ndarray:
+    """Probabilities ``[Z, 3, H, W]`` of a whole study (torch in eval mode, or ``forward``, e.g. the
+    exported file on ONNX Runtime); H and W padded as needed."""
     network.eval()
     z, _, h, w = study.inputs.shape
     multiple = network.size_multiple
@@ -121,7 +127,10 @@ def predict_study(network: SlowFusionNet, study: Study, nihss_known: bool = True
     with torch.no_grad():
         for start in range(0, z, batch):
             part = slice(start, start + batch)
-            out[part] = network(torch.from_numpy(maps[part]), torch.from_numpy(brain[part]), torch.from_numpy(clinical[part])).numpy()
+            if forward is not None:
+                out[part] = forward(maps[part], brain[part], clinical[part])
+            else:
+                out[part] = network(torch.from_numpy(maps[part]), torch.from_numpy(brain[part]), torch.from_numpy(clinical[part])).numpy()
     return out[:, :, :h, :w]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from models.training.evaluate import Summary
+from models.training.evaluate import ACCEPTANCE_NOISE_HU, CORE_MARGIN, PENUMBRA_SLACK, Acceptance, Summary, acceptance
 from models.training.loop import History
 
 
@@ -32,6 +32,15 @@ def comparison_table(summaries: list[Summary]) -> list[str]:
             f"{'-' if blind is None else f'{blind.dice:.2f}'} | {threshold.dice:.2f} | {model.dice - threshold.dice:+.2f} | {hd(model)} | {hd(threshold)} | "
             f"{model.volume_difference_ml:.1f} | {threshold.volume_difference_ml:.1f} |"
         )
+    return rows
+
+
+def acceptance_table(checks: list[Acceptance]) -> list[str]:
+    """One row per (split, family): the model's Dice minus the threshold method's, and whether the
+    acceptance holds."""
+    rows = [f"| split | family | core: model - threshold (>= {CORE_MARGIN:+.2f}) | penumbra: model - threshold (>= {-PENUMBRA_SLACK:+.2f}) | holds |",
+            "|---|---|---|---|---|"]
+    rows += [f"| {c.split} | {c.family} | {c.core_margin:+.3f} | {c.penumbra_margin:+.3f} | {'yes' if c.holds else '**no**'} |" for c in checks]
     return rows
 
 
@@ -61,7 +70,9 @@ def write_report(path: Path, title: str, header: list[str], summaries: list[Summ
     lines = [f"# {title}", "", *header, "", "## Model against the threshold method",
              "", "Medians over patients; truth is the phantom's; the threshold method is the service's CT perfusion analysis "
              "(core rCBF < 30 % within Tmax > 6 s). HD95: 95 % Hausdorff distance; abs dV: |predicted - true volume|.", "",
-             *comparison_table(summaries), "", "## Training", "",
+             *comparison_table(summaries), "", f"## Acceptance at {ACCEPTANCE_NOISE_HU:g} HU", "",
+             "Per family (the held-out family's row marked held-out), from the medians above.", "",
+             *acceptance_table(acceptance(summaries)), "", "## Training", "",
              f"Best validation epoch {history.best_epoch} of {len(history.epochs)}; {history.seconds / 60:.1f} min of training.", "",
              f"![training curves]({curves_png})", "",
              "| epoch | training loss | validation loss | validation Dice core | validation Dice penumbra | minutes |", "|---|---|---|---|---|---|"]

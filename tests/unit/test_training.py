@@ -4,6 +4,7 @@ Never a full training (that is `python -m models.training train`, about an hour)
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,17 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
 
-from models.export import PARITY_TOLERANCE, export_onnx, parity  # noqa: E402
+from models.export import PARITY_TOLERANCE, export_onnx, onnx_forward, parity  # noqa: E402
 from models.training.cohort import FAMILIES, CohortPlan, SampleSpec  # noqa: E402
-from models.training.dataset import build, load, simulate  # noqa: E402
+from models.training.dataset import ANALYSIS_SOURCES, DATASET_VERSION, analysis_fingerprint, build, load, sample_path, simulate  # noqa: E402
+from models.training.evaluate import Summary, acceptance  # noqa: E402
 from models.training.losses import focal_tversky  # noqa: E402
-from models.training.loop import CropSampler, Study, TrainConfig, new_network, train  # noqa: E402
+from models.training.loop import CropSampler, Study, TrainConfig, new_network, predict_study, train  # noqa: E402
 from models.training.metrics import dice, hausdorff_95, volume_difference_ml  # noqa: E402
-from service.analysis.ctp_perfusion import analyse_ctp_series  # noqa: E402
+import service  # noqa: E402
+from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp_series  # noqa: E402
 from service.imaging.perfusion_series import load_ctp  # noqa: E402
+from service.phantom import families as phantom_families  # noqa: E402
 from service.phantom.generate import write_patient  # noqa: E402
 from service.phantom.patient import PhantomOptions  # noqa: E402
 
@@ -116,6 +120,8 @@ def test_a_few_training_steps_learn_and_the_export_agrees_with_torch(tmp_path: P
     inputs = {"maps": study.inputs[2:5], "brain": study.brain[2:5, None].astype(np.float32),
               "clinical": np.array([[0.2, 1.0], [0.0, 0.0], [0.9, 1.0]], np.float32)}
     assert parity(network, onnx_path, inputs) <= PARITY_TOLERANCE
+    on_onnx = predict_study(network, study, forward=onnx_forward(onnx_path))  # how the evaluation scores the shipped file
+    assert np.abs(on_onnx - predict_study(network, study)).max() <= PARITY_TOLERANCE
 
 
 def test_the_same_seed_gives_the_same_weights(tmp_path: Path, small_family: str) -> None:
@@ -129,3 +135,43 @@ def test_the_same_seed_gives_the_same_weights(tmp_path: Path, small_family: str)
     a, b, c = first.state_dict(), second.state_dict(), other.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_the_cohort_draws_the_phantoms_own_families() -> None:
+    """One list of families: the training cohort's are service.phantom.families', held-out one included."""
+    assert list(FAMILIES) == list(phantom_families.FAMILIES)
+    plan = CohortPlan(tuple(FAMILIES), phantom_families.held_out_family(), (10.0,), train=1, validation=1, test=1)
+    assert {s.family for s in plan.samples() if s.split in ("train", "validation")} == set(phantom_families.tuning_families())
+
+
+def test_cached_studies_are_keyed_by_the_analysis_that_made_them(tmp_path: Path) -> None:
+    root = Path(service.__file__).parent
+    copy = tmp_path / "service"
+    for name in ANALYSIS_SOURCES:
+        source = root / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, copy / name)
+    assert analysis_fingerprint(root=copy) == analysis_fingerprint()
+    assert analysis_fingerprint(CtpParameters(core_rcbf=0.25)) != analysis_fingerprint()
+    edited = shutil.copytree(copy, tmp_path / "edited" / "service")
+    changed = edited / "perfusion" / "ctp.py"
+    changed.write_text(changed.read_text() + "\n# changed\n")
+    assert analysis_fingerprint(root=edited) != analysis_fingerprint()
+    assert sample_path(tmp_path, SampleSpec("icbm", 1, 10.0, "test")).parent.name == f"v{DATASET_VERSION}-{analysis_fingerprint()}"
+
+
+def test_the_acceptance_compares_the_model_with_the_threshold_per_family_at_10_hu() -> None:
+    def rows(split: str, family: str, noise: float, core: tuple[float, float], penumbra: tuple[float, float]) -> list[Summary]:
+        return [Summary(split, family, noise, method, cls, 3, value, 2.0, 1.0)
+                for cls, values in (("core", core), ("penumbra", penumbra)) for method, value in zip(("model", "threshold"), values)]
+
+    summaries = (rows("test", "icbm", 10.0, (0.90, 0.80), (0.80, 0.81)) + rows("held-out", "geo", 10.0, (0.84, 0.80), (0.90, 0.80))
+                 + rows("test", "icbm", 20.0, (0.50, 0.80), (0.10, 0.80)) + rows("test", "varied", 10.0, (0.90, 0.80), (0.70, 0.75)))
+    checks = {(c.split, c.family): c for c in acceptance(summaries)}
+    assert set(checks) == {("test", "icbm"), ("test", "varied"), ("held-out", "geo")}
+    assert checks["test", "icbm"].holds and checks["test", "icbm"].core_margin == pytest.approx(0.10)
+    assert not checks["held-out", "geo"].holds  # core only 0.04 above
+    assert not checks["test", "varied"].holds  # penumbra 0.05 below
