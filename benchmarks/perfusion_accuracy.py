@@ -3,6 +3,7 @@
     nice -n 10 .venv/bin/python benchmarks/perfusion_accuracy.py               # 6 patients per family, 5/10/20 HU
     .venv/bin/python benchmarks/perfusion_accuracy.py --patients 2 --noise 10  # a quick look
     .venv/bin/python benchmarks/perfusion_accuracy.py --candidate all          # every candidate core estimate
+    nice -n 10 .venv/bin/python benchmarks/perfusion_accuracy.py --jobs 4      # patients in 4 processes
 
 Families (service.phantom.families) differ in structure: anatomy (ICBM templates or a geometric
 head with a 2-12 mm cortex), graded or uniform zones, core rCBF 0.05-0.28 (near-threshold cores
@@ -47,7 +48,7 @@ CANDIDATES: dict[str, CtpParameters] = {
     "no bias correction": CtpParameters(bias_correction=False),
     "no anatomy-guided detail": CtpParameters(anatomy_detail=False),
     "gaussian denoising": CtpParameters(denoising="gaussian"),
-    "low-flow correction": CtpParameters(low_flow_correction=True),
+    "no low-flow correction": CtpParameters(low_flow_correction=False),
     "brain mask up to the bone": CtpParameters(brain_bone_gap_mm=0.0),
 }
 """Candidate core estimates compared per family (``--candidate``)."""

@@ -6,7 +6,9 @@ concentration; select the AIF (fail on a truncated bolus) and the VOF (partial-v
 denoise inside the brain with the edge-preserving TIPS filter; deconvolve every brain voxel with
 oSVD and correct SVD's biases (late Tmax, low fast flow) with a calibration on the study's own
 AIF; take vessels (CBV above 8 mL/100 g) out of the brain; put the grey/white matter structure
-that the denoising smoothed away back into CBF and CBV from the temporal mean image; threshold
+that the denoising smoothed away back into CBF and CBV from the temporal mean image; correct the
+CBF of delayed tissue (Tmax > 6 s), which reads high at low flow, through the low-flow calibration
+(service.perfusion.low_flow) at the frames' noise; threshold
 (core rCBF < 30 % of the contralateral normal tissue within Tmax > 6 s, hypoperfusion Tmax > 6 s),
 remove specks, summarise with the DEFUSE 3 verdict; masks back on the acquired grid.
 """
@@ -60,7 +62,7 @@ class CtpParameters:
     bias_split: bool = True  # correct the bias separately inside and outside Tmax > 6 s
     # Low flows of delayed tissue (Tmax > 6 s) read high at clinical noise: invert the measured
     # rCBF through the calibration of service.perfusion.low_flow (tuning families, frame noise).
-    low_flow_correction: bool = False
+    low_flow_correction: bool = True
     # The brain mask grows back towards the skull up to this distance from bone (ctp.brain_mask_ct).
     brain_bone_gap_mm: float = ctp.GROWTH_BONE_GAP_MM
     denoising: str = "tips"  # "tips" (edge-preserving, time-intensity profile similarity) or "gaussian"
