@@ -210,6 +210,7 @@ def brain_mask_ct(
     vessel_hu: float = VESSEL_ENHANCEMENT_HU,
     bone_margin_mm: float = BONE_MARGIN_MM,
     smooth_mm: float = 1.5,
+    growth_bone_gap_mm: float = GROWTH_BONE_GAP_MM,
 ) -> np.ndarray:
     """Brain parenchyma of a CT perfusion series: no bone, air, scalp, CSF or large vessels.
 
@@ -218,7 +219,8 @@ def brain_mask_ct(
     bone, which would lift the cortex beside it out of the tissue window; voxels in ``TISSUE_HU`` and at
     least ``bone_margin_mm`` from bone; the largest 3D connected component (the brain
     inside the skull; the scalp is cut off by the skull and the margin); then grown back by the
-    margin into tissue-valued voxels, so that the cortex against the skull stays in; holes filled
+    margin into tissue-valued voxels farther than ``growth_bone_gap_mm`` from bone, so that the
+    cortex against the skull stays in; holes filled
     in-plane; then CSF (baseline < ``csf_hu``) and large vessels (peak enhancement > ``vessel_hu``
     over baseline, 3-frame running mean against noise, dilated by one pixel in-plane) removed,
     and small fragments (< 0.1 mL) dropped.
@@ -266,7 +268,7 @@ def brain_mask_ct(
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     brain = labels == int(sizes.argmax())
-    tissue = (smooth > TISSUE_HU[0]) & (smooth < TISSUE_HU[1]) & (from_bone > GROWTH_BONE_GAP_MM)
+    tissue = (smooth > TISSUE_HU[0]) & (smooth < TISSUE_HU[1]) & (from_bone > growth_bone_gap_mm)
     near = ndimage.distance_transform_edt(~brain, sampling=spacing) <= bone_margin_mm + 0.5 * float(spacing[1:].max())
     brain |= near & tissue
     for z in range(brain.shape[0]):
