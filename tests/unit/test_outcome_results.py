@@ -15,7 +15,7 @@ from service.analysis.outcome_findings import NOT_FOR_CT, add_outcome, patient_a
 from service.findings import NIHSS_NOT_AVAILABLE, Analysis, ModelInfo, NihssSource, NihssUsed, OutcomeRecord
 from service.results.seg import build_seg
 from service.results.sr import build_sr, clinical_input, revise_sr
-from service.results.summary import outcome_line
+from service.results.summary import build_summary, outcome_line, text_lines
 from test_clinical_report import HL7_14, HL7_22
 from test_outcome_models import _mri_study
 from test_results import make_findings, patient, write_and_read  # noqa: F401 - the fixture too
@@ -89,9 +89,15 @@ def test_an_outcome_of_another_nihss_is_refused(patient) -> None:  # noqa: F811
         build_sr(findings, build_seg(findings))
 
 
-def test_summary_line_names_probability_and_nihss() -> None:
+def test_summary_line_names_probability_and_nihss(patient) -> None:  # noqa: F811
     assert outcome_line(_record(0.623, HL7_14)) == "P(mRS 3-6 at 90 d): 62% [outcome-crd; NIHSS 14 (HL7 v2 ORU^R01)]"
     assert NIHSS_NOT_AVAILABLE in outcome_line(_record(0.2, None))
+    base = make_findings(patient)
+    findings = dataclasses.replace(base, nihss=HL7_14, outcome=_record(0.623, HL7_14),
+                                   maps={"adc": np.full(base.geometry.shape, 800.0, dtype=np.float32)})
+    assert outcome_line(findings.outcome) in text_lines(findings)
+    assert not any(line.startswith("P(mRS") for line in text_lines(make_findings(patient)))
+    build_summary(findings)  # the image draws with the extra line
 
 
 def test_ct_studies_get_no_outcome_and_say_why(patient) -> None:  # noqa: F811
