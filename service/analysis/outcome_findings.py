@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from service.analysis.outcome_model import OutcomeInputs, outcome_model, to_record
+from service.analysis.outcome_model import DEFAULT_CARD, OutcomeInputs, outcome_model, to_record
 from service.errors import InputError, ModelError
 from service.findings import Analysis, Findings, MapName, NihssUsed, SegmentKind
 
@@ -56,14 +57,14 @@ def outcome_inputs(findings: Findings, nihss: NihssUsed | None) -> OutcomeInputs
                          demographics[0], demographics[1], nihss)
 
 
-def add_outcome(findings: Findings, nihss: NihssUsed | None) -> Findings:
+def add_outcome(findings: Findings, nihss: NihssUsed | None, card_path: Path = DEFAULT_CARD) -> Findings:
     """``findings`` with its ``outcome`` (P(mRS 3-6 at 90 days), the NIHSS used or imaging only),
     or with a QC flag naming why there is none. The imaging results never depend on it."""
     inputs = outcome_inputs(findings, nihss)
     if isinstance(inputs, str):
         return replace(findings, qc_flags=[*findings.qc_flags, inputs])
     try:
-        model = outcome_model()
+        model = outcome_model(card_path)
         prediction = model.predict(inputs)
     except (InputError, ModelError) as error:
         return replace(findings, qc_flags=[*findings.qc_flags, f"90-day outcome not computed: {error}"])

@@ -51,7 +51,8 @@ class OutcomePrediction:
 
 
 class CrdOutcomeModel:
-    """Loaded once; ``predict`` is safe to call from one thread at a time per instance."""
+    """Loaded once; ``predict`` keeps no state and ONNX Runtime's ``run`` is thread-safe, so one
+    instance serves a process's worker threads."""
 
     def __init__(self, card_path: Path = DEFAULT_CARD) -> None:
         import onnxruntime
