@@ -118,3 +118,16 @@ def _walk(items):  # noqa: ANN001, ANN202
     for item in items:
         yield item
         yield from _walk(item.get("ContentSequence", []))
+
+
+def test_a_revision_recomputes_the_stored_outcome_or_names_none() -> None:
+    from service.analysis.clinical_revision import revised_outcome
+    from service.analysis.outcome_model import outcome_card
+
+    card = outcome_card()
+    stored = dataclasses.replace(_record(0.5, HL7_14), model=dataclasses.replace(MODEL, name=card.name, version=card.version))
+    findings = {"outcome": stored.summary()}
+    mild, severe = revised_outcome(findings, HL7_14), revised_outcome(findings, HL7_22)
+    assert mild.nihss == HL7_14 and severe.nihss == HL7_22 and severe.probability > mild.probability
+    assert revised_outcome({"outcome": None}, HL7_22) is None and revised_outcome(None, HL7_22) is None
+    assert revised_outcome({"outcome": {"components": {}}}, HL7_22) is None  # a damaged record: no stale number
