@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from pydicom.dataset import Dataset
 
-from service.findings import NIHSS_NOT_AVAILABLE, Analysis, Findings, MapName, OutcomeRecord, Segment, SegmentKind
+from service.findings import Analysis, Findings, MapName, OutcomeRecord, Segment, SegmentKind
 from service.results import identity
 
 SUMMARY_SERIES_NUMBER = 903
@@ -107,9 +107,10 @@ def parameter_line(name: str, value: float) -> str:
 
 
 def outcome_line(outcome: OutcomeRecord) -> str:
-    """The 90-day outcome as the summary shows it, with the NIHSS it used (or that it had none)."""
-    used = f"NIHSS {outcome.nihss.value} ({outcome.nihss.source.title})" if outcome.nihss is not None else NIHSS_NOT_AVAILABLE
-    return f"P(mRS 3-6 at 90 d): {100 * outcome.probability:.0f}% [{outcome.model.name}; {used}]"
+    """The 90-day outcome as the summary shows it, with the NIHSS it used (or that it had none),
+    short enough for one line of the text column (the SR names the model)."""
+    used = f"NIHSS {outcome.nihss.value}, {outcome.nihss.source.title}" if outcome.nihss is not None else "no NIHSS, imaging only"
+    return f"P(mRS 3-6 at 90 d) {100 * outcome.probability:.0f}%: {used}"
 
 
 def text_lines(findings: Findings) -> list[str]:

@@ -90,8 +90,8 @@ def test_an_outcome_of_another_nihss_is_refused(patient) -> None:  # noqa: F811
 
 
 def test_summary_line_names_probability_and_nihss(patient) -> None:  # noqa: F811
-    assert outcome_line(_record(0.623, HL7_14)) == "P(mRS 3-6 at 90 d): 62% [outcome-crd; NIHSS 14 (HL7 v2 ORU^R01)]"
-    assert NIHSS_NOT_AVAILABLE in outcome_line(_record(0.2, None))
+    assert outcome_line(_record(0.623, HL7_14)) == "P(mRS 3-6 at 90 d) 62%: NIHSS 14, HL7 v2 ORU^R01"
+    assert outcome_line(_record(0.2, None)) == "P(mRS 3-6 at 90 d) 20%: no NIHSS, imaging only"
     base = make_findings(patient)
     findings = dataclasses.replace(base, nihss=HL7_14, outcome=_record(0.623, HL7_14),
                                    maps={"adc": np.full(base.geometry.shape, 800.0, dtype=np.float32)})
