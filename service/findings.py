@@ -252,6 +252,44 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class OutcomeRecord:
+    """The 90-day outcome a Findings reports: P(mRS 3-6 at 90 days) from a learned model, the NIHSS
+    it used (None: imaging only), and the imaging components its combiner takes, kept so that a
+    later NIHSS recomputes the probability without the maps."""
+
+    probability: float
+    model: ModelInfo
+    nihss: NihssUsed | None
+    radiomics: float  # the radiomics score (LASSO logistic logit)
+    deep: float  # the 2.5D ResNet score
+    age: float  # the clinical model's other inputs, from the images' header
+    sex_female: bool
+
+    @property
+    def inputs_used(self) -> str:
+        """One line naming what the probability used, e.g. "NIHSS 14 (...), age 72, female, MRI maps"."""
+        clinical = self.nihss.describe() if self.nihss is not None else NIHSS_NOT_AVAILABLE
+        return f"{clinical}; age {self.age:g}, {'female' if self.sex_female else 'male'}; radiomics and deep score of the MRI maps"
+
+    def summary(self) -> dict:
+        return {
+            "probability_mrs_3_6_90d": round(self.probability, 4),
+            "model": {"name": self.model.name, "version": self.model.version, "sha256": self.model.sha256,
+                      "backend": self.model.backend},
+            "nihss": nihss_summary(self.nihss),
+            "inputs_used": self.inputs_used,
+            "components": {"radiomics": self.radiomics, "deep": self.deep, "age": self.age, "sex_female": self.sex_female},
+        }
+
+    @classmethod
+    def from_summary(cls, data: dict, nihss: NihssUsed | None) -> OutcomeRecord:
+        """The record ``summary()`` wrote (its probability as stored), with ``nihss`` as the NIHSS used."""
+        parts, model = data["components"], data["model"]
+        return cls(float(data["probability_mrs_3_6_90d"]), ModelInfo(model["name"], model["version"], model["sha256"], model["backend"]),
+                   nihss, float(parts["radiomics"]), float(parts["deep"]), float(parts["age"]), bool(parts["sex_female"]))
+
+
+@dataclass(frozen=True)
 class Algorithm:
     """Identification written into every result object."""
 
@@ -304,6 +342,7 @@ class Findings:
     timings_s: dict[str, float] = field(default_factory=dict)
     nihss: NihssUsed | None = None  # the clinical input the results name; None: imaging only
     dwi: np.ndarray | None = None  # highest-b DWI on the source grid: an input of learned models, not a result series
+    outcome: OutcomeRecord | None = None  # the 90-day outcome (learned models on, MRI with perfusion)
 
     def __post_init__(self) -> None:
         """Names given as plain strings become the vocabularies' members (ValueError if unknown)."""
@@ -337,4 +376,5 @@ class Findings:
             ],
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "nihss": nihss_summary(self.nihss),
+            "outcome": self.outcome.summary() if self.outcome is not None else None,
         }

@@ -7,8 +7,9 @@ predecessor. It is stored beside the previous ones (``<study>/v<version>/SR-r<re
 recorded as a ``ClinicalResult`` revision and queued for the destinations that take SRs; no
 imaging object is queued again. Earlier revisions stay in the database and on disk.
 
-``on_outcome_stale`` is called for every new revision: the outcome models plug in there (they
-re-compute the outcome with the new NIHSS from the stored maps).
+The 90-day outcome (seed 004's CRD model) depends on the NIHSS: the revision carries it recomputed
+from the imaging components stored with the findings (``revised_outcome``), never from the maps.
+``on_outcome_stale`` is still called for every new revision, for whoever else must know.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from sqlalchemy import func, select
 
 from service.clinical.nihss import choose_nihss, studies_of, used
 from service.delivery.outbox import ResultFile, enqueue
-from service.findings import SR, NihssUsed, nihss_summary
+from service.analysis.outcome_model import outcome_card, recompute
+from service.errors import ModelError
+from service.findings import SR, NihssUsed, OutcomeRecord, nihss_summary
 from service.ops.loops import Rounds
 from service.results.sr import revise_sr
 from service.store.database import Database
@@ -108,7 +111,8 @@ class ClinicalReviser(Rounds):
             nihss = used(chosen)
             revision = latest.revision + 1
             previous = dcmread(self.results_dir / latest.result.path)
-            report = revise_sr(previous, study.study_uid, job.version, revision, nihss)
+            outcome = revised_outcome(job.findings, nihss)
+            report = revise_sr(previous, study.study_uid, job.version, revision, nihss, outcome)
             relative = Path(latest.result.path).with_name(f"SR-r{revision}.dcm")
             _write(report, self.results_dir / relative)
             result = ResultFile(SR, str(report.SOPInstanceUID), str(report.SOPClassUID), relative.as_posix())
@@ -117,7 +121,8 @@ class ClinicalReviser(Rounds):
             session.add(ClinicalResult(job_id=job.id, revision=revision, nihss_id=chosen.id if chosen else None,
                                        result_id=row.id))
             if job.findings is not None:
-                job.findings = {**job.findings, "nihss": nihss_summary(nihss), "clinical_revision": revision}
+                job.findings = {**job.findings, "nihss": nihss_summary(nihss), "clinical_revision": revision,
+                                "outcome": outcome.summary() if outcome is not None else None}
             session.add(AuditEvent(kind="clinical_revised", study_id=study.id,
                                    detail={"job": job.id, "revision": revision, "nihss_record": chosen.id if chosen else None}))
             stale = StaleOutcome(study.study_uid, job.id, job.version, revision, nihss, result)
@@ -128,6 +133,21 @@ class ClinicalReviser(Rounds):
         if self.on_results is not None:
             self.on_results()
         return True
+
+
+def revised_outcome(findings: dict | None, nihss: NihssUsed | None) -> OutcomeRecord | None:
+    """The study's 90-day outcome with ``nihss``: its stored imaging components combined again
+    (``outcome_model.recompute``, no maps read); None when the analysis made no outcome or the
+    shipped card is no longer the model that made it (logged: the revision then names no outcome
+    rather than a stale one)."""
+    stored = (findings or {}).get("outcome")
+    if not stored:
+        return None
+    try:
+        return recompute(outcome_card(), OutcomeRecord.from_summary(stored, None), nihss)
+    except (KeyError, TypeError, ValueError, ModelError) as error:
+        log.warning("the 90-day outcome cannot be recomputed with the new NIHSS: %s", error)
+        return None
 
 
 def _write(report, path: Path) -> None:  # noqa: ANN001 - a pydicom Dataset

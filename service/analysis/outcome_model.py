@@ -9,14 +9,15 @@ sex, radiomics, deep score), and the result says so ("NIHSS not available: imagi
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 from service.analysis.outcome_radiomics import feature_names, region_features
 from service.errors import InputError, ModelError
-from service.findings import NIHSS_NOT_AVAILABLE, ModelInfo, NihssUsed
+from service.findings import NIHSS_NOT_AVAILABLE, ModelInfo, NihssUsed, OutcomeRecord
 from service.inference.outcome_card import OutcomeCard, read_outcome_card
 from service.inference.outcome_inputs import MRI_MAPS, lesion_slice, network_maps, slab_25d
 
@@ -50,7 +51,8 @@ class OutcomePrediction:
 
 
 class CrdOutcomeModel:
-    """Loaded once; ``predict`` is safe to call from one thread at a time per instance."""
+    """Loaded once; ``predict`` keeps no state and ONNX Runtime's ``run`` is thread-safe, so one
+    instance serves a process's worker threads."""
 
     def __init__(self, card_path: Path = DEFAULT_CARD) -> None:
         import onnxruntime
@@ -87,13 +89,50 @@ class CrdOutcomeModel:
         radiomics = float(self.card.radiomics.score(features[[names.index(n) for n in self.card.radiomics.names]][None, :])[0])
         slab = slab_25d(network_maps(maps, study.brain), lesion_slice(study.hypoperfused, study.core))[None]
         deep = float(self.session.run([self.card.deep.output], {self.card.deep.input: slab})[0][0])
-        record = {"age": float(study.age), "sex_female": float(study.sex_female)}
-        if study.nihss is not None:
-            clinical = float(self.card.clinical.score({**record, "nihss": float(study.nihss.value)})[0])
-            combiner = self.card.combined
-        else:
-            clinical = float(self.card.clinical_imaging_only.score(record)[0])
-            combiner = self.card.combined_imaging_only
-        logit = float(combiner.score(np.array([[clinical, radiomics, deep]]))[0])
-        return OutcomePrediction(float(1.0 / (1.0 + np.exp(-logit))), self.info, study.nihss,
+        probability, clinical = combine(self.card, radiomics, deep, study.age, study.sex_female, study.nihss)
+        return OutcomePrediction(probability, self.info, study.nihss,
                                  {"clinical": clinical, "radiomics": radiomics, "deep": deep})
+
+
+def combine(card: OutcomeCard, radiomics: float, deep: float, age: float, sex_female: bool,
+            nihss: NihssUsed | None) -> tuple[float, float]:
+    """(P(mRS 3-6 at 90 days), clinical score) from the imaging scores and the clinical record: the
+    card's full combiner with an NIHSS, its imaging-only combiner without. The same arithmetic for
+    a fresh prediction and for a late NIHSS (``recompute``)."""
+    record = {"age": float(age), "sex_female": float(sex_female)}
+    if nihss is not None:
+        clinical = float(card.clinical.score({**record, "nihss": float(nihss.value)})[0])
+        combiner = card.combined
+    else:
+        clinical = float(card.clinical_imaging_only.score(record)[0])
+        combiner = card.combined_imaging_only
+    logit = float(combiner.score(np.array([[clinical, radiomics, deep]]))[0])
+    return float(1.0 / (1.0 + np.exp(-logit))), clinical
+
+
+def recompute(card: OutcomeCard, record: OutcomeRecord, nihss: NihssUsed | None) -> OutcomeRecord:
+    """The outcome ``record`` with ``nihss`` as the clinical input: the stored imaging components
+    combined again (no maps needed). ModelError when the card is not the model that made it."""
+    if card.name != record.model.name or card.version != record.model.version:
+        raise ModelError(f"the outcome was made by {record.model.name} {record.model.version}, "
+                         f"the loaded card is {card.name} {card.version}")
+    probability, _ = combine(card, record.radiomics, record.deep, record.age, record.sex_female, nihss)
+    return replace(record, probability=probability, nihss=nihss)
+
+
+def to_record(prediction: OutcomePrediction, age: float, sex_female: bool) -> OutcomeRecord:
+    """The Findings' outcome record of a prediction (its imaging components kept for a later NIHSS)."""
+    return OutcomeRecord(prediction.probability, prediction.model, prediction.nihss,
+                         prediction.scores["radiomics"], prediction.scores["deep"], float(age), bool(sex_female))
+
+
+@cache
+def outcome_model(card_path: Path = DEFAULT_CARD) -> CrdOutcomeModel:
+    """The model of ``card_path``, loaded once per process (an ONNX session is costly to open)."""
+    return CrdOutcomeModel(card_path)
+
+
+@cache
+def outcome_card(card_path: Path = DEFAULT_CARD) -> OutcomeCard:
+    """The card alone (what ``recompute`` needs), read once per process."""
+    return read_outcome_card(card_path)

@@ -25,6 +25,8 @@ from service.analysis.ctp_model import CtpModelRequest
 from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp
 from service.analysis.diffusion_core import analyse_diffusion_core
 from service.analysis.final_infarct_model import add_final_infarct
+from service.analysis.outcome_findings import add_outcome
+from service.analysis.outcome_model import DEFAULT_CARD
 from service.findings import SEG, SR, SUMMARY, CoreMethod, Findings, NihssUsed, ResultCategory, ResultKind, SeriesKind
 from service.analysis.mri_perfusion import MriPerfusionParameters, add_mismatch, dsc_maps
 from service.analysis.vendor_maps import MapParameters, analyse_vendor_maps
@@ -170,6 +172,10 @@ def analyse_study(
                          f"a lesion volume needs at least {MIN_SLICES} slices")
     findings.timings_s = {"classify": classified, **findings.timings_s}
     findings.nihss = nihss
+    if parameters.models is not None:  # the 90-day outcome is a learned model's
+        started = time.perf_counter()
+        findings = add_outcome(findings, nihss, parameters.models.folder / DEFAULT_CARD.name)
+        findings.timings_s["outcome"] = time.perf_counter() - started
     started = time.perf_counter()
     seg = build_seg(findings)
     outcome = StudyOutcome(findings, [(SEG, seg), (SR, build_sr(findings, seg))])

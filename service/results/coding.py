@@ -26,6 +26,8 @@ NIHSS_TOTAL = Code("72089-6", "LN", "Total score [NIHSS]")
 CLINICAL_INPUT = Code("CLINICALINPUT", LOCAL_SCHEME, "Clinical input used")
 NIHSS_SOURCE = Code("NIHSSSOURCE", LOCAL_SCHEME, "NIHSS source")
 NIHSS_ASSESSED = Code("NIHSSASSESSED", LOCAL_SCHEME, "NIHSS assessment time")
+POOR_OUTCOME_90D = Code("POORMRS90D", LOCAL_SCHEME, "Probability of poor outcome (mRS 3-6) at 90 days")
+OUTCOME_INPUTS = Code("OUTCOMEINPUTS", LOCAL_SCHEME, "Outcome model inputs used")
 
 MEASUREMENT_CODES: dict[str, Code] = {
     "core_volume_ml": Code("COREVOL", LOCAL_SCHEME, "Ischemic core volume"),
@@ -43,7 +45,8 @@ MEASUREMENT_CODES: dict[str, Code] = {
 """99SGATE codes (values within the 16 characters of a Code Value) of the study measurements."""
 
 LOCAL_CODES: tuple[Code, ...] = (
-    PENUMBRA, FINAL_IF_REPERFUSED, FINAL_IF_NOT_REPERFUSED, QC_FLAG, TARGET_MISMATCH, CLINICAL_INPUT, NIHSS_SOURCE, NIHSS_ASSESSED, *MEASUREMENT_CODES.values(),
+    PENUMBRA, FINAL_IF_REPERFUSED, FINAL_IF_NOT_REPERFUSED, QC_FLAG, TARGET_MISMATCH, CLINICAL_INPUT, NIHSS_SOURCE, NIHSS_ASSESSED,
+    POOR_OUTCOME_90D, OUTCOME_INPUTS, *MEASUREMENT_CODES.values(),
 )
 """Every fixed 99SGATE code, as README lists them."""
 

@@ -21,10 +21,11 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage
 
-from service.findings import NIHSS_NOT_AVAILABLE, Findings, Measurement, ModelInfo, NihssUsed
+from service.findings import NIHSS_NOT_AVAILABLE, Findings, Measurement, ModelInfo, NihssUsed, OutcomeRecord
 from service.results import identity
 from service.results.coding import (
-    CLINICAL_INPUT, NIHSS_ASSESSED, NIHSS_SOURCE, NIHSS_TOTAL, QC_FLAG, TARGET_MISMATCH, local_code, scheme_declarations,
+    CLINICAL_INPUT, NIHSS_ASSESSED, NIHSS_SOURCE, NIHSS_TOTAL, OUTCOME_INPUTS, POOR_OUTCOME_90D, QC_FLAG, TARGET_MISMATCH,
+    local_code, scheme_declarations,
 )
 from service.results.seg import SEGMENT_TYPES, tracking_uid
 
@@ -33,6 +34,7 @@ VERDICT_MEASUREMENT = Measurement.TARGET_MISMATCH
 
 MILLILITER = Code("ml", "UCUM", "milliliter")
 SCORE = Code("{score}", "UCUM", "score")
+PROBABILITY = Code("{probability}", "UCUM", "probability")
 CLINICAL_GROUP = "Clinical input (NIHSS)"
 """Tracking identifier of the measurement group that names the NIHSS used (found again by
 ``revise_sr``)."""
@@ -101,10 +103,7 @@ def _check(findings: Findings, seg: Dataset) -> None:
 def _algorithm(findings: Findings, model: ModelInfo | None = None) -> hd.sr.AlgorithmIdentification:
     """StrokeGate's threshold method with its parameters, or the learned model by name and version."""
     if model is not None:
-        return hd.sr.AlgorithmIdentification(
-            name=model.name, version=model.version, parameters=[f"sha256={model.sha256[:32]}...", f"backend={model.backend}"[:64]],
-            family=identity.algorithm_family(model), manufacturer=identity.MANUFACTURER,
-        )
+        return model_algorithm(model)
     parameters = [f"{name}={value:g}" for name, value in findings.parameters.items()]
     return hd.sr.AlgorithmIdentification(
         name=findings.algorithm.name,
@@ -112,6 +111,14 @@ def _algorithm(findings: Findings, model: ModelInfo | None = None) -> hd.sr.Algo
         parameters=parameters or None,
         family=identity.algorithm_family(None),
         manufacturer=identity.MANUFACTURER,
+    )
+
+
+def model_algorithm(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
+    """A learned model's identification: name, version, its file's sha256 and what ran it."""
+    return hd.sr.AlgorithmIdentification(
+        name=model.name, version=model.version, parameters=[f"sha256={model.sha256[:32]}...", f"backend={model.backend}"[:64]],
+        family=identity.algorithm_family(model), manufacturer=identity.MANUFACTURER,
     )
 
 
@@ -195,7 +202,7 @@ def build_sr(findings: Findings, seg: Dataset) -> Dataset:
     if study_group is not None:
         groups.append(study_group)
         used += [QC_FLAG, TARGET_MISMATCH, *(local_code(name) for name in findings.measurements)]
-    groups.append(clinical_group(findings.study_uid, findings.version, findings.nihss))
+    groups.append(clinical_group(findings.study_uid, findings.version, findings.nihss, findings.outcome))
     local_schemes = scheme_declarations(used)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=identity.DEVICE_OBSERVER_UID,
@@ -234,15 +241,26 @@ def build_sr(findings: Findings, seg: Dataset) -> Dataset:
     )
 
 
-def clinical_group(study_uid: str, version: int, nihss: NihssUsed | None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def clinical_group(study_uid: str, version: int, nihss: NihssUsed | None,
+                   outcome: OutcomeRecord | None = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The measurement group naming the clinical input: the NIHSS as a NUM (LOINC 72089-6) with its
     source and assessment time, or the TEXT "NIHSS not available: imaging only"; each case also
-    as one readable TEXT line ("Clinical input used")."""
+    as one readable TEXT line ("Clinical input used"). With an ``outcome``, the NUM "Probability of
+    poor outcome (mRS 3-6) at 90 days" (0-1, its model's identification on it) and a TEXT naming
+    the inputs the model used; it depends on the NIHSS, so it is revised with it."""
+    if outcome is not None and outcome.nihss != nihss:
+        raise ValueError("the outcome used another NIHSS than the report names")
+    measurements = [hd.sr.Measurement(name=NIHSS_TOTAL, value=float(nihss.value), unit=SCORE)] if nihss else []
+    if outcome is not None:
+        if not 0.0 <= outcome.probability <= 1.0:
+            raise ValueError(f"outcome probability {outcome.probability} is not in 0-1")
+        measurements.append(hd.sr.Measurement(name=POOR_OUTCOME_90D, value=round(float(outcome.probability), 4),
+                                              unit=PROBABILITY, algorithm_id=model_algorithm(outcome.model)))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=identity.result_uid(study_uid, version, "tracking-clinical-input"), identifier=CLINICAL_GROUP
         ),
-        measurements=[hd.sr.Measurement(name=NIHSS_TOTAL, value=float(nihss.value), unit=SCORE)] if nihss else None,
+        measurements=measurements or None,
     )
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     items = group[0].ContentSequence
@@ -255,6 +273,11 @@ def clinical_group(study_uid: str, version: int, nihss: NihssUsed | None) -> hd.
         ))
         items.append(hd.sr.DateTimeContentItem(
             name=NIHSS_ASSESSED, value=nihss.assessed_at.replace(tzinfo=timezone.utc), relationship_type=contains,
+        ))
+    if outcome is not None:
+        items.append(hd.sr.TextContentItem(
+            name=OUTCOME_INPUTS, value=f"{outcome.model.name} {outcome.model.version}: {outcome.inputs_used}"[:1024],
+            relationship_type=contains,
         ))
     return group
 
@@ -289,9 +312,10 @@ def _is_clinical_group(item: Dataset) -> bool:
     )
 
 
-def revise_sr(previous: Dataset, study_uid: str, version: int, revision: int, nihss: NihssUsed | None) -> Dataset:
+def revise_sr(previous: Dataset, study_uid: str, version: int, revision: int, nihss: NihssUsed | None,
+              outcome: OutcomeRecord | None = None) -> Dataset:
     """A new version of the report ``previous`` (built by ``build_sr`` for ``study_uid`` version
-    ``version``) naming ``nihss`` instead: same series, a new SOP Instance UID
+    ``version``) naming ``nihss`` (and the ``outcome`` recomputed with it) instead: same series, a new SOP Instance UID
     (``result_uid(study, version, "sr-r<revision>")``), Instance Number ``revision``, new content
     time, and ``previous`` in its Predecessor Documents Sequence. The imaging measurements are
     copied unchanged. ValueError when ``previous`` has no clinical group."""
@@ -303,7 +327,7 @@ def revise_sr(previous: Dataset, study_uid: str, version: int, revision: int, ni
         children = container.get("ContentSequence", [])
         for index, item in enumerate(children):
             if _is_clinical_group(item):
-                children[index] = clinical_group(study_uid, version, nihss)[0]
+                children[index] = clinical_group(study_uid, version, nihss, outcome)[0]
                 break
         else:
             continue

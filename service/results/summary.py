@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from pydicom.dataset import Dataset
 
-from service.findings import Analysis, Findings, MapName, Segment, SegmentKind
+from service.findings import Analysis, Findings, MapName, OutcomeRecord, Segment, SegmentKind
 from service.results import identity
 
 SUMMARY_SERIES_NUMBER = 903
@@ -106,6 +106,13 @@ def parameter_line(name: str, value: float) -> str:
     return f"{label}: {fmt.format(value)}"
 
 
+def outcome_line(outcome: OutcomeRecord) -> str:
+    """The 90-day outcome as the summary shows it, with the NIHSS it used (or that it had none),
+    short enough for one line of the text column (the SR names the model)."""
+    used = f"NIHSS {outcome.nihss.value}, {outcome.nihss.source.title}" if outcome.nihss is not None else "no NIHSS, imaging only"
+    return f"P(mRS 3-6 at 90 d) {100 * outcome.probability:.0f}%: {used}"
+
+
 def text_lines(findings: Findings) -> list[str]:
     """The measurements, verdict, QC flags and provenance, in reading order."""
     m = findings.measurements
@@ -119,6 +126,8 @@ def text_lines(findings: Findings) -> list[str]:
         lines.append(f"Reperfusion saves {m['reperfusion_salvage_ml']:.1f} mL; Dice {m['scenario_dice']:.2f}; "
                      "responder: " + ("YES" if m["reperfusion_responder"] >= 0.5 else "NO"))
     lines += method_lines(findings)
+    if findings.outcome is not None:
+        lines.append(outcome_line(findings.outcome))
     lines.append("")
     lines.append("QC: " + ("; ".join(findings.qc_flags) if findings.qc_flags else "no flags"))
     lines.append("")

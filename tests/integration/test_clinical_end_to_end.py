@@ -5,8 +5,9 @@ The FHIR server answers slower than the service waits while the study is analyse
 results come regardless. Before the study, an ORU^R01 with NIHSS 14: the SR at the PACS names NIHSS 14 from HL7. After it,
 each later-documented or corrected NIHSS (ORU^R01 22, a FHIR Observation 25 created after the
 study, a REST post 30), all assessed before the analysis, brings a new SR version to the PACS
-(same series, next instance number, naming the new NIHSS and its source) and nothing else: no
-imaging object (SEG, summary) is sent again.
+(same series, next instance number, naming the new NIHSS and its source, with the 90-day outcome
+recomputed for it: a higher NIHSS, a higher probability) and nothing else: no imaging object
+(SEG, summary) is sent again.
 """
 
 from __future__ import annotations
@@ -53,24 +54,28 @@ def reports_at(pacs: StoreSCP) -> list[pydicom.Dataset]:
 
 
 def test_nihss_by_hl7_fhir_and_rest_reaches_the_pacs_as_new_report_versions(tmp_path: Path) -> None:
-    write_patient(2, "mri", tmp_path / "phantom", PhantomOptions(mr_matrix=64, mr_slices=8, mr_frames=6))
-    dwi = tmp_path / "phantom" / PATIENT / "dicom" / "MR" / "dwi"
+    # DWI, ADC and a DSC-PWI with enough frames for the mismatch maps the 90-day outcome model reads
+    write_patient(2, "mri", tmp_path / "phantom", PhantomOptions(mr_matrix=64, mr_slices=8, mr_frames=30))
+    mri = tmp_path / "phantom" / PATIENT / "dicom" / "MR"
     now = datetime.now(timezone.utc).replace(microsecond=0)
     fhir = FhirServer().start()
     pacs = StoreSCP(tmp_path / "pacs", extra_args=("+uf",)).start()  # a resent object shows as a second file
     hl7_port = free_port()
     service = Service(tmp_path / "gate", f"sqlite:///{tmp_path / 'gate.db'}", [f"{pacs.address}?send=seg+sr+summary"],
                       env={"STROKEGATE_HL7_PORT": str(hl7_port), "STROKEGATE_FHIR_BASE_URL": fhir.url,
-                           "STROKEGATE_FHIR_POLL_S": "0.5", "STROKEGATE_FHIR_TIMEOUT_S": "1"})
+                           "STROKEGATE_FHIR_POLL_S": "0.5", "STROKEGATE_FHIR_TIMEOUT_S": "1",
+                           "STROKEGATE_LEARNED_MODELS": "true"})
     fhir.delay_s = 3  # the FHIR server is too slow while the study is analysed: the imaging must not wait
     try:
         service.start()
         assert send_hl7(hl7_port, oru(14, "MSG0001", now - timedelta(minutes=10))) == "AA"
-        storescu(dwi, service.port, "STROKEGATE")
+        storescu([mri / kind for kind in ("dwi", "adc", "pwi")], service.port, "STROKEGATE")
         first = wait_for(lambda: len(pacs.files()) >= 3 and pacs.files(), 120, "SEG, SR and summary at the PACS")
         (report,) = reports_at(pacs)
         items = clinical_input(report)
         assert items["72089-6"] == (14.0, "{score}") and items["NIHSSSOURCE"] == "HL7 v2 ORU^R01, id MSG0001"
+        assert 0 < items["POORMRS90D"][0] < 1 and items["POORMRS90D"][1] == "{probability}"
+        assert items["OUTCOMEINPUTS"].startswith("outcome-crd ") and "NIHSS 14 (HL7 v2 ORU^R01" in items["OUTCOMEINPUTS"]
         study_uid = report.StudyInstanceUID
         assert "FHIR search failed" in service.log.read_text()
         fhir.delay_s = 0
@@ -91,6 +96,9 @@ def test_nihss_by_hl7_fhir_and_rest_reaches_the_pacs_as_new_report_versions(tmp_
         assert [int(r.InstanceNumber) for r in reports] == [1, 2, 3, 4]
         assert len({r.SeriesInstanceUID for r in reports}) == 1 and len({r.SOPInstanceUID for r in reports}) == 4
         assert [clinical_input(r)["72089-6"][0] for r in reports] == [14, 22, 25, 30]
+        outcome = [clinical_input(r)["POORMRS90D"][0] for r in reports]  # recomputed, imaging not re-run
+        assert outcome == sorted(outcome) and outcome[1] > outcome[0], outcome
+        assert all(f"NIHSS {n} (" in clinical_input(r)["OUTCOMEINPUTS"] for n, r in zip((14, 22, 25, 30), reports))
         assert [clinical_input(r)["NIHSSSOURCE"].split(",")[0] for r in reports] == [
             "HL7 v2 ORU^R01", "HL7 v2 ORU^R01", "FHIR R4 Observation", "StrokeGate REST API"]
         assert len(pacs.files()) == len(first) + 3  # only the three new reports: no imaging object again
@@ -106,6 +114,8 @@ def test_nihss_by_hl7_fhir_and_rest_reaches_the_pacs_as_new_report_versions(tmp_
         assert [r["revision"] for r in nihss["clinical_results"]] == [1, 2, 3, 4]
         job = service.get(f"/api/studies/{study_uid}")["jobs"][-1]
         assert job["findings"]["nihss"]["value"] == 30 and job["findings"]["clinical_revision"] == 4
+        assert job["findings"]["outcome"]["nihss"]["value"] == 30
+        assert job["findings"]["outcome"]["probability_mrs_3_6_90d"] == pytest.approx(outcome[-1], abs=1e-4)
         assert PATIENT not in service.log.read_text()  # identifiers stay out of the log (FHIR URLs hold them)
     finally:
         service.stop()

@@ -6,6 +6,7 @@ import dataclasses
 import re
 import shutil
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pydicom
 import pytest
 from dicom_tools import dciodvfy_errors, dciodvfy_warnings, requires_dciodvfy
 
-from service.findings import Findings, Segment
+from service.findings import Findings, ModelInfo, NihssSource, NihssUsed, OutcomeRecord, Segment
 from service.imaging.geometry import Geometry
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
@@ -92,9 +93,14 @@ def test_dsrdump_reads_the_volume(files: dict[str, Path], findings: Findings) ->
 
 
 def test_local_codes_only_warn(findings: Findings, tmp_path: Path) -> None:
-    """A measurement without a DICOM code and a QC flag use the 99SGATE scheme: valid, one warning kind."""
+    """A measurement without a DICOM code, a QC flag and the 90-day outcome use the 99SGATE scheme:
+    valid, one warning kind."""
+    nihss = NihssUsed(14, NihssSource.HL7, "MSG0001", datetime(2026, 12, 4, 10, 15), datetime(2026, 12, 4, 10, 20))
+    outcome = OutcomeRecord(0.62, ModelInfo("outcome-crd", "1.0.0", "ab" * 32, "onnxruntime (CPUExecutionProvider)"),
+                            nihss, radiomics=0.4, deep=1.2, age=72.0, sex_female=True)
     extended = dataclasses.replace(
-        findings, measurements={**findings.measurements, "mismatch_ratio": 2.5}, qc_flags=["low_snr"]
+        findings, measurements={**findings.measurements, "mismatch_ratio": 2.5}, qc_flags=["low_snr"],
+        nihss=nihss, outcome=outcome,  # the 90-day outcome's NUM with its model identification
     )
     path = tmp_path / "sr.dcm"
     build_sr(extended, build_seg(extended)).save_as(path, enforce_file_format=True)
