@@ -340,3 +340,19 @@ class Sender(Rounds):
                 metrics.LAST_INSTANCE_TO_ACK.observe((now - job.last_instance_at).total_seconds())
         except Exception as error:  # noqa: BLE001 - the outcome is recorded; only a metric is missed
             log.error("could not observe the time to the PACS of delivery %d: %s", delivery_id, error)
+
+
+def observe_if_all_sent(db: Database, job_id: int) -> None:
+    """At a job's end: when every result it enqueued was already acknowledged (the SEG and SR go out
+    while the job still draws its reader series, and a destination may want only those), its time
+    from the last instance to the PACS ends now; otherwise the sender observes it at the last ack."""
+    try:
+        with db.session() as session:
+            job = session.get(Job, job_id)
+            deliveries = select(func.count()).select_from(Delivery).join(ResultObject).where(ResultObject.job_id == job_id)
+            total = session.scalar(deliveries)
+            unsent = session.scalar(deliveries.where(Delivery.state != DeliveryState.SENT))
+            if total and unsent == 0 and job is not None and job.last_instance_at is not None:
+                metrics.LAST_INSTANCE_TO_ACK.observe((utcnow() - job.last_instance_at).total_seconds())
+    except Exception as error:  # noqa: BLE001 - only a metric is missed
+        log.error("could not observe the time to the PACS of job %d: %s", job_id, error)

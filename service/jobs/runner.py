@@ -18,7 +18,7 @@ from service.analysis.clinical_revision import first_revision
 from service.analysis.ctp_model import load_ctp_model
 from service.analysis.pipeline import AnalysisParameters, add_reader_series, analyse_study, write_results
 from service.clinical.nihss import choose_nihss, used
-from service.delivery.outbox import enqueue
+from service.delivery.outbox import enqueue, observe_if_all_sent
 from service.errors import InputError
 from service.jobs import lease
 from service.ops import metrics
@@ -121,6 +121,7 @@ class JobRunner:
         done = lease.finish(self.db, job_id, owner, JobState.DONE, findings=summary, also=deliver)
         if done:
             log.info("job %d done: %s", job_id, summary["measurements"])
+            observe_if_all_sent(self.db, job_id)
             if self.on_results is not None:
                 self.on_results()
             if self.on_finished is not None:

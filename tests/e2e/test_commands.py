@@ -52,8 +52,11 @@ def test_process_analyses_a_folder_offline(tmp_path: Path) -> None:
     assert pydicom.dcmread(tmp_path / "out" / "SEG.dcm").Modality == "SEG"
     assert pydicom.dcmread(tmp_path / "out" / "SR.dcm").Modality == "SR"
     assert findings["nihss"] == {"available": False, "note": "NIHSS not available: imaging only"}
-    assert clinical_input(pydicom.dcmread(tmp_path / "out" / "SR.dcm")) == {
-        "CLINICALINPUT": "NIHSS not available: imaging only"}
+    items = clinical_input(pydicom.dcmread(tmp_path / "out" / "SR.dcm"))
+    assert items["CLINICALINPUT"] == "NIHSS not available: imaging only"
+    probability, unit = items["POORMRS90D"]  # the 90-day outcome, from the images alone
+    assert 0.0 < probability < 1.0 and unit == "{probability}"
+    assert items["OUTCOMEINPUTS"].startswith("outcome-crd") and "imaging only" in items["OUTCOMEINPUTS"]
 
 
 def test_process_analyses_a_ct_perfusion_study(tmp_path: Path) -> None:

@@ -59,14 +59,17 @@ def run_dwi_study(tmp_path: Path, database_url: str, mri_patient: Path) -> None:
         truth = truth_core_ml(mri_patient)
         measured = seg_volume_ml(by_modality["SEG"], mri_patient / "dicom" / "MR" / "dwi")
         assert abs(measured - truth) <= 0.10 * truth, f"SEG core {measured:.1f} mL vs truth {truth:.1f} mL"
-        study = service.get(f"/api/studies/{source.StudyInstanceUID}")
-        assert study["state"] == "done" and study["instances"] == 40
+        # SEG and SR go out before the job has drawn its reader series and is done
+        study = wait_for(lambda: (s := service.get(f"/api/studies/{source.StudyInstanceUID}"))["state"] == "done" and s,
+                         60, "the study's job done")
+        assert study["instances"] == 40
         assert study["jobs"][0]["findings"]["segments"]["core"] == pytest.approx(measured, rel=0.01)
         deliveries = service.get("/api/deliveries")
         assert len(deliveries) == 2 and all(d["state"] == "sent" for d in deliveries)
         assert service.metric("strokegate_instances_received_total", modality="MR") == 40
         assert service.metric("strokegate_delivery_attempts_total", result="success") == 2
-        assert service.metric("strokegate_last_instance_to_pacs_ack_seconds_count") == 1
+        wait_for(lambda: service.metric("strokegate_last_instance_to_pacs_ack_seconds_count") == 1, 30,
+                 "the last-image-to-PACS time observed")
         assert source.StudyInstanceUID not in service.get("/metrics")
         assert source.PatientID not in service.get("/metrics")
         log = service.log.read_text()
@@ -126,7 +129,7 @@ def test_dwi_and_dsc_perfusion_come_back_as_the_mismatch(tmp_path: Path, mri_pat
     assert measured["reperfusion_responder"] in (0.0, 1.0)
     inside = (result.masks[reperfused] & result.masks[not_reperfused]).sum() / max(1, result.masks[reperfused].sum())
     assert inside >= 0.8, f"only {inside:.0%} of the reperfused prediction lies inside the non-reperfused one"
-    assert {m["name"] for m in findings["models"]} == {"mri-final-infarct-reperfused", "mri-final-infarct-not-reperfused"}
+    assert {m["name"] for m in findings["models"]} == {"mri-final-infarct-reperfused", "mri-final-infarct-not-reperfused", "outcome-crd"}
     measured = findings["measurements"]
     assert measured["mismatch_volume_ml"] == pytest.approx(measured["hypoperfused_volume_ml"] - measured["core_volume_ml"], abs=1e-2)
     assert result.report.target_mismatch is not None
