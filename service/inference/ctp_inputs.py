@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from service.inference.card import Contract, InputChannel, Normalisation, TensorSpec
+from service.inference.channels import scaled_channels
 
 CTP_TASK = "ct-perfusion-core-penumbra"
 CLASSES = ("healthy", "penumbra", "core")
@@ -63,30 +64,7 @@ def normalise(maps: Mapping[str, np.ndarray], mip: np.ndarray, brain: np.ndarray
     ``[Z, Y, X]``; ``mip`` is HU; ``brain`` the analysis's brain mask (bool), whose median of
     each map is the study's own reference.
     """
-    brain = np.asarray(brain, dtype=bool)
-    if not brain.any():
-        raise ValueError("the brain mask is empty")
-    volumes = {**maps, "mip": mip}
-    missing = [c.name for c in CTP_CHANNELS if c.name not in volumes]
-    if missing:
-        raise ValueError(f"maps lack {', '.join(missing)}")
-    out = np.zeros((brain.shape[0], len(CTP_CHANNELS), *brain.shape[1:]), dtype=np.float32)
-    for index, channel in enumerate(CTP_CHANNELS):
-        volume = np.asarray(volumes[channel.name], dtype=np.float32)
-        if volume.shape != brain.shape:
-            raise ValueError(f"{channel.name} has shape {volume.shape}, the brain mask {brain.shape}")
-        median = float(np.median(volume[brain]))
-        if channel.normalisation is Normalisation.RATIO_TO_BRAIN_MEDIAN:
-            value = volume / max(median, 1e-6)
-        elif channel.normalisation is Normalisation.OFFSET_FROM_BRAIN_MEDIAN:
-            value = (volume - median) / channel.scale
-        else:
-            value = volume / channel.scale
-        value = np.clip(value, *channel.clip)
-        if channel.outside_brain == "zero":
-            value = np.where(brain, value, 0.0)
-        out[:, index] = value
-    return out
+    return scaled_channels({**maps, "mip": mip}, brain, CTP_CHANNELS, what="maps")
 
 
 def clinical_input(nihss: int | None, slices: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from enum import StrEnum
 import numpy as np
 
 from service.inference.card import Contract, InputChannel, Normalisation, TensorSpec
+from service.inference.channels import scaled_channels
 
 CLASSES = ("background", "healthy", "lesion")
 LESION = CLASSES.index("lesion")
@@ -70,26 +71,5 @@ def contract(modality: str, scenario: Scenario) -> Contract:
 def normalise(volumes: Mapping[str, np.ndarray], brain: np.ndarray, channels: tuple[InputChannel, ...] = MRI_CHANNELS) -> np.ndarray:
     """The image input: float32 ``[Z, channels, Y, X]`` in ``channels`` order, each channel
     scaled as its ``InputChannel`` says, the brain median being the study's own reference."""
-    brain = np.asarray(brain, dtype=bool)
-    if not brain.any():
-        raise ValueError("the brain mask is empty")
-    missing = [c.name for c in channels if c.name not in volumes]
-    if missing:
-        raise ValueError(f"inputs lack {', '.join(missing)}")
-    out = np.zeros((brain.shape[0], len(channels), *brain.shape[1:]), dtype=np.float32)
-    for index, channel in enumerate(channels):
-        volume = np.nan_to_num(np.asarray(volumes[channel.name], dtype=np.float32))
-        if volume.shape != brain.shape:
-            raise ValueError(f"{channel.name} has shape {volume.shape}, the brain mask {brain.shape}")
-        median = float(np.median(volume[brain]))
-        if channel.normalisation is Normalisation.RATIO_TO_BRAIN_MEDIAN:
-            value = volume / max(median, 1e-6)
-        elif channel.normalisation is Normalisation.OFFSET_FROM_BRAIN_MEDIAN:
-            value = (volume - median) / channel.scale
-        else:
-            value = volume / channel.scale
-        value = np.clip(value, *channel.clip)
-        if channel.outside_brain == "zero":
-            value = np.where(brain, value, 0.0)
-        out[:, index] = value
-    return out
+    present = {c.name: np.nan_to_num(np.asarray(volumes[c.name], dtype=np.float32)) for c in channels if c.name in volumes}
+    return scaled_channels(present, brain, channels)
