@@ -329,30 +329,40 @@ class Sender(Rounds):
                 job, kind = session.execute(
                     select(Job, ResultObject.kind).join(ResultObject).join(Delivery).where(Delivery.id == delivery_id)
                 ).one()
-                unsent = select(func.count()).select_from(Delivery).join(ResultObject).where(
-                    ResultObject.job_id == job.id, Delivery.state != DeliveryState.SENT)
-                decision_unsent = (session.scalar(unsent.where(ResultObject.kind.in_(DECISION_KINDS)))
-                                   if kind in DECISION_KINDS else None)
-                all_unsent = session.scalar(unsent) if job.state == JobState.DONE else None
+                decision_unsent = None
+                if kind in DECISION_KINDS:
+                    decision_unsent = session.scalar(
+                        select(func.count()).select_from(Delivery).join(ResultObject).where(
+                            ResultObject.job_id == job.id, ResultObject.kind.in_(DECISION_KINDS),
+                            Delivery.state != DeliveryState.SENT))
+                job_id, last_instance_at = job.id, job.last_instance_at
             if decision_unsent == 0:
-                metrics.LAST_INSTANCE_TO_DECISION.observe((now - job.last_instance_at).total_seconds())
-            if all_unsent == 0:
-                metrics.LAST_INSTANCE_TO_ACK.observe((now - job.last_instance_at).total_seconds())
+                metrics.LAST_INSTANCE_TO_DECISION.observe((now - last_instance_at).total_seconds())
+            observe_if_all_sent(self.db, job_id, now)
         except Exception as error:  # noqa: BLE001 - the outcome is recorded; only a metric is missed
             log.error("could not observe the time to the PACS of delivery %d: %s", delivery_id, error)
 
 
-def observe_if_all_sent(db: Database, job_id: int) -> None:
-    """At a job's end: when every result it enqueued was already acknowledged (the SEG and SR go out
-    while the job still draws its reader series, and a destination may want only those), its time
-    from the last instance to the PACS ends now; otherwise the sender observes it at the last ack."""
+def observe_if_all_sent(db: Database, job_id: int, now: datetime | None = None) -> None:
+    """Once a job is done and every result it enqueued is acknowledged, its time from the last
+    instance to the PACS ends: recorded on the job (``delivered_at``) and observed, exactly once.
+
+    Both the sender (at each acknowledgement) and the runner (at the job's end: the SEG and SR go
+    out while the job still draws its reader series, and a destination may want only those) call
+    this; whichever sees the last of both sets the mark, and a conditional update lets only one
+    of them do it when they meet.
+    """
+    now = now or utcnow()
+    unsent = (select(Delivery.id).join(ResultObject)
+              .where(ResultObject.job_id == Job.id, Delivery.state != DeliveryState.SENT).correlate(Job).exists())
+    enqueued = select(Delivery.id).join(ResultObject).where(ResultObject.job_id == Job.id).correlate(Job).exists()
     try:
         with db.session() as session:
-            job = session.get(Job, job_id)
-            deliveries = select(func.count()).select_from(Delivery).join(ResultObject).where(ResultObject.job_id == job_id)
-            total = session.scalar(deliveries)
-            unsent = session.scalar(deliveries.where(Delivery.state != DeliveryState.SENT))
-            if total and unsent == 0 and job is not None and job.last_instance_at is not None:
-                metrics.LAST_INSTANCE_TO_ACK.observe((utcnow() - job.last_instance_at).total_seconds())
+            marked = session.execute(
+                update(Job).where(Job.id == job_id, Job.state == JobState.DONE, Job.delivered_at.is_(None), enqueued, ~unsent)
+                .values(delivered_at=now).returning(Job.last_instance_at)
+            ).scalar_one_or_none()
+        if marked is not None:
+            metrics.LAST_INSTANCE_TO_ACK.observe((now - marked).total_seconds())
     except Exception as error:  # noqa: BLE001 - only a metric is missed
         log.error("could not observe the time to the PACS of job %d: %s", job_id, error)

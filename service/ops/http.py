@@ -40,7 +40,8 @@ def _job(job: Job) -> dict:
     return {
         "id": job.id, "study_id": job.study_id, "version": job.version, "state": job.state.value,
         "attempts": job.attempts, "created_at": _time(job.created_at), "started_at": _time(job.started_at),
-        "finished_at": _time(job.finished_at), "error": job.error, "findings": job.findings,
+        "finished_at": _time(job.finished_at), "delivered_at": _time(job.delivered_at), "error": job.error,
+        "findings": job.findings,
     }
 
 

@@ -119,6 +119,7 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    delivered_at: Mapped[datetime | None] = mapped_column(doc="every result acknowledged by its destinations")
     error: Mapped[str | None] = mapped_column(Text)
     findings: Mapped[dict | None] = mapped_column(JSON)
 

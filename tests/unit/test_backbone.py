@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from service.config import RESULT_CATEGORIES, Destination, load_settings
-from service.delivery.outbox import ResultFile, backoff, enqueue, release_dead_claims, series_label
+from service.delivery.outbox import ResultFile, backoff, enqueue, observe_if_all_sent, release_dead_claims, series_label
 from service.delivery.scu import SeriesRelabel
 from service.errors import InputError
 from service.findings import ResultKind
@@ -22,10 +22,11 @@ from service.ingest.tracker import Tracker, record_instances
 from service.jobs import lease
 from service.ops.owners import HOST
 from service.jobs.runner import _Heartbeat
+from service.ops import metrics
 from service.ops.http import create_app
 from service.store import tokens
 from service.store.database import Database
-from service.store.models import Delivery, Job, JobState, Study, StudyState, utcnow
+from service.store.models import Delivery, DeliveryState, Job, JobState, Study, StudyState, utcnow
 
 
 def test_settings_precedence_file_then_environment_then_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,6 +190,43 @@ def test_outbox_rows_are_written_once_per_object_and_destination(db: Database) -
             enqueue(s, s.get(Job, job_id), files, {"PACS@h:1": RESULT_CATEGORIES, "VNA@h:2": RESULT_CATEGORIES})
     with db.session() as s:
         assert s.query(Delivery).count() == 4
+
+
+def test_the_time_to_the_pacs_is_observed_once_when_the_job_is_done_and_all_is_acknowledged(db: Database) -> None:
+    """The sender (at each acknowledgement) and the runner (at the job's end) both ask; only the one
+    that sees the job done with nothing left unsent marks it, once, and a later revision's report
+    (a new SR for a late NIHSS) does not count again."""
+    job_id = queued_job(db)
+    owner = "host:1:a"
+    assert lease.claim(db, owner, lease_s=60, max_attempts=3) is not None
+    files = [ResultFile(ResultKind.parse(k), f"8.{i}", "1.2.840.10008.5.1.4.1.1.66.4", f"c/{k}.dcm")
+             for i, k in enumerate(("SEG", "SR"))]
+    with db.session() as s:
+        enqueue(s, s.get(Job, job_id), files, {"PACS@h:1": RESULT_CATEGORIES})
+    def observations() -> float:
+        return next(s.value for s in metrics.LAST_INSTANCE_TO_ACK.collect()[0].samples if s.name.endswith("_count"))
+
+    before = observations()
+
+    def sent(kind: str) -> None:
+        with db.session() as s:
+            for d in s.query(Delivery).join(Delivery.result).filter_by(kind=kind):
+                d.state = DeliveryState.SENT
+
+    sent("SEG")
+    sent("SR")
+    observe_if_all_sent(db, job_id)  # everything acknowledged, the job still running: not yet
+    assert lease.finish(db, job_id, owner, JobState.DONE)
+    observe_if_all_sent(db, job_id)
+    observe_if_all_sent(db, job_id)  # the other side, after: nothing more
+    with db.session() as s:
+        enqueue(s, s.get(Job, job_id), [ResultFile(ResultKind.parse("SR"), "8.9", "1.2.840.10008.5.1.4.1.1.88.34", "c/SR-r2.dcm")],
+                {"PACS@h:1": RESULT_CATEGORIES})
+    sent("SR")
+    observe_if_all_sent(db, job_id)
+    assert observations() - before == 1
+    with db.session() as s:
+        assert s.get(Job, job_id).delivered_at is not None
 
 
 def test_deliveries_claimed_by_a_sender_that_died_are_due_again_at_once(db: Database) -> None:
