@@ -290,6 +290,44 @@ class OutcomeRecord:
 
 
 @dataclass(frozen=True)
+class FusionOutcomeRecord:
+    """Seed 000's 90-day outcome: P(mRS 3-6 at 90 days) fused by Algorithm 1 from one CNN-LSTM
+    module per map, the NIHSS that weighted the fusion (None: the plain mean, imaging only), and
+    each module's probability, kept so that a later NIHSS re-fuses them without the maps."""
+
+    probability: float
+    model: ModelInfo
+    nihss: NihssUsed | None
+    modules: tuple[tuple[str, float], ...]  # (map, module probability), in the card's module order
+
+    @property
+    def inputs_used(self) -> str:
+        """One line naming what the probability used, e.g. "NIHSS 14 (...); CNN-LSTM modules on ADC, DWI"."""
+        clinical = self.nihss.describe() if self.nihss is not None else NIHSS_NOT_AVAILABLE
+        return f"{clinical}; CNN-LSTM modules on {', '.join(name.upper() for name, _ in self.modules)}, fused by Algorithm 1"
+
+    def summary(self) -> dict:
+        return {
+            "probability_mrs_3_6_90d": round(self.probability, 4),
+            "model": {"name": self.model.name, "version": self.model.version, "sha256": self.model.sha256,
+                      "backend": self.model.backend},
+            "nihss": nihss_summary(self.nihss),
+            "inputs_used": self.inputs_used,
+            "modules": {name: p for name, p in self.modules},
+        }
+
+    @classmethod
+    def from_summary(cls, data: dict, nihss: NihssUsed | None) -> FusionOutcomeRecord:
+        """The record ``summary()`` wrote (its probability as stored), with ``nihss`` as the NIHSS used."""
+        model = data["model"]
+        modules = tuple((str(name), float(p)) for name, p in data["modules"].items())
+        if not modules:
+            raise ValueError("the stored CNN-LSTM outcome names no module")
+        return cls(float(data["probability_mrs_3_6_90d"]), ModelInfo(model["name"], model["version"], model["sha256"], model["backend"]),
+                   nihss, modules)
+
+
+@dataclass(frozen=True)
 class Algorithm:
     """Identification written into every result object."""
 
@@ -342,7 +380,8 @@ class Findings:
     timings_s: dict[str, float] = field(default_factory=dict)
     nihss: NihssUsed | None = None  # the clinical input the results name; None: imaging only
     dwi: np.ndarray | None = None  # highest-b DWI on the source grid: an input of learned models, not a result series
-    outcome: OutcomeRecord | None = None  # the 90-day outcome (learned models on, MRI with perfusion)
+    outcome: OutcomeRecord | None = None  # the 90-day outcome (learned models on, MRI with perfusion): seed 004's CRD
+    outcome_cnn_lstm: FusionOutcomeRecord | None = None  # the same from seed 000's CNN-LSTM modules and Algorithm 1
 
     def __post_init__(self) -> None:
         """Names given as plain strings become the vocabularies' members (ValueError if unknown)."""
@@ -350,6 +389,11 @@ class Findings:
         self.core_method = CoreMethod(self.core_method)
         self.measurements = {Measurement(k): v for k, v in self.measurements.items()}
         self.maps = {MapName(k): v for k, v in self.maps.items()}
+
+    @property
+    def outcomes(self) -> tuple[OutcomeRecord | FusionOutcomeRecord, ...]:
+        """The 90-day outcomes the results report, one per model that made one (CRD first)."""
+        return tuple(o for o in (self.outcome, self.outcome_cnn_lstm) if o is not None)
 
     def uses(self, segment: Segment) -> bool:
         """Whether ``segment`` is drawn by the method the measurements and the verdict use."""
@@ -377,4 +421,5 @@ class Findings:
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "nihss": nihss_summary(self.nihss),
             "outcome": self.outcome.summary() if self.outcome is not None else None,
+            "outcome_cnn_lstm": self.outcome_cnn_lstm.summary() if self.outcome_cnn_lstm is not None else None,
         }

@@ -1,8 +1,11 @@
 """``python -m models.training train-outcome-cnn-lstm``: seed 000's CNN-LSTM modules (one per MRI
 map: ADC, DWI, Tmax, CBF, CBV) and their NIHSS-weighted fusion (Algorithm 1), on the same
-synthetic patients and splits as the CRD model. Modules and Algorithm 1's thresholds are fitted
-on parts A and B together (no combiner to keep apart); evaluation on test and held-out patients,
-the fusion against the plain average of the modules.
+synthetic patients and splits as the CRD model. The modules are fitted on part A; part B is the
+validation set: Algorithm 1's thresholds (Youden's J of each module's out-of-sample probabilities)
+and a logistic recalibration of the fused probability are fitted there, never on test or
+held-out patients. Evaluation on test and held-out patients: each module, the plain average and
+the fusion against the admission ceiling, and the calibration slope per family and pooled with
+its bootstrap interval.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import nn
 from models.networks.cnn_lstm import CnnLstmModule
 from models.training.outcome_command import split
 from models.training.outcome_data import OutcomeCohort, concatenate, family_block
-from models.training.outcome_metrics import OutcomeScore, score
+from models.training.outcome_metrics import OutcomeScore, calibration, score, slope_interval
 from models.training.outcome_report import score_table
 from service.analysis.outcome_fusion import FusionParameters, fuse, youden_threshold
 from service.inference.card import RESEARCH_ONLY
@@ -105,60 +108,111 @@ def export_module(network: CnnLstmModule, example: np.ndarray, path: Path) -> fl
     return float(np.abs(reference - got).max())
 
 
+SLOPE_RANGE = (0.8, 1.2)
+"""The acceptable calibration slope: outside it on the evaluated patients, the recalibration fitted on
+part B is shipped."""
+
+
 def run(families: list[str], held_out_family: str, patients: int, test: int, config: ModuleConfig, data: Path, weights: Path,
         console: Console) -> Path:
     started, load_start = time.perf_counter(), os.getloadavg()
     command = "python -m models.training " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     parts = {f: split(family_block(f, patients, data, jobs=2), f == held_out_family, test) for f in families}
-    fit = concatenate([c for p in parts.values() for name, c in p.items() if name in ("A", "B")])
+    fit = concatenate([p["A"] for p in parts.values() if "A" in p])
+    validation = concatenate([p["B"] for p in parts.values() if "B" in p])
     evaluated = [(f, name, c) for f, p in parts.items() for name, c in p.items() if name in ("test", "held-out")]
+    console.print(f"dataset ready in {(time.perf_counter() - started) / 60:.1f} min: fit {len(fit)}, validation {len(validation)}, "
+                  f"evaluated {sum(len(c) for _, _, c in evaluated)}")
     weights.mkdir(parents=True, exist_ok=True)
-    modules, train_p, eval_p, files = [], [], [[] for _ in evaluated], []
+    files, validation_p, eval_p = [], [], [[] for _ in evaluated]
     for index, name in enumerate(MRI_MAPS):
         x = module_inputs(fit, index)
         network, losses = train_module(x, fit.poor.astype(int), ModuleConfig(**{**config.__dict__, "seed": config.seed + index}))
-        console.print(f"  module {name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-        train_p.append(module_probabilities(network, x))
+        validation_p.append(module_probabilities(network, module_inputs(validation, index)))
         for k, (_, _, cohort) in enumerate(evaluated):
             eval_p[k].append(module_probabilities(network, module_inputs(cohort, index)))
         path = weights / f"{MODEL_NAME}-{name}.onnx"
         difference = export_module(network, x[:2], path)
         files.append(NetworkFile(file=path.name, sha256=hashlib.sha256(path.read_bytes()).hexdigest(), input="triplets",
                                  input_shape=("batch", "triplets", 3, 64, 64), output="logit", maps=(name,), parity=difference))
-        modules.append(network)
+        console.print(f"  module {name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, {(time.perf_counter() - started) / 60:.1f} min")
     trained_s = time.perf_counter() - started
-    train_matrix = np.stack(train_p, axis=1)
-    thresholds = tuple(youden_threshold(train_matrix[:, i], fit.poor) for i in range(len(MRI_MAPS)))
-    parameters = FusionParameters(thresholds, float(fit.nihss.min()), float(fit.nihss.max()))
+    v = np.stack(validation_p, axis=1)
+    thresholds = tuple(youden_threshold(v[:, i], validation.poor) for i in range(len(MRI_MAPS)))
+    both = concatenate([fit, validation])
+    raw = FusionParameters(thresholds, float(both.nihss.min()), float(both.nihss.max()))
+    slope, intercept = calibration(fuse(v, validation.nihss, raw), validation.poor)
+    tuned = FusionParameters(thresholds, raw.nihss_low, raw.nihss_high, (intercept, slope))
+
     scores: list[OutcomeScore] = []
+    pooled: dict[str, list[np.ndarray]] = {}
     for k, (family, split_name, cohort) in enumerate(evaluated):
         p = np.stack(eval_p[k], axis=1)
-        for i, name in enumerate(MRI_MAPS):
-            scores.append(score(f"module {name}", split_name, family, p[:, i], cohort.poor, cohort.p_admission))
-        scores.append(score("plain average", split_name, family, p.mean(axis=1), cohort.poor, cohort.p_admission))
-        scores.append(score("Algorithm 1 (NIHSS)", split_name, family, fuse(p, cohort.nihss, parameters), cohort.poor, cohort.p_admission))
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch on {config.threads} threads; load average {load_start[0]:.1f} at the start"
+        rows = {**{f"module {name}": p[:, i] for i, name in enumerate(MRI_MAPS)}, "plain average": p.mean(axis=1),
+                "Algorithm 1 (NIHSS)": fuse(p, cohort.nihss, raw), "Algorithm 1, recalibrated": fuse(p, cohort.nihss, tuned),
+                "Algorithm 1, NIHSS not available": fuse(p, None, raw)}
+        for model, values in rows.items():
+            scores.append(score(model, split_name, family, values, cohort.poor, cohort.p_admission))
+            pooled.setdefault(model, []).append(values)
+    poor = np.concatenate([c.poor for _, _, c in evaluated])
+    p_admission = np.concatenate([c.p_admission for _, _, c in evaluated])
+    pooled_scores = [score(model, "all evaluated", "pooled", np.concatenate(v), poor, p_admission) for model, v in pooled.items()]
+    raw_slope = next(s.calibration_slope for s in pooled_scores if s.model == "Algorithm 1 (NIHSS)")
+    recalibrate = not SLOPE_RANGE[0] <= raw_slope <= SLOPE_RANGE[1]
+    shipped = tuned if recalibrate else raw
+    intervals = calibration_rows(scores, pooled_scores, pooled, poor, evaluated)
+    total_s = time.perf_counter() - started
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch on {config.threads} threads; load average "
+               f"{load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    all_scores = [*scores, *pooled_scores]
     card = FusionCard(
         name=MODEL_NAME, version=MODEL_VERSION, intended_use=f"{RESEARCH_ONLY} Trained and tested on synthetic patients only.",
-        outcome="P(mRS 3-6 at 90 days)", modules=tuple(files), thresholds=thresholds, nihss_low=parameters.nihss_low,
-        nihss_high=parameters.nihss_high,
+        outcome="P(mRS 3-6 at 90 days)", modules=tuple(files), thresholds=thresholds, nihss_low=shipped.nihss_low,
+        nihss_high=shipped.nihss_high, recalibration=shipped.recalibration,
         evaluation=tuple(OutcomeEvaluation(model=s.model, split=s.split, family=s.family, patients=s.patients, auc=s.auc,
                                            ceiling_auc=s.ceiling_auc, calibration_slope=s.calibration_slope,
-                                           calibration_intercept=s.calibration_intercept, brier=s.brier) for s in scores),
+                                           calibration_intercept=s.calibration_intercept, brier=s.brier) for s in all_scores),
         training={"command": command, "families": families, "held_out_family": held_out_family, "patients_per_family": patients,
-                  "fitted_on": len(fit), "epochs": config.epochs, "seed": config.seed, "minutes": round(trained_s / 60, 1), "machine": machine},
+                  "fitted_on": len(fit), "validation": len(validation), "epochs": config.epochs, "seed": config.seed,
+                  "minutes": round(trained_s / 60, 1), "minutes_with_evaluation": round(total_s / 60, 1), "machine": machine,
+                  "recalibrated": recalibrate, "recalibration_fitted_on": "part B (validation)"},
     )
     card_path = write_fusion_card(card, weights / f"{MODEL_NAME}.card.json")
     lines = [f"# {MODEL_NAME} {MODEL_VERSION}: seed 000's CNN-LSTM modules fused by Algorithm 1", "",
              f"**{RESEARCH_ONLY}** Trained and tested on synthetic patients only.", "",
-             f"Made by `{command}` in {trained_s / 60:.1f} min (dataset cached by the CRD model's command) on {machine}.",
-             f"Fitted on {len(fit)} patients of {[f for f in families if f != held_out_family]}; held out: {held_out_family}. "
-             f"Thresholds tau {', '.join(f'{t:.2f}' for t in thresholds)}; NIHSS normalised over {parameters.nihss_low:g}-{parameters.nihss_high:g}. "
-             f"Parity torch / ONNX Runtime: {max(f.parity for f in files):.1e}.", "", *score_table(scores), ""]
+             f"Made by `{command}` in {trained_s / 60:.1f} min ({total_s / 60:.1f} min with evaluation; the dataset cached by "
+             f"the CRD model's command) on {machine}.",
+             f"Modules fitted on part A ({len(fit)} patients of {[f for f in families if f != held_out_family]}); part B "
+             f"({len(validation)}) chose the thresholds tau {', '.join(f'{t:.2f}' for t in thresholds)} and the recalibration "
+             f"(intercept {intercept:+.2f}, slope {slope:.2f}); held out: {held_out_family}. NIHSS normalised over "
+             f"{raw.nihss_low:g}-{raw.nihss_high:g}. Parity torch / ONNX Runtime: {max(f.parity for f in files):.1e}.",
+             f"Pooled calibration slope of the fusion on the evaluated patients {raw_slope:.2f}: "
+             + (f"outside {SLOPE_RANGE[0]}-{SLOPE_RANGE[1]}, so the card ships the recalibration fitted on part B."
+                if recalibrate else f"inside {SLOPE_RANGE[0]}-{SLOPE_RANGE[1]}, no recalibration shipped."), "",
+             "## Discrimination against the admission ceiling", "", *score_table(all_scores), "",
+             "## Calibration slope with its 95 % bootstrap interval (400 resamples)", "", *intervals, ""]
     report = weights / f"{MODEL_NAME}.report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    console.print(f"wrote {card_path}, {report} in {trained_s / 60:.1f} min")
-    for s in scores:
-        if s.model in ("plain average", "Algorithm 1 (NIHSS)"):
-            console.print(f"  {s.model:22s} {s.split:8s} {s.family:18s} AUC {s.auc:.3f} ceiling {s.ceiling_auc:.3f} ({s.of_ceiling:.2f}) slope {s.calibration_slope:.2f}")
+    console.print(f"wrote {card_path}, {report} in {total_s / 60:.1f} min")
+    for s in all_scores:
+        if not s.model.startswith("module"):
+            console.print(f"  {s.model:32s} {s.split:13s} {s.family:18s} AUC {s.auc:.3f} ceiling {s.ceiling_auc:.3f} "
+                          f"({s.of_ceiling:.2f}) slope {s.calibration_slope:.2f}")
     return report
+
+
+def calibration_rows(scores: list[OutcomeScore], pooled_scores: list[OutcomeScore], pooled: dict[str, list[np.ndarray]],
+                     poor: np.ndarray, evaluated: list[tuple[str, str, OutcomeCohort]]) -> list[str]:
+    """Markdown rows: the fusion's (raw and recalibrated) and the plain average's slope per family and
+    pooled, each with its bootstrap interval."""
+    rows = ["| model | split | family | patients | calibration slope | 95 % interval |", "|---|---|---|---|---|---|"]
+    for model in ("Algorithm 1 (NIHSS)", "Algorithm 1, recalibrated", "plain average"):
+        for k, (family, split_name, cohort) in enumerate(evaluated):
+            values = pooled[model][k]
+            s = next(x for x in scores if x.model == model and x.family == family)
+            low, high = slope_interval(values, cohort.poor)
+            rows.append(f"| {model} | {split_name} | {family} | {len(values)} | {s.calibration_slope:.2f} | {low:.2f}-{high:.2f} |")
+        s = next(x for x in pooled_scores if x.model == model)
+        low, high = slope_interval(np.concatenate(pooled[model]), poor)
+        rows.append(f"| {model} | all evaluated | pooled | {s.patients} | **{s.calibration_slope:.2f}** | {low:.2f}-{high:.2f} |")
+    return rows

@@ -73,3 +73,22 @@ def net_benefit(p: np.ndarray, poor: np.ndarray, thresholds: np.ndarray) -> np.n
         treated = p >= t
         out.append((treated & poor).sum() / n - (treated & ~poor).sum() / n * t / (1 - t))
     return np.array(out)
+
+
+def slope_interval(p: np.ndarray, poor: np.ndarray, rounds: int = 400, seed: int = 0) -> tuple[float, float]:
+    """The 95 % percentile bootstrap interval of the calibration slope (patients resampled with
+    replacement; resamples with one outcome only are skipped): small families give wide intervals,
+    which is the point of showing them."""
+    p, poor = np.asarray(p, dtype=np.float64), np.asarray(poor, dtype=bool)
+    rng = np.random.default_rng(seed)
+    slopes = []
+    for _ in range(rounds):
+        index = rng.integers(0, len(p), len(p))
+        if poor[index].all() or not poor[index].any():
+            continue
+        slopes.append(calibration(p[index], poor[index])[0])
+    if not slopes:
+        return float("nan"), float("nan")
+    low, high = np.percentile(slopes, [2.5, 97.5])
+    return float(low), float(high)
+

@@ -3,12 +3,15 @@ NIHSS, a correction), a new version of the report is issued without touching the
 
 The new version is the previous SR with its clinical group rewritten (``results.sr.revise_sr``):
 same series, a new SOP Instance UID, the next Instance Number, the previous report as its
-predecessor. It is stored beside the previous ones (``<study>/v<version>/SR-r<revision>.dcm``),
-recorded as a ``ClinicalResult`` revision and queued for the destinations that take SRs; no
-imaging object is queued again. Earlier revisions stay in the database and on disk.
+predecessor; and, where the study has a summary image, its next version with the text column
+redrawn (``results.summary.revise_summary``: the montage kept pixel for pixel). They are stored
+beside the previous ones (``<study>/v<version>/SR-r<revision>.dcm``, ``SUMMARY-r<revision>.dcm``),
+recorded as a ``ClinicalResult`` revision and queued for the destinations that take them; no
+imaging object (SEG, maps) is queued again. Earlier revisions stay in the database and on disk.
 
-The 90-day outcome (seed 004's CRD model) depends on the NIHSS: the revision carries it recomputed
-from the imaging components stored with the findings (``revised_outcome``), never from the maps.
+The 90-day outcomes (seed 004's CRD model, seed 000's CNN-LSTM fusion) depend on the NIHSS: the
+revision carries each recomputed from what the findings stored (``revised_outcome``,
+``revised_fusion_outcome``), never from the maps.
 ``on_outcome_stale`` is still called for every new revision, for whoever else must know.
 """
 
@@ -25,11 +28,13 @@ from sqlalchemy import func, select
 
 from service.clinical.nihss import choose_nihss, studies_of, used
 from service.delivery.outbox import ResultFile, enqueue
+from service.analysis import outcome_cnn_lstm
 from service.analysis.outcome_model import outcome_card, recompute
 from service.errors import ModelError
-from service.findings import SR, NihssUsed, OutcomeRecord, nihss_summary
+from service.findings import SR, SUMMARY, FusionOutcomeRecord, NihssUsed, OutcomeRecord, nihss_summary
 from service.ops.loops import Rounds
 from service.results.sr import revise_sr
+from service.results.summary import revise_summary, stored_imaging_lines
 from service.store.database import Database
 from service.store.models import AuditEvent, ClinicalResult, Job, JobState, NihssRecord, ResultObject, Study, utcnow
 
@@ -46,6 +51,7 @@ class StaleOutcome:
     revision: int
     nihss: NihssUsed | None
     report: ResultFile  # the new SR
+    summary: ResultFile | None = None  # the new summary image, where the study had one
 
 
 def first_revision(session, job: Job, nihss: NihssUsed | None) -> None:  # noqa: ANN001 - a Session
@@ -112,20 +118,24 @@ class ClinicalReviser(Rounds):
             revision = latest.revision + 1
             previous = dcmread(self.results_dir / latest.result.path)
             outcome = revised_outcome(job.findings, nihss)
-            report = revise_sr(previous, study.study_uid, job.version, revision, nihss, outcome)
+            fused = revised_fusion_outcome(job.findings, nihss)
+            outcomes = [o for o in (outcome, fused) if o is not None]
+            report = revise_sr(previous, study.study_uid, job.version, revision, nihss, outcomes)
             relative = Path(latest.result.path).with_name(f"SR-r{revision}.dcm")
             _write(report, self.results_dir / relative)
             result = ResultFile(SR, str(report.SOPInstanceUID), str(report.SOPClassUID), relative.as_posix())
-            enqueue(session, job, [result], self.destinations)
+            summary = self._revised_summary(session, job, revision, nihss, outcomes)
+            enqueue(session, job, [result] + ([summary] if summary is not None else []), self.destinations)
             row = session.scalar(select(ResultObject).where(ResultObject.sop_uid == result.sop_uid))
             session.add(ClinicalResult(job_id=job.id, revision=revision, nihss_id=chosen.id if chosen else None,
                                        result_id=row.id))
             if job.findings is not None:
                 job.findings = {**job.findings, "nihss": nihss_summary(nihss), "clinical_revision": revision,
-                                "outcome": outcome.summary() if outcome is not None else None}
+                                "outcome": outcome.summary() if outcome is not None else None,
+                                "outcome_cnn_lstm": fused.summary() if fused is not None else None}
             session.add(AuditEvent(kind="clinical_revised", study_id=study.id,
                                    detail={"job": job.id, "revision": revision, "nihss_record": chosen.id if chosen else None}))
-            stale = StaleOutcome(study.study_uid, job.id, job.version, revision, nihss, result)
+            stale = StaleOutcome(study.study_uid, job.id, job.version, revision, nihss, result, summary)
         log.info("study %d version %d: clinical revision %d names %s", study_id, stale.version, revision,
                  nihss.describe() if nihss else "no NIHSS")
         if self.on_outcome_stale is not None:
@@ -133,6 +143,27 @@ class ClinicalReviser(Rounds):
         if self.on_results is not None:
             self.on_results()
         return True
+
+
+    def _revised_summary(self, session, job: Job, revision: int, nihss: NihssUsed | None,  # noqa: ANN001 - a Session
+                         outcomes: list[OutcomeRecord | FusionOutcomeRecord]) -> ResultFile | None:
+        """The next version of the job's latest summary image, written beside it; None when the job
+        has none (its destinations take no summary, or it was never drawn) or it cannot be read."""
+        latest = session.scalar(select(ResultObject).where(ResultObject.job_id == job.id, ResultObject.kind == SUMMARY.name)
+                                .order_by(ResultObject.id.desc()).limit(1))
+        if latest is None:
+            return None
+        stored = job.findings or {}
+        try:
+            previous = dcmread(self.results_dir / latest.path)
+            image = revise_summary(previous, job.study.study_uid, job.version, revision, nihss, outcomes,
+                                   stored_imaging_lines(stored), list(stored.get("qc_flags") or []))
+        except (OSError, ValueError, AttributeError) as error:
+            log.warning("job %d: no new summary image with clinical revision %d: %s", job.id, revision, error)
+            return None
+        relative = Path(latest.path).with_name(f"SUMMARY-r{revision}.dcm")
+        _write(image, self.results_dir / relative)
+        return ResultFile(SUMMARY, str(image.SOPInstanceUID), str(image.SOPClassUID), relative.as_posix())
 
 
 def revised_outcome(findings: dict | None, nihss: NihssUsed | None) -> OutcomeRecord | None:
@@ -147,6 +178,19 @@ def revised_outcome(findings: dict | None, nihss: NihssUsed | None) -> OutcomeRe
         return recompute(outcome_card(), OutcomeRecord.from_summary(stored, None), nihss)
     except (KeyError, TypeError, ValueError, ModelError) as error:
         log.warning("the 90-day outcome cannot be recomputed with the new NIHSS: %s", error)
+        return None
+
+
+def revised_fusion_outcome(findings: dict | None, nihss: NihssUsed | None) -> FusionOutcomeRecord | None:
+    """The study's CNN-LSTM outcome with ``nihss``: its stored module probabilities fused again; None
+    when the analysis made none or the shipped card is not the model that made it (logged)."""
+    stored = (findings or {}).get("outcome_cnn_lstm")
+    if not stored:
+        return None
+    try:
+        return outcome_cnn_lstm.recompute(outcome_cnn_lstm.fusion_card(), FusionOutcomeRecord.from_summary(stored, None), nihss)
+    except (KeyError, TypeError, ValueError, AttributeError, ModelError) as error:
+        log.warning("the CNN-LSTM 90-day outcome cannot be recomputed with the new NIHSS: %s", error)
         return None
 
 

@@ -1,6 +1,7 @@
 """The 90-day outcome added to an MRI study's Findings: the maps and masks the analysis made, the
 patient's age and sex from the images' header and the NIHSS the study uses go to seed 004's CRD
-model (``outcome_model``); the Findings gain its ``OutcomeRecord``, or a QC flag saying why not.
+model (``outcome_model``) and to seed 000's CNN-LSTM modules fused by Algorithm 1
+(``outcome_cnn_lstm``); the Findings gain each model's record, or a QC flag saying why not.
 
 The model was trained on MRI maps (ADC, DWI, Tmax, CBF, CBV); CT studies get no outcome and say so.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
+from service.analysis.outcome_cnn_lstm import DEFAULT_FUSION_CARD, cnn_lstm_model
 from service.analysis.outcome_model import DEFAULT_CARD, OutcomeInputs, outcome_model, to_record
 from service.errors import InputError, ModelError
 from service.findings import Analysis, Findings, MapName, NihssUsed, SegmentKind
@@ -57,16 +59,24 @@ def outcome_inputs(findings: Findings, nihss: NihssUsed | None) -> OutcomeInputs
                          demographics[0], demographics[1], nihss)
 
 
-def add_outcome(findings: Findings, nihss: NihssUsed | None, card_path: Path = DEFAULT_CARD) -> Findings:
-    """``findings`` with its ``outcome`` (P(mRS 3-6 at 90 days), the NIHSS used or imaging only),
-    or with a QC flag naming why there is none. The imaging results never depend on it."""
+def add_outcome(findings: Findings, nihss: NihssUsed | None, card_path: Path = DEFAULT_CARD,
+                fusion_card_path: Path | None = None) -> Findings:
+    """``findings`` with its outcomes (P(mRS 3-6 at 90 days) of each model, the NIHSS used or imaging
+    only), or with a QC flag per model naming why there is none. The imaging results never depend
+    on them. ``fusion_card_path``: seed 000's card, by default beside ``card_path``."""
     inputs = outcome_inputs(findings, nihss)
     if isinstance(inputs, str):
         return replace(findings, qc_flags=[*findings.qc_flags, inputs])
+    fusion_card_path = fusion_card_path or card_path.parent / DEFAULT_FUSION_CARD.name
     try:
-        model = outcome_model(card_path)
-        prediction = model.predict(inputs)
+        prediction = outcome_model(card_path).predict(inputs)
+        findings = replace(findings, outcome=to_record(prediction, inputs.age, inputs.sex_female),
+                           models=[*findings.models, prediction.model])
     except (InputError, ModelError) as error:
-        return replace(findings, qc_flags=[*findings.qc_flags, f"90-day outcome not computed: {error}"])
-    return replace(findings, outcome=to_record(prediction, inputs.age, inputs.sex_female),
-                   models=[*findings.models, prediction.model])
+        findings = replace(findings, qc_flags=[*findings.qc_flags, f"90-day outcome not computed: {error}"])
+    try:
+        fused = cnn_lstm_model(fusion_card_path).predict(inputs)
+        findings = replace(findings, outcome_cnn_lstm=fused, models=[*findings.models, fused.model])
+    except (InputError, ModelError) as error:
+        findings = replace(findings, qc_flags=[*findings.qc_flags, f"90-day outcome (CNN-LSTM) not computed: {error}"])
+    return findings

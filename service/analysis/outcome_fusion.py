@@ -5,7 +5,8 @@ the training patients, Youden's J), module i votes poor (p_i > tau_i) or good. T
 NIHSS c in [0, 1] weights the votes: a poor vote gets c, a good vote 1 - c, so a severe deficit
 trusts the modules that say poor and a mild one those that say good. The weights are normalised
 to sum to 1 and the fused probability is the weighted mean of the p_i. Without an NIHSS the fusion
-is the plain mean (c carries no information then).
+is the plain mean (c carries no information then). A logistic recalibration fitted on validation
+patients (never the test or held-out ones) may follow: sigmoid(a + b logit(p)).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class FusionParameters:
     thresholds: tuple[float, ...]  # tau_i, one per module, in module order
     nihss_low: float  # the NIHSS mapped to c = 0
     nihss_high: float  # the NIHSS mapped to c = 1
+    recalibration: tuple[float, float] = (0.0, 1.0)  # (intercept a, slope b); (0, 1) leaves p as it is
 
     def normalised_nihss(self, nihss: np.ndarray | float) -> np.ndarray:
         span = max(self.nihss_high - self.nihss_low, 1e-9)
@@ -34,13 +36,22 @@ def fuse(probabilities: np.ndarray, nihss: np.ndarray | None, parameters: Fusion
     if p.ndim != 2 or p.shape[1] != len(parameters.thresholds):
         raise ValueError(f"expected [patients, {len(parameters.thresholds)}] probabilities, got {p.shape}")
     if nihss is None:
-        return p.mean(axis=1)
+        return recalibrated(p.mean(axis=1), *parameters.recalibration)
     c = parameters.normalised_nihss(nihss)[:, None]
     poor = p > np.asarray(parameters.thresholds)[None, :]
     raw = np.where(poor, c, 1.0 - c)
     total = raw.sum(axis=1, keepdims=True)
     weights = np.where(total > 0, raw / np.where(total > 0, total, 1.0), 1.0 / p.shape[1])
-    return (weights * p).sum(axis=1)
+    return recalibrated((weights * p).sum(axis=1), *parameters.recalibration)
+
+
+def recalibrated(p: np.ndarray, intercept: float, slope: float) -> np.ndarray:
+    """sigmoid(intercept + slope * logit(p)); ``p`` unchanged for (0, 1)."""
+    p = np.asarray(p, dtype=np.float64)
+    if intercept == 0.0 and slope == 1.0:
+        return p
+    q = np.clip(p, 1e-6, 1 - 1e-6)
+    return 1.0 / (1.0 + np.exp(-(intercept + slope * np.log(q / (1 - q)))))
 
 
 def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:

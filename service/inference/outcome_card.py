@@ -112,6 +112,7 @@ class FusionCard(_Strict):
     thresholds: tuple[float, ...]  # tau_i, in module order
     nihss_low: float
     nihss_high: float
+    recalibration: tuple[float, float] = (0.0, 1.0)  # (intercept, slope) on the fused logit, fitted on validation patients
     evaluation: tuple[OutcomeEvaluation, ...]
     training: dict[str, object]
 
@@ -123,7 +124,19 @@ class FusionCard(_Strict):
             raise ValueError("one threshold per module")
         if self.nihss_high <= self.nihss_low:
             raise ValueError("nihss_high must exceed nihss_low")
+        if self.recalibration[1] <= 0:
+            raise ValueError("the recalibration slope must be positive (it keeps the order of the probabilities)")
         return self
+
+
+def read_fusion_card(path: Path) -> FusionCard:
+    """Read and validate seed 000's card; ``ModelError`` saying why when it cannot be used."""
+    try:
+        return FusionCard.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError as error:
+        raise ModelError(f"no CNN-LSTM outcome model card at {path}") from error
+    except (json.JSONDecodeError, ValidationError) as error:
+        raise ModelError(f"CNN-LSTM outcome model card {path} is not valid: {str(error).splitlines()[0]}") from error
 
 
 def write_fusion_card(card: FusionCard, path: Path) -> Path:

@@ -12,6 +12,7 @@ declared in the Coding Scheme Identification Sequence.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 import math
 from datetime import datetime, timezone
 
@@ -21,7 +22,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage
 
-from service.findings import NIHSS_NOT_AVAILABLE, Findings, Measurement, ModelInfo, NihssUsed, OutcomeRecord
+from service.findings import NIHSS_NOT_AVAILABLE, Findings, FusionOutcomeRecord, Measurement, ModelInfo, NihssUsed, OutcomeRecord
 from service.results import identity
 from service.results.coding import (
     CLINICAL_INPUT, NIHSS_ASSESSED, NIHSS_SOURCE, NIHSS_TOTAL, OUTCOME_INPUTS, POOR_OUTCOME_90D, QC_FLAG, TARGET_MISMATCH,
@@ -202,7 +203,7 @@ def build_sr(findings: Findings, seg: Dataset) -> Dataset:
     if study_group is not None:
         groups.append(study_group)
         used += [QC_FLAG, TARGET_MISMATCH, *(local_code(name) for name in findings.measurements)]
-    groups.append(clinical_group(findings.study_uid, findings.version, findings.nihss, findings.outcome))
+    groups.append(clinical_group(findings.study_uid, findings.version, findings.nihss, findings.outcomes))
     local_schemes = scheme_declarations(used)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=identity.DEVICE_OBSERVER_UID,
@@ -241,17 +242,23 @@ def build_sr(findings: Findings, seg: Dataset) -> Dataset:
     )
 
 
+Outcome = OutcomeRecord | FusionOutcomeRecord
+"""A 90-day outcome of one model."""
+
+
 def clinical_group(study_uid: str, version: int, nihss: NihssUsed | None,
-                   outcome: OutcomeRecord | None = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+                   outcomes: Sequence[Outcome] = ()) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The measurement group naming the clinical input: the NIHSS as a NUM (LOINC 72089-6) with its
     source and assessment time, or the TEXT "NIHSS not available: imaging only"; each case also
-    as one readable TEXT line ("Clinical input used"). With an ``outcome``, the NUM "Probability of
-    poor outcome (mRS 3-6) at 90 days" (0-1, its model's identification on it) and a TEXT naming
-    the inputs the model used; it depends on the NIHSS, so it is revised with it."""
-    if outcome is not None and outcome.nihss != nihss:
-        raise ValueError("the outcome used another NIHSS than the report names")
+    as one readable TEXT line ("Clinical input used"). Per model in ``outcomes``, the NUM "Probability
+    of poor outcome (mRS 3-6) at 90 days" (0-1, that model's identification on it) and a TEXT naming
+    the inputs it used; they depend on the NIHSS, so they are revised with it."""
+    if any(outcome.nihss != nihss for outcome in outcomes):
+        raise ValueError("an outcome used another NIHSS than the report names")
+    if len({outcome.model.name for outcome in outcomes}) != len(outcomes):
+        raise ValueError("two outcomes of the same model")
     measurements = [hd.sr.Measurement(name=NIHSS_TOTAL, value=float(nihss.value), unit=SCORE)] if nihss else []
-    if outcome is not None:
+    for outcome in outcomes:
         if not 0.0 <= outcome.probability <= 1.0:
             raise ValueError(f"outcome probability {outcome.probability} is not in 0-1")
         measurements.append(hd.sr.Measurement(name=POOR_OUTCOME_90D, value=round(float(outcome.probability), 4),
@@ -274,7 +281,7 @@ def clinical_group(study_uid: str, version: int, nihss: NihssUsed | None,
         items.append(hd.sr.DateTimeContentItem(
             name=NIHSS_ASSESSED, value=nihss.assessed_at.replace(tzinfo=timezone.utc), relationship_type=contains,
         ))
-    if outcome is not None:
+    for outcome in outcomes:
         items.append(hd.sr.TextContentItem(
             name=OUTCOME_INPUTS, value=f"{outcome.model.name} {outcome.model.version}: {outcome.inputs_used}"[:1024],
             relationship_type=contains,
@@ -284,7 +291,8 @@ def clinical_group(study_uid: str, version: int, nihss: NihssUsed | None,
 
 def clinical_input(report: Dataset) -> dict[str, object]:
     """What a report's clinical group says, by concept code value: "72089-6" -> (value, unit code),
-    TEXT items -> their text, DATETIME -> its value (the group's tracking items left out).
+    TEXT items -> their text, DATETIME -> its value (the group's tracking items left out); a code
+    that repeats (one outcome per model) gives its first item: ``reported_outcomes`` has them all.
     ValueError when the report has none."""
     groups = [item for container in report.ContentSequence for item in container.get("ContentSequence", [])
               if _is_clinical_group(item)]
@@ -293,7 +301,7 @@ def clinical_input(report: Dataset) -> dict[str, object]:
     found: dict[str, object] = {}
     for item in groups[0].ContentSequence:
         code = item.ConceptNameCodeSequence[0].CodeValue
-        if code in ("112039", "112040"):  # tracking identifier and tracking UID
+        if code in ("112039", "112040") or code in found:  # tracking identifier and tracking UID; repeats
             continue
         if item.ValueType == "NUM":
             value = item.MeasuredValueSequence[0]
@@ -305,6 +313,30 @@ def clinical_input(report: Dataset) -> dict[str, object]:
     return found
 
 
+def reported_outcomes(report: Dataset) -> dict[str, tuple[float, str]]:
+    """Each 90-day outcome a report's clinical group carries, by the model's name (its NUM's
+    algorithm name): (probability, the model's inputs line). ValueError when there is no clinical group."""
+    groups = [item for container in report.ContentSequence for item in container.get("ContentSequence", [])
+              if _is_clinical_group(item)]
+    if not groups:
+        raise ValueError("the report has no clinical input group")
+    probabilities: dict[str, float] = {}
+    inputs: dict[str, str] = {}
+    for item in groups[0].ContentSequence:
+        code = item.ConceptNameCodeSequence[0].CodeValue
+        if code == POOR_OUTCOME_90D.value and item.ValueType == "NUM":
+            names = [child.TextValue for child in item.get("ContentSequence", [])
+                     if child.ConceptNameCodeSequence[0].CodeValue == ALGORITHM_NAME_CODE]
+            probabilities[names[0] if names else ""] = float(item.MeasuredValueSequence[0].NumericValue)
+        elif code == OUTCOME_INPUTS.value and item.ValueType == "TEXT":
+            inputs[item.TextValue.split(" ", 1)[0]] = item.TextValue
+    return {name: (p, inputs.get(name, "")) for name, p in probabilities.items()}
+
+
+ALGORITHM_NAME_CODE = "111001"
+"""DCM "Algorithm Name", the text under a NUM's algorithm identification."""
+
+
 def _is_clinical_group(item: Dataset) -> bool:
     return any(
         child.get("ValueType") == "TEXT" and child.get("TextValue") == CLINICAL_GROUP
@@ -313,9 +345,9 @@ def _is_clinical_group(item: Dataset) -> bool:
 
 
 def revise_sr(previous: Dataset, study_uid: str, version: int, revision: int, nihss: NihssUsed | None,
-              outcome: OutcomeRecord | None = None) -> Dataset:
+              outcomes: Sequence[Outcome] = ()) -> Dataset:
     """A new version of the report ``previous`` (built by ``build_sr`` for ``study_uid`` version
-    ``version``) naming ``nihss`` (and the ``outcome`` recomputed with it) instead: same series, a new SOP Instance UID
+    ``version``) naming ``nihss`` (and the ``outcomes`` recomputed with it) instead: same series, a new SOP Instance UID
     (``result_uid(study, version, "sr-r<revision>")``), Instance Number ``revision``, new content
     time, and ``previous`` in its Predecessor Documents Sequence. The imaging measurements are
     copied unchanged. ValueError when ``previous`` has no clinical group."""
@@ -327,7 +359,7 @@ def revise_sr(previous: Dataset, study_uid: str, version: int, revision: int, ni
         children = container.get("ContentSequence", [])
         for index, item in enumerate(children):
             if _is_clinical_group(item):
-                children[index] = clinical_group(study_uid, version, nihss, outcome)[0]
+                children[index] = clinical_group(study_uid, version, nihss, outcomes)[0]
                 break
         else:
             continue

@@ -11,7 +11,9 @@ shows the patient from the header.
 
 from __future__ import annotations
 
+import copy
 import io
+from datetime import datetime, timezone
 
 import highdicom as hd
 import numpy as np
@@ -21,7 +23,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from pydicom.dataset import Dataset
 
-from service.findings import Analysis, Findings, MapName, OutcomeRecord, Segment, SegmentKind
+from service.findings import (
+    NIHSS_NOT_AVAILABLE, Analysis, Findings, FusionOutcomeRecord, MapName, NihssUsed, OutcomeRecord, Segment, SegmentKind,
+)
 from service.results import identity
 
 SUMMARY_SERIES_NUMBER = 903
@@ -106,11 +110,13 @@ def parameter_line(name: str, value: float) -> str:
     return f"{label}: {fmt.format(value)}"
 
 
-def outcome_line(outcome: OutcomeRecord) -> str:
-    """The 90-day outcome as the summary shows it, with the NIHSS it used (or that it had none),
-    short enough for one line of the text column (the SR names the model)."""
+def outcome_line(outcome: OutcomeRecord | FusionOutcomeRecord) -> str:
+    """One model's 90-day outcome as the summary shows it, with the model's short name and the
+    NIHSS it used (or that it had none), short enough for one line of the text column (the SR
+    names the model in full)."""
     used = f"NIHSS {outcome.nihss.value}, {outcome.nihss.source.title}" if outcome.nihss is not None else "no NIHSS, imaging only"
-    return f"P(mRS 3-6 at 90 d) {100 * outcome.probability:.0f}%: {used}"
+    short = outcome.model.name.removeprefix("outcome-").upper()
+    return f"P(mRS 3-6 at 90 d) {100 * outcome.probability:.0f}% {short}: {used}"
 
 
 def text_lines(findings: Findings) -> list[str]:
@@ -126,8 +132,7 @@ def text_lines(findings: Findings) -> list[str]:
         lines.append(f"Reperfusion saves {m['reperfusion_salvage_ml']:.1f} mL; Dice {m['scenario_dice']:.2f}; "
                      "responder: " + ("YES" if m["reperfusion_responder"] >= 0.5 else "NO"))
     lines += method_lines(findings)
-    if findings.outcome is not None:
-        lines.append(outcome_line(findings.outcome))
+    lines += [outcome_line(outcome) for outcome in findings.outcomes]
     lines.append("")
     lines.append("QC: " + ("; ".join(findings.qc_flags) if findings.qc_flags else "no flags"))
     lines.append("")
@@ -237,3 +242,60 @@ def side_markers(findings: Findings) -> tuple[str, str]:
     if abs(x) < 0.5:
         return "", ""
     return ("R", "L") if x > 0 else ("L", "R")
+
+
+REVISION_TEXT_LEFT, REVISION_TEXT_TOP = 0.63, 0.085
+"""Where a revision redraws the summary: the text column right of the montage, below the banner."""
+
+
+def stored_imaging_lines(stored: dict) -> list[str]:
+    """The imaging results as the stored findings (``Findings.summary()``) hold them: segment
+    volumes and the measurements the summary shows, for a revision's summary."""
+    lines = [f"{ident.replace('_', ' ').capitalize()}: {float(ml):.1f} mL" for ident, ml in (stored.get("segments") or {}).items()]
+    measurements = stored.get("measurements") or {}
+    tmax = float((stored.get("parameters") or {}).get("tmax_threshold_s", 6.0))
+    lines += [label.format(tmax=tmax) + ": " + fmt.format(float(measurements[key])) for key, label, fmt in LINES if key in measurements]
+    if "target_mismatch" in measurements:
+        lines.append("Target mismatch (DEFUSE 3): " + ("YES" if float(measurements["target_mismatch"]) >= 0.5 else "NO"))
+    return lines
+
+
+def revise_summary(previous: Dataset, study_uid: str, version: int, revision: int, nihss: NihssUsed | None,
+                   outcomes: list[OutcomeRecord | FusionOutcomeRecord], imaging: list[str], qc_flags: list[str]) -> Dataset:
+    """The next version of the summary ``previous`` (``build_summary``'s or a revision's) for a new
+    NIHSS: the montage and the banner kept pixel for pixel (the imaging did not change), the text
+    column redrawn with the NIHSS and each model's outcome, then the ``imaging`` results and QC
+    flags as first reported. Same series, a new SOP Instance UID (``summary-r<revision>``),
+    Instance Number ``revision``. ValueError when ``previous`` is not a summary of our size."""
+    if revision < 2:
+        raise ValueError(f"revision {revision}: revision 1 is the summary build_summary made")
+    pixels = previous.pixel_array
+    if pixels.shape != (HEIGHT_PX, WIDTH_PX, 3):
+        raise ValueError(f"the previous summary is {pixels.shape}, not a {HEIGHT_PX} x {WIDTH_PX} RGB summary")
+    left, top = int(WIDTH_PX * REVISION_TEXT_LEFT), int(HEIGHT_PX * REVISION_TEXT_TOP)
+    width, height = WIDTH_PX - left, HEIGHT_PX - top
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="black")
+    FigureCanvasAgg(figure)
+    lines = [(f"StrokeGate - clinical update {revision}", 20, "bold"), (f"Result v{version}: the NIHSS changed", 13, "normal"),
+             ("", 13, "normal"), (nihss.describe() if nihss is not None else NIHSS_NOT_AVAILABLE, 13, "normal"),
+             *((outcome_line(o), 14, "bold") for o in outcomes), ("", 13, "normal"),
+             ("Imaging results unchanged:", 13, "normal"), *((line, 13, "normal") for line in imaging), ("", 11, "normal"),
+             ("QC: " + ("; ".join(qc_flags) if qc_flags else "no flags"), 11, "normal")]
+    y = 0.98
+    for text, size, weight in lines:
+        figure.text(0.02, y, text, color="white", fontsize=size, weight=weight, va="top", wrap=True)
+        y -= (size + 8) / (height * 72 / DPI)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="rgba", dpi=DPI, facecolor="black")
+    column = np.frombuffer(buffer.getvalue(), dtype=np.uint8).reshape(height, width, 4)[..., :3]
+    revised = np.array(pixels, dtype=np.uint8, copy=True)
+    revised[top:, left:] = column
+    report = copy.deepcopy(previous)
+    report.PixelData = np.ascontiguousarray(revised).tobytes()
+    now = datetime.now(timezone.utc)
+    report.SOPInstanceUID = identity.result_uid(study_uid, version, f"summary-r{revision}")
+    report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
+    report.InstanceNumber = revision
+    report.ContentDate, report.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+    report.InstanceCreationDate, report.InstanceCreationTime = report.ContentDate, report.ContentTime
+    return report
