@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from service.findings import ResultCategory
@@ -233,6 +233,16 @@ class Settings(BaseSettings):
     )
     fhir_poll_s: float = Field(30.0, gt=0, description="time between two FHIR searches for the same patient")
     fhir_timeout_s: float = Field(10.0, gt=0, description="a FHIR request gives up after this")
+    fhir_token_url: str | None = Field(
+        None, description="SMART Backend Services: the EHR's OAuth2 token endpoint; unset: FHIR searches carry no token"
+    )
+    fhir_client_id: str | None = Field(None, description="SMART: StrokeGate's client id at the EHR")
+    fhir_private_key: Path | None = Field(
+        None, description="SMART: PEM RSA private key signing the RS384 client assertion (the EHR holds its public key)"
+    )
+    fhir_key_id: str | None = Field(None, description="SMART: the key's id (JWK kid) at the EHR")
+    fhir_client_secret: SecretStr | None = Field(None, description="SMART: a client secret instead of a private key")
+    fhir_scope: str = Field("system/Observation.read", description="SMART: the scope asked for")
 
     # Operations
     http_host: str = Field("127.0.0.1", description="loopback by default; set it for a Prometheus on another host")
@@ -274,6 +284,16 @@ class Settings(BaseSettings):
             raise ValueError(f"hl7_port {self.hl7_port} is also the DICOM or HTTP port: give the HL7 listener its own port")
         if self.fhir_base_url is not None and not self.fhir_base_url.startswith(("http://", "https://")):
             raise ValueError(f"fhir_base_url {self.fhir_base_url!r} must be an http:// or https:// URL")
+        if self.fhir_token_url is not None:
+            if not self.fhir_token_url.startswith(("http://", "https://")):
+                raise ValueError(f"fhir_token_url {self.fhir_token_url!r} must be an http:// or https:// URL")
+            if not self.fhir_client_id:
+                raise ValueError("fhir_token_url needs fhir_client_id (StrokeGate's client id at the EHR)")
+            if (self.fhir_private_key is None) == (self.fhir_client_secret is None):
+                raise ValueError("fhir_token_url needs exactly one of fhir_private_key (RS384 client assertion) "
+                                 "or fhir_client_secret")
+        elif self.fhir_client_id or self.fhir_private_key or self.fhir_client_secret:
+            raise ValueError("fhir_client_id, fhir_private_key and fhir_client_secret need fhir_token_url")
         if self.port and self.port == self.http_port:
             raise ValueError(f"port and http_port are both {self.port}: give the DICOM and HTTP servers a port each")
         if (self.http_tls_certificate is None) != (self.http_tls_key is None):

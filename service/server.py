@@ -19,6 +19,7 @@ from service.analysis.pipeline import AnalysisParameters
 from service.clinical.fhir import FhirPoller
 from service.clinical.hl7 import Hl7Listener
 from service.clinical.nihss import NihssReport, record_nihss
+from service.clinical.smart import SmartClient
 from service.config import DicomTransport, JobQueueKind, Settings
 from service.delivery.outbox import Sender, release_dead_claims
 from service.dicomnet import tls
@@ -81,7 +82,7 @@ class StrokeGate:
         self.hl7: Hl7Listener | None = None
         self.fhir = None if settings.fhir_base_url is None else FhirPoller(
             self.db, settings.fhir_base_url, self.record_nihss, search_for_s=settings.fhir_search_for_s,
-            poll_s=settings.fhir_poll_s, timeout_s=settings.fhir_timeout_s,
+            poll_s=settings.fhir_poll_s, timeout_s=settings.fhir_timeout_s, smart=smart_client(settings),
         )
         self._running = False
         self._http: uvicorn.Server | None = None
@@ -266,3 +267,18 @@ def _destination_tls(settings: Settings) -> dict[str, ssl.SSLContext]:
                                    d.tls_check_hostname)
         for d in settings.destinations if d.tls
     }
+
+
+def smart_client(settings: Settings) -> SmartClient | None:
+    """The SMART Backend Services client the settings describe, or None (FHIR without a token);
+    SetupError, one line, when its private key cannot be read."""
+    if settings.fhir_token_url is None or settings.fhir_client_id is None:
+        return None
+    try:
+        if settings.fhir_private_key is not None:
+            return SmartClient.from_key_file(settings.fhir_token_url, settings.fhir_client_id, settings.fhir_private_key,
+                                             settings.fhir_key_id, settings.fhir_scope)
+        secret = settings.fhir_client_secret.get_secret_value() if settings.fhir_client_secret is not None else None
+        return SmartClient(settings.fhir_token_url, settings.fhir_client_id, client_secret=secret, scope=settings.fhir_scope)
+    except ValueError as error:
+        raise SetupError(f"{error}: fix fhir_private_key (a PEM RSA key readable by StrokeGate) or the SMART settings") from None

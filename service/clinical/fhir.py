@@ -11,7 +11,10 @@ issuer. The poller runs beside the imaging: a FHIR server that is down or slow d
 NIHSS (each request gives up after ``timeout_s``), never an imaging result.
 
 Observations with status entered-in-error, cancelled or registered are skipped, as are those
-without a numeric value. SMART backend-services authorisation is not supported.
+without a numeric value. With a SMART client configured (``smart.SmartClient``: token URL, client
+id, a private key or a client secret) every search carries an OAuth2 client-credentials bearer
+token (SMART Backend Services), cached until it expires; a token that cannot be had fails the
+search like a server that is down, in one line.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from sqlalchemy import select
 
 from service.clinical.hl7 import NIHSS_CODES
 from service.clinical.nihss import NihssReport, as_utc, parse_score
+from service.clinical.smart import SmartAuth, SmartClient, SmartError, SmartTokens
 from service.errors import InputError
 from service.findings import NihssSource
 from service.ops.loops import Rounds
@@ -122,6 +126,8 @@ def _get_bundle(client: httpx.Client, url: str, parameters: dict | None) -> Bund
                     raise FhirError(f"{where} answered more than {MAX_RESPONSE_BYTES} bytes")
     except httpx.HTTPError as error:
         raise FhirError(f"{where}: {type(error).__name__}: {str(error).replace(url, where)}") from None
+    except SmartError as error:
+        raise FhirError(f"{where}: no access token: {error}") from None
     try:
         return Bundle.model_validate_json(bytes(body))
     except ValidationError as error:
@@ -133,12 +139,15 @@ class FhirPoller(Rounds):
 
     def __init__(
         self, db: Database, base_url: str, store: Callable[[NihssReport], bool], *, search_for_s: float,
-        poll_s: float, timeout_s: float,
+        poll_s: float, timeout_s: float, smart: SmartClient | None = None,
     ) -> None:
         self.db, self.base_url, self.store = db, base_url, store
         self.search_for_s, self.timeout_s = search_for_s, timeout_s
-        self.client = httpx.Client(timeout=timeout_s, follow_redirects=False)
-        super().__init__("fhir", poll_s, join_timeout_s=timeout_s + 5)
+        self.token_client = httpx.Client(timeout=timeout_s, follow_redirects=False)
+        self.tokens = SmartTokens(smart) if smart is not None else None
+        auth = SmartAuth(self.tokens, self.token_client) if self.tokens is not None else None
+        self.client = httpx.Client(timeout=timeout_s, follow_redirects=False, auth=auth)
+        super().__init__("fhir", poll_s, join_timeout_s=2 * timeout_s + 5)
 
     failure = "FHIR search round"
 
@@ -148,6 +157,7 @@ class FhirPoller(Rounds):
     def stop(self) -> None:
         super().stop()
         self.client.close()
+        self.token_client.close()
 
     def poll(self, client: httpx.Client) -> int:
         """One round over the patients of recent studies; returns how many new records it stored."""
