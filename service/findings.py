@@ -304,7 +304,8 @@ class FusionOutcomeRecord:
     def inputs_used(self) -> str:
         """One line naming what the probability used, e.g. "NIHSS 14 (...); CNN-LSTM modules on ADC, DWI"."""
         clinical = self.nihss.describe() if self.nihss is not None else NIHSS_NOT_AVAILABLE
-        return f"{clinical}; CNN-LSTM modules on {', '.join(name.upper() for name, _ in self.modules)}, fused by Algorithm 1"
+        maps = ", ".join("Tmax" if name == "tmax" else name.upper() for name, _ in self.modules)
+        return f"{clinical}; CNN-LSTM modules on {maps}, fused by Algorithm 1"
 
     def summary(self) -> dict:
         return {

@@ -142,6 +142,9 @@ def run(families: list[str], held_out_family: str, patients: int, test: int, con
     both = concatenate([fit, validation])
     raw = FusionParameters(thresholds, float(both.nihss.min()), float(both.nihss.max()))
     slope, intercept = calibration(fuse(v, validation.nihss, raw), validation.poor)
+    if not 0.05 < slope < 20:  # a reversed or degenerate fit on part B: no recalibration can be shipped
+        console.print(f"  recalibration on part B unusable (slope {slope:.2f}): the fusion stays as it is")
+        slope, intercept = 1.0, 0.0
     tuned = FusionParameters(thresholds, raw.nihss_low, raw.nihss_high, (intercept, slope))
 
     scores: list[OutcomeScore] = []

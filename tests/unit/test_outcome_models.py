@@ -222,3 +222,60 @@ def test_outcome_model_refuses_a_network_that_is_not_its_cards(tmp_path) -> None
     (tmp_path / "outcome-crd.card.json").write_text(json.dumps(card))
     with pytest.raises(ModelError, match="does not match its card"):
         CrdOutcomeModel(tmp_path / "outcome-crd.card.json")
+
+
+def test_fusion_recalibration_keeps_the_order_and_is_off_by_default() -> None:
+    p = np.array([[0.2, 0.3, 0.4, 0.5, 0.6], [0.6, 0.7, 0.8, 0.7, 0.9]])
+    plain = FusionParameters((0.5,) * 5, 0.0, 42.0)
+    tuned = FusionParameters((0.5,) * 5, 0.0, 42.0, (0.3, 0.7))
+    raw, recalibrated = fuse(p, np.array([8.0, 20.0]), plain), fuse(p, np.array([8.0, 20.0]), tuned)
+    assert np.argsort(raw).tolist() == np.argsort(recalibrated).tolist()
+    logit = np.log(raw / (1 - raw))
+    np.testing.assert_allclose(recalibrated, 1 / (1 + np.exp(-(0.3 + 0.7 * logit))))
+    np.testing.assert_array_equal(fuse(p, None, plain), p.mean(axis=1))
+
+
+def test_the_bootstrap_interval_of_the_slope_covers_a_calibrated_model_and_narrows_with_patients() -> None:
+    from models.training.outcome_metrics import slope_interval
+
+    rng = np.random.default_rng(5)
+    p = rng.uniform(0.05, 0.95, 400)
+    poor = rng.random(400) < p  # calibrated by construction: slope 1
+    low, high = slope_interval(p, poor, rounds=200)
+    assert low < 1.0 < high
+    small_low, small_high = slope_interval(p[:40], poor[:40], rounds=200)
+    assert small_high - small_low > high - low
+
+
+def test_shipped_cnn_lstm_model_recomputes_a_late_nihss_exactly() -> None:
+    """Seed 000 through ONNX Runtime: a late NIHSS re-fuses the stored module probabilities to what a
+    fresh prediction with that NIHSS gives; without an NIHSS it says imaging only."""
+    pytest.importorskip("onnxruntime")
+    from service.analysis.outcome_cnn_lstm import DEFAULT_FUSION_CARD, CnnLstmOutcomeModel, fusion_card, recompute
+    from service.findings import FusionOutcomeRecord
+
+    model = CnnLstmOutcomeModel(DEFAULT_FUSION_CARD)
+    first = model.predict(_mri_study(10, 14))
+    assert 0 < first.probability < 1 and [name for name, _ in first.modules] == ["adc", "dwi", "tmax", "cbf", "cbv"]
+    stored = FusionOutcomeRecord.from_summary(first.summary(), None)
+    for nihss in (22, None):
+        fresh = model.predict(_mri_study(10, nihss))
+        again = recompute(fusion_card(), stored, fresh.nihss)
+        assert again.probability == pytest.approx(fresh.probability, abs=1e-9) and again.nihss == fresh.nihss
+    assert model.predict(_mri_study(10, None)).inputs_used.startswith("NIHSS not available: imaging only")
+
+
+def test_cnn_lstm_model_refuses_a_module_that_is_not_its_cards(tmp_path) -> None:
+    from service.analysis.outcome_cnn_lstm import DEFAULT_FUSION_CARD, CnnLstmOutcomeModel
+
+    card = json.loads(DEFAULT_FUSION_CARD.read_text())
+    for module in card["modules"]:
+        (tmp_path / module["file"]).write_bytes((DEFAULT_FUSION_CARD.parent / module["file"]).read_bytes())
+    (tmp_path / card["modules"][2]["file"]).write_bytes(b"not the network")
+    (tmp_path / "outcome-cnn-lstm.card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="does not match its card"):
+        CnnLstmOutcomeModel(tmp_path / "outcome-cnn-lstm.card.json")
+    card["recalibration"] = [0.0, -1.0]
+    (tmp_path / "outcome-cnn-lstm.card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="not valid"):
+        CnnLstmOutcomeModel(tmp_path / "outcome-cnn-lstm.card.json")

@@ -151,7 +151,7 @@ def test_the_sr_carries_each_models_probability_and_a_revision_both(patient) -> 
     assert set(reported) == {"outcome-crd", "outcome-cnn-lstm"}
     assert reported["outcome-crd"][0] == 0.62 and reported["outcome-cnn-lstm"][0] == 0.55
     assert reported["outcome-cnn-lstm"][1].startswith("outcome-cnn-lstm 1.0.0: NIHSS 14 (HL7 v2 ORU^R01")
-    assert "CNN-LSTM modules on ADC, DWI, TMAX, CBF, CBV" in reported["outcome-cnn-lstm"][1]
+    assert "CNN-LSTM modules on ADC, DWI, Tmax, CBF, CBV" in reported["outcome-cnn-lstm"][1]
     assert clinical_input(report)["POORMRS90D"] == (0.62, "{probability}")  # the first model's, as before
 
     revised = write_and_read(revise_sr(report, report.StudyInstanceUID, 1, 2, HL7_22,
