@@ -14,13 +14,14 @@ import pydicom
 import pytest
 from dicom_tools import dciodvfy_errors, dciodvfy_warnings, requires_dciodvfy
 
-from service.findings import Findings, ModelInfo, NihssSource, NihssUsed, OutcomeRecord, Segment
+from service.findings import Findings, FusionOutcomeRecord, ModelInfo, NihssSource, NihssUsed, OutcomeRecord, Segment
 from service.imaging.geometry import Geometry
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
 from service.phantom.truth_files import read_nifti
 from service.results.seg import build_seg
 from service.results.sr import build_sr
+from service.results.summary import build_summary, revise_summary
 
 pytestmark = [pytest.mark.integration, requires_dciodvfy]
 
@@ -93,16 +94,32 @@ def test_dsrdump_reads_the_volume(files: dict[str, Path], findings: Findings) ->
 
 
 def test_local_codes_only_warn(findings: Findings, tmp_path: Path) -> None:
-    """A measurement without a DICOM code, a QC flag and the 90-day outcome use the 99SGATE scheme:
-    valid, one warning kind."""
+    """A measurement without a DICOM code, a QC flag and the 90-day outcomes (one NUM per model) use
+    the 99SGATE scheme: valid, one warning kind."""
     nihss = NihssUsed(14, NihssSource.HL7, "MSG0001", datetime(2026, 12, 4, 10, 15), datetime(2026, 12, 4, 10, 20))
     outcome = OutcomeRecord(0.62, ModelInfo("outcome-crd", "1.0.0", "ab" * 32, "onnxruntime (CPUExecutionProvider)"),
                             nihss, radiomics=0.4, deep=1.2, age=72.0, sex_female=True)
     extended = dataclasses.replace(
         findings, measurements={**findings.measurements, "mismatch_ratio": 2.5}, qc_flags=["low_snr"],
         nihss=nihss, outcome=outcome,  # the 90-day outcome's NUM with its model identification
+        outcome_cnn_lstm=FusionOutcomeRecord(0.55, ModelInfo("outcome-cnn-lstm", "1.0.0", "cd" * 32, "onnxruntime (CPUExecutionProvider)"),
+                                             nihss, (("adc", 0.7), ("dwi", 0.6), ("tmax", 0.8), ("cbf", 0.3), ("cbv", 0.2))),
     )
     path = tmp_path / "sr.dcm"
     build_sr(extended, build_seg(extended)).save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
     assert all("<99SGATE>" in line for line in dciodvfy_warnings(path))
+
+
+def test_a_revised_summary_has_no_errors(findings: Findings, tmp_path: Path) -> None:
+    """The summary a clinical revision brings (the first one's montage, a redrawn text column) is as
+    valid a Secondary Capture as the first."""
+    nihss = NihssUsed(22, NihssSource.HL7, "MSG0002", datetime(2026, 12, 4, 10, 16), datetime(2026, 12, 4, 10, 30))
+    drawn = dataclasses.replace(findings, maps={"adc": np.full(findings.geometry.shape, 800.0, dtype=np.float32)})
+    first, revised = tmp_path / "summary.dcm", tmp_path / "summary-r2.dcm"
+    build_summary(drawn).save_as(first, enforce_file_format=True)
+    outcome = OutcomeRecord(0.7, ModelInfo("outcome-crd", "1.0.0", "ab" * 32, "onnxruntime (CPUExecutionProvider)"),
+                            nihss, radiomics=0.4, deep=1.2, age=72.0, sex_female=True)
+    revise_summary(pydicom.dcmread(first), findings.study_uid, 1, 2, nihss, [outcome], ["Core: 10.0 mL"], []).save_as(
+        revised, enforce_file_format=True)
+    assert dciodvfy_errors(first) == [] and dciodvfy_errors(revised) == []
