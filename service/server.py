@@ -118,10 +118,11 @@ class StrokeGate:
         return new
 
     def on_outcome_stale(self, stale: StaleOutcome) -> None:
-        """A study version's clinical input changed and its new report is queued: where the outcome
-        models re-compute the outcome (they plug in here)."""
-        log.info("study version %d: clinical revision %d queued (%s)", stale.version, stale.revision,
-                 stale.nihss.describe() if stale.nihss else "NIHSS not available")
+        """A study version's clinical input changed and its new report (the outcomes recomputed by the
+        reviser) and summary image are queued: logged, for whoever else must know."""
+        log.info("study version %d: clinical revision %d queued (%s%s)", stale.version, stale.revision,
+                 stale.nihss.describe() if stale.nihss else "NIHSS not available",
+                 ", with a new summary image" if stale.summary is not None else "")
 
     def ready(self) -> bool:
         """Readiness: started, every background loop up, and the receiver able to make instances
