@@ -376,6 +376,31 @@ def train_outcome_cnn_lstm(
     run(list(chosen), held_out_family, patients, test_patients, ModuleConfig(epochs=epochs, seed=seed), data, weights, console)
 
 
+@app.command("outcome-calibration")
+def outcome_calibration(
+    families: Annotated[list[str], typer.Option("--family", help=f"Phantom families ({', '.join(FAMILIES)}).")] = list(FAMILIES),  # noqa: B006
+    held_out_family: Annotated[str, typer.Option(help="The family that only tests.")] = "geometric-uniform",
+    patients: Annotated[int, typer.Option(help="Patients per family, as the models were trained with.")] = 80,
+    test_patients: Annotated[int, typer.Option(help="Test patients per training family.")] = 20,
+    data: Annotated[Path, typer.Option(help="Dataset cache folder.")] = Path("build/datasets/outcome"),
+    weights: Annotated[Path, typer.Option(help="The shipped outcome models' folder.")] = Path("models/weights"),
+) -> None:
+    """Both shipped outcome models through the service: AUC and calibration slope (bootstrap interval) per family."""
+    from models.training.outcome_calibration import run
+    from service.errors import ModelError
+
+    try:
+        chosen = parse_families(families)
+    except ValueError as error:
+        console.print(f"[red]cannot plan the cohort:[/red] {error}")
+        raise typer.Exit(2) from error
+    try:
+        run(list(chosen), held_out_family, patients, test_patients, data, weights, console)
+    except ModelError as error:
+        console.print(f"[red]cannot load the outcome models:[/red] {error}")
+        raise typer.Exit(2) from error
+
+
 def _counts(specs: list[SampleSpec]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for spec in specs:
