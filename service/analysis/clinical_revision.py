@@ -144,7 +144,6 @@ class ClinicalReviser(Rounds):
             self.on_results()
         return True
 
-
     def _revised_summary(self, session, job: Job, revision: int, nihss: NihssUsed | None,  # noqa: ANN001 - a Session
                          outcomes: list[OutcomeRecord | FusionOutcomeRecord]) -> ResultFile | None:
         """The next version of the job's latest summary image, written beside it; None when the job

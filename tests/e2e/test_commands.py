@@ -14,7 +14,7 @@ import pytest
 
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
-from service.results.sr import clinical_input
+from service.results.sr import clinical_input, reported_outcomes
 
 STROKEGATE = Path(sys.executable).parent / "strokegate"
 pytestmark = pytest.mark.timeout(600)
@@ -57,6 +57,8 @@ def test_process_analyses_a_folder_offline(tmp_path: Path) -> None:
     probability, unit = items["POORMRS90D"]  # the 90-day outcome, from the images alone
     assert 0.0 < probability < 1.0 and unit == "{probability}"
     assert items["OUTCOMEINPUTS"].startswith("outcome-crd") and "imaging only" in items["OUTCOMEINPUTS"]
+    fused = reported_outcomes(pydicom.dcmread(tmp_path / "out" / "SR.dcm"))["outcome-cnn-lstm"]  # seed 000's, imaging only too
+    assert 0.0 < fused[0] < 1.0 and "imaging only" in fused[1]
 
 
 def test_process_analyses_a_ct_perfusion_study(tmp_path: Path) -> None:

@@ -129,7 +129,8 @@ def test_dwi_and_dsc_perfusion_come_back_as_the_mismatch(tmp_path: Path, mri_pat
     assert measured["reperfusion_responder"] in (0.0, 1.0)
     inside = (result.masks[reperfused] & result.masks[not_reperfused]).sum() / max(1, result.masks[reperfused].sum())
     assert inside >= 0.8, f"only {inside:.0%} of the reperfused prediction lies inside the non-reperfused one"
-    assert {m["name"] for m in findings["models"]} == {"mri-final-infarct-reperfused", "mri-final-infarct-not-reperfused", "outcome-crd"}
+    assert {m["name"] for m in findings["models"]} == {"mri-final-infarct-reperfused", "mri-final-infarct-not-reperfused", "outcome-crd",
+                                                       "outcome-cnn-lstm"}
     measured = findings["measurements"]
     assert measured["mismatch_volume_ml"] == pytest.approx(measured["hypoperfused_volume_ml"] - measured["core_volume_ml"], abs=1e-2)
     assert result.report.target_mismatch is not None
