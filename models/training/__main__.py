@@ -357,7 +357,7 @@ def train_outcome_cnn_lstm(
     held_out_family: Annotated[str, typer.Option(help="The family that only tests.")] = "geometric-uniform",
     patients: Annotated[int, typer.Option(help="Patients per family (the held-out family's all test).")] = 80,
     test_patients: Annotated[int, typer.Option(help="Test patients per training family.")] = 20,
-    epochs: Annotated[int, typer.Option(help="Epochs per module.")] = 12,
+    epochs: Annotated[int, typer.Option(help="Epochs per module.")] = 30,
     seed: Annotated[int, typer.Option(help="Seed of the first module's weights (the others: +1, +2, ...).")] = 0,
     data: Annotated[Path, typer.Option(help="Dataset cache folder.")] = Path("build/datasets/outcome"),
     weights: Annotated[Path, typer.Option(help="Where the shipped files go.")] = Path("models/weights"),

@@ -23,6 +23,13 @@ from service.findings import FusionOutcomeRecord, ModelInfo, NihssUsed
 from service.inference.outcome_card import FusionCard, read_fusion_card
 from service.inference.outcome_inputs import MRI_MAPS, network_maps, triplets
 
+try:
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+    ONNX_RUNTIME_ERRORS: tuple[type[Exception], ...] = (Fail, InvalidArgument, RuntimeException)
+except ImportError:  # pragma: no cover - onnxruntime is a dependency; its private module may move
+    ONNX_RUNTIME_ERRORS = (RuntimeError,)
+
 DEFAULT_FUSION_CARD = Path(__file__).resolve().parents[2] / "models" / "weights" / "outcome-cnn-lstm.card.json"
 
 
@@ -85,7 +92,11 @@ class CnnLstmOutcomeModel:
         inputs = network_maps(maps, study.brain, names)
         modules = []
         for index, (module, session) in enumerate(zip(self.card.modules, self.sessions, strict=True)):
-            logit = float(session.run([module.output], {module.input: triplets(inputs[index])[None]})[0][0])
+            try:
+                logit = float(session.run([module.output], {module.input: triplets(inputs[index])[None]})[0][0])
+            except ONNX_RUNTIME_ERRORS as error:  # a network that does not take this input: no outcome, the imaging goes on
+                raise ModelError(f"the CNN-LSTM module {module.file} refused the study's {names[index]} map: "
+                                 f"{str(error).splitlines()[0][:200]}") from None
             modules.append((names[index], float(1.0 / (1.0 + np.exp(-logit)))))
         record = tuple(modules)
         return FusionOutcomeRecord(fused_probability(self.card, record, study.nihss), self.info, study.nihss, record)

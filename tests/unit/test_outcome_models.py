@@ -3,6 +3,7 @@ seed 004's radiomics features, inputs and card, and that the training learns and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -263,6 +264,10 @@ def test_shipped_cnn_lstm_model_recomputes_a_late_nihss_exactly() -> None:
         again = recompute(fusion_card(), stored, fresh.nihss)
         assert again.probability == pytest.approx(fresh.probability, abs=1e-9) and again.nihss == fresh.nihss
     assert model.predict(_mri_study(10, None)).inputs_used.startswith("NIHSS not available: imaging only")
+    study = _mri_study(10, 14)  # a study of 8 slices (6 triplets), not the 20 of training
+    short = dataclasses.replace(study, maps={k: v[6:14] for k, v in study.maps.items()}, brain=study.brain[6:14],
+                                core=study.core[6:14], hypoperfused=study.hypoperfused[6:14])
+    assert 0 < model.predict(short).probability < 1
 
 
 def test_cnn_lstm_model_refuses_a_module_that_is_not_its_cards(tmp_path) -> None:
