@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import textwrap
 from datetime import datetime, timezone
 
 import highdicom as hd
@@ -283,8 +284,10 @@ def revise_summary(previous: Dataset, study_uid: str, version: int, revision: in
              ("QC: " + ("; ".join(qc_flags) if qc_flags else "no flags"), 11, "normal")]
     y = 0.98
     for text, size, weight in lines:
-        figure.text(0.02, y, text, color="white", fontsize=size, weight=weight, va="top", wrap=True)
-        y -= (size + 8) / (height * 72 / DPI)
+        per_line = int(width / ((0.7 if weight == "bold" else 0.62) * size * DPI / 72))  # characters across the column
+        for part in textwrap.wrap(text, per_line) or [""]:
+            figure.text(0.02, y, part, color="white", fontsize=size, weight=weight, va="top")
+            y -= 1.4 * size * DPI / 72 / height
     buffer = io.BytesIO()
     figure.savefig(buffer, format="rgba", dpi=DPI, facecolor="black")
     column = np.frombuffer(buffer.getvalue(), dtype=np.uint8).reshape(height, width, 4)[..., :3]
