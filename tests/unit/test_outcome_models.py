@@ -284,3 +284,25 @@ def test_cnn_lstm_model_refuses_a_module_that_is_not_its_cards(tmp_path) -> None
     (tmp_path / "outcome-cnn-lstm.card.json").write_text(json.dumps(card))
     with pytest.raises(ModelError, match="not valid"):
         CnnLstmOutcomeModel(tmp_path / "outcome-cnn-lstm.card.json")
+
+
+def test_cnn_lstm_modules_learn_and_export_with_any_number_of_triplets(tmp_path) -> None:
+    """Two modules exported one after the other (the training exports five in one process) both take
+    a study of any slice count, as ONNX Runtime runs them, and match torch."""
+    pytest.importorskip("torch")
+    import onnxruntime
+
+    from models.training.outcome_cnn_lstm import ModuleConfig, export_module, module_probabilities, train_module
+
+    rng = np.random.default_rng(0)
+    poor = (np.arange(24) % 2).astype(int)
+    x = rng.normal(0, 0.2, (24, 8, 3, 64, 64)).astype(np.float32)
+    x[poor == 1, :, :, 20:40, 10:30] += 1.5  # a lesion in the poor patients
+    network, losses = train_module(x, poor, ModuleConfig(epochs=4, batch=8, learning_rate=3e-3))
+    assert losses[-1] < losses[0] and roc_auc(module_probabilities(network, x), poor) > 0.9
+    for name in ("first", "second"):
+        path = tmp_path / f"{name}.onnx"
+        assert export_module(network, x[:2], path) < 1e-4
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for triplets_count in (1, 6, 30):
+            assert session.run(["logit"], {"triplets": np.zeros((1, triplets_count, 3, 64, 64), np.float32)})[0].shape == (1,)
