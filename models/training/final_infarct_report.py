@@ -29,10 +29,17 @@ def comparison_table(summaries: list[FinalSummary]) -> list[str]:
     return rows
 
 
-def write_report(path: Path, title: str, header: list[str], summaries: list[FinalSummary], history: History) -> Path:
+BASELINES = {
+    "mri": "the service's MRI analysis (the ADC core if reperfused, core plus Tmax > 6 s penumbra if not)",
+    "ct": "the service's CT perfusion analysis (the rCBF < 30 % core if reperfused, core plus Tmax > 6 s penumbra if not)",
+}
+
+
+def write_report(path: Path, title: str, header: list[str], summaries: list[FinalSummary], history: History,
+                 modality: str = "mri") -> Path:
     lines = [f"# {title}", "", *header, "", "## Network against the perfusion-diffusion mismatch baseline", "",
              "Medians over patients; truth is the phantom's final infarct of this scenario; the baseline is seed 001's mismatch "
-             "model on the service's MRI analysis (the ADC core if reperfused, core plus Tmax > 6 s penumbra if not). VS: "
+             f"model on {BASELINES[modality]}. VS: "
              "volumetric similarity; HD95: 95 % Hausdorff distance; AUC: voxel AUC (the baseline's from its binary mask).", "",
              *comparison_table(summaries), "", "## Training", "",
              f"Best validation epoch {history.best_epoch} of {len(history.epochs)}; {history.seconds / 60:.1f} min of training.", "",
