@@ -152,6 +152,7 @@ def train_final_infarct(
     """Seed 001: the late-fusion network of one modality and reperfusion scenario (dataset, training,
     evaluation against the mismatch baseline, export)."""
     from models.training.card import TrainingRun, build_card
+    from models.training.dataset import dataset_folder
     from models.training.final_infarct import FinalStudy, FinalTrainConfig, card_text, metric_rows, mismatch_baseline, predict_lesion, score, summarise
     from models.training.final_infarct import train as train_final
     from models.training.final_infarct_dataset import dataset_kind
@@ -203,7 +204,9 @@ def train_final_infarct(
     total_s = time.perf_counter() - started
     where = machine(config.threads, load_start[0])
     command = command_line()
-    notes = (f"dataset {dataset_s / 60:.1f} min + training {(trained_s - dataset_s) / 60:.1f} min; "
+    kind = dataset_kind(modality)
+    notes = (f"dataset {dataset_folder(data or FINAL_DATA[modality], kind).name} (version, analysis fingerprint), {len(paths)} studies; "
+             f"dataset {dataset_s / 60:.1f} min + training {(trained_s - dataset_s) / 60:.1f} min; "
              f"evaluation and export {(total_s - trained_s) / 60:.1f} min more")
     card = build_card(
         name=name, version=FINAL_VERSION, contract=contract(modality, chosen), text=card_text(modality, chosen, config, history, notes),

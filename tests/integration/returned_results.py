@@ -10,6 +10,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.errors import InvalidDicomError
 import pytest
 from pydicom.sr.codedict import codes
 
@@ -52,9 +53,9 @@ class Truth:
 
 
 def read_truth(folder: Path) -> Truth:
-    """Core, penumbra and hypoperfused truth masks of one scan grid."""
+    """Core, penumbra, hypoperfused and both final-infarct truth masks of one scan grid."""
     masks, voxel_ml = {}, 0.0
-    for name in ("core", "penumbra", "hypoperfused"):
+    for name in ("core", "penumbra", "hypoperfused", "final_reperfused", "final_not_reperfused"):
         mask, affine = read_nifti(folder / f"{name}.nii.gz")
         masks[name] = mask.astype(bool)
         voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000
@@ -108,10 +109,11 @@ class RoundTrip:
     report: Report
     study: dict  # /api/studies/{uid}
     source_study_uid: str
+    summary: Path  # the summary image (secondary capture)
 
 
 def round_trip(root: Path, study_dir: Path, instances: int) -> RoundTrip:
-    """Send every file under ``study_dir``; wait for the SEG and SR at a storescp 'PACS'."""
+    """Send every file under ``study_dir``; wait for the SEG, SR and summary image at a storescp 'PACS'."""
     pacs = StoreSCP(root / "pacs").start()
     service = Service(root / "gate", f"sqlite:///{root / 'strokegate.db'}", [pacs.address])
     try:
@@ -132,19 +134,24 @@ def round_trip(root: Path, study_dir: Path, instances: int) -> RoundTrip:
         def latest() -> dict[str, Path] | None:
             found = {}
             for path in pacs.files():
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                try:
+                    ds = pydicom.dcmread(path, stop_before_pixels=True)
+                except (InvalidDicomError, EOFError):  # storescp is still writing it: the next look reads it whole
+                    continue
                 if f" v{version} " in f" {ds.SeriesDescription} " and ds.Modality in ("SEG", "SR"):
                     found[ds.Modality] = path
-            return found if set(found) == {"SEG", "SR"} else None
+                elif str(ds.SeriesDescription).startswith(f"StrokeGate summary v{version} "):
+                    found["summary"] = path
+            return found if set(found) == {"SEG", "SR", "summary"} else None
 
-        by_modality = wait_for(latest, 60, f"SEG and SR of version {version} at the PACS")
+        by_modality = wait_for(latest, 60, f"SEG, SR and summary of version {version} at the PACS")
         for path in by_modality.values():
             returned = pydicom.dcmread(path, stop_before_pixels=True)
             assert returned.StudyInstanceUID == uid and returned.PatientID == source.PatientID
             assert dciodvfy_errors(path) == [], path
         return RoundTrip(
             by_modality["SEG"], by_modality["SR"], seg_masks(by_modality["SEG"]), read_report(by_modality["SR"]),
-            study, uid,
+            study, uid, by_modality["summary"],
         )
     finally:
         service.stop()

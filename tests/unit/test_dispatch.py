@@ -136,7 +136,8 @@ def test_the_ct_model_adds_its_segments_and_gives_the_verdict_when_asked(model_s
     findings = dispatch(ctp, 1, by_model, None, nihss=14)
     labels = [s.label for s in findings.segments]
     assert {"Ischemic core", "Ischemic core (model)", "Penumbra (model)"} <= set(labels)
-    assert findings.core_method is CoreMethod.MODEL and [m.name for m in findings.models] == ["ctp-core-penumbra"]
+    assert findings.core_method is CoreMethod.MODEL
+    assert [m.name for m in findings.models] == ["ctp-core-penumbra", "ct-final-infarct-reperfused", "ct-final-infarct-not-reperfused"]
     model_core = next(s for s in findings.segments if s.label == "Ischemic core (model)")
     assert findings.measurements["core_volume_ml"] == model_core.volume_ml
     assert any("NIHSS 14 given" in flag for flag in findings.qc_flags)
