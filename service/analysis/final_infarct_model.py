@@ -9,7 +9,8 @@ on the acquired grid). Output: two
 segments ("Predicted final infarct if reperfused" / "... if not reperfused"), both volumes, their
 difference (the tissue reperfusion would save), the Dice between them and the seed's responder
 verdict. A study without the inputs, or a network that cannot run, gets no prediction and a QC
-flag saying why; the rest of the analysis stands.
+flag saying why; the rest of the analysis stands. Pixels of another size than the networks were
+trained on are resampled to theirs (``inference.final_infarct``), with a QC flag saying so.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from service.errors import InputError, ModelError
 from service.findings import Analysis, Findings, MapName, Measurement, ModelInfo, Segment, SegmentKind
-from service.inference.final_infarct import predict_final_infarct
+from service.inference.final_infarct import predict_final_infarct, trained_pixel_mm
 from service.inference.final_infarct_inputs import Scenario, contract, model_name
 from service.inference.model_set import ModelSet
 
@@ -106,11 +107,16 @@ def add_final_infarct(findings: Findings, models: ModelSet) -> Findings:
     inputs = network_inputs(findings)
     masks: dict[Scenario, np.ndarray] = {}
     identities: dict[Scenario, ModelInfo] = {}
+    notes: set[str] = set()
     try:
         for scenario in Scenario:
             with models.use(model_name(inputs.modality, scenario), contract(inputs.modality, scenario)) as engine:
-                masks[scenario] = predict_final_infarct(engine, inputs.volumes, inputs.brain, findings.geometry.spacing).mask
-                identities[scenario] = engine.identity
+                found = predict_final_infarct(engine, inputs.volumes, inputs.brain, findings.geometry.spacing)
+                masks[scenario], identities[scenario] = found.mask, engine.identity
+                if found.resampled_from_mm is not None:
+                    rows, columns = found.resampled_from_mm
+                    notes.add(f"predicted final infarct on pixels resampled from {rows:.2f} x {columns:.2f} mm to "
+                              f"{trained_pixel_mm(engine.card):.2f} mm (the networks' training size)")
     except (ModelError, InputError) as error:
         return replace(findings, qc_flags=[*findings.qc_flags, f"no predicted final infarct: {error}"])
     voxel_ml = findings.geometry.voxel_volume_ml
@@ -121,4 +127,5 @@ def add_final_infarct(findings: Findings, models: ModelSet) -> Findings:
         segments=[*findings.segments, *segments],
         measurements={**findings.measurements, **comparison.measurements()},
         models=[*findings.models, *identities.values()],
+        qc_flags=[*findings.qc_flags, *sorted(notes)],
     )
