@@ -98,16 +98,21 @@ def main(runs: int = typer.Option(9, help="timed runs per backend")) -> None:
             run[name]()
             times[name].append(time.perf_counter() - started)
     print(f"per study {SHAPE[0]} x {SHAPE[1]} x {SHAPE[2]}, {runs} runs, load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores")
+    print_table(times)
+    volumes, brain = mri_study()
+    final_infarct_times(runs, "mri", volumes, brain, MRI_SPACING)
+    maps, mip, brain = study()
+    final_infarct_times(runs, "ct", {**maps, "mip": mip}, brain, SPACING)
+
+
+def print_table(times: dict[str, list[float]]) -> None:
+    """Median and range per backend, and the ratio to ONNX Runtime's median, as a markdown table."""
     base = statistics.median(times["onnxruntime (CPU)"])
     print("| backend | median | range | ratio to ONNX Runtime |")
     print("|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"| {name} | {median:.2f} s | {min(values):.2f}-{max(values):.2f} s | {median / base:.2f}x |")
-    volumes, brain = mri_study()
-    final_infarct_times(runs, "mri", volumes, brain, MRI_SPACING)
-    maps, mip, brain = study()
-    final_infarct_times(runs, "ct", {**maps, "mip": mip}, brain, SPACING)
 
 
 MRI_SHAPE = (20, 128, 128)
@@ -149,12 +154,7 @@ def final_infarct_times(runs: int, modality: str, volumes: dict[str, np.ndarray]
             times[name].append(time.perf_counter() - started)
     print(f"\nboth {modality.upper()} final-infarct networks per study {' x '.join(map(str, brain.shape))}, {runs} runs, "
           f"load average {os.getloadavg()[0]:.1f}")
-    base = statistics.median(times["onnxruntime (CPU)"])
-    print("| backend | median | range | ratio to ONNX Runtime |")
-    print("|---|---|---|---|")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.2f} s | {min(values):.2f}-{max(values):.2f} s | {median / base:.2f}x |")
+    print_table(times)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,8 @@ from models.export import PARITY_TOLERANCE
 from models.training.cohort import CohortPlan
 from models.training.loop import History
 from service.inference.card import (
-    FilesCard, InputsCard, MetricRow, ModelCard, OutputsCard, ParityCard, Range, TrainingCard, file_ref,
+    Contract, FilesCard, InputsCard, MetricRow, ModelCard, OutputsCard, ParityCard, Range, TrainingCard, file_ref,
 )
-from service.inference.card import Contract
 
 SPACING_TOLERANCE = 0.15
 """The card's spacing ranges: what training saw, widened by this fraction."""

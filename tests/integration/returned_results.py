@@ -178,3 +178,23 @@ def check_report_matches_findings(result: RoundTrip) -> dict:
 def hypoperfused(masks: dict[str, np.ndarray]) -> np.ndarray:
     core = masks["Ischemic core"]
     return core | masks["Penumbra"] if "Penumbra" in masks else core
+
+
+FINAL_LABELS = ("Predicted final infarct if reperfused", "Predicted final infarct if not reperfused")
+"""The SEG labels of seed 001's two predictions (reperfused, not reperfused)."""
+
+
+def check_final_infarcts(result: RoundTrip) -> dict:
+    """Both predictions came back: the SR's volumes, salvage and Dice are the API's, the salvage is
+    their difference, the verdict 0 or 1, the reperfused prediction mostly inside the other one.
+    Returns the measurements."""
+    measured = result.study["jobs"][-1]["findings"]["measurements"]
+    for name in ("predicted_final_reperfused_ml", "predicted_final_not_reperfused_ml", "reperfusion_salvage_ml", "scenario_dice"):
+        assert result.report.measurements[name] == pytest.approx(measured[name], abs=1e-3), name
+    assert measured["reperfusion_salvage_ml"] == pytest.approx(
+        measured["predicted_final_not_reperfused_ml"] - measured["predicted_final_reperfused_ml"], abs=1e-2)
+    assert measured["reperfusion_responder"] in (0.0, 1.0)
+    reperfused, not_reperfused = (result.masks[label] for label in FINAL_LABELS)
+    inside = (reperfused & not_reperfused).sum() / max(1, reperfused.sum())
+    assert inside >= 0.8, f"only {inside:.0%} of the reperfused prediction lies inside the non-reperfused one"
+    return measured

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from dicom_tools import requires_dciodvfy, requires_storescu
-from returned_results import RoundTrip, check_report_matches_findings, dice, hypoperfused, read_truth, round_trip
+from returned_results import FINAL_LABELS, RoundTrip, check_final_infarcts, check_report_matches_findings, dice, hypoperfused, read_truth, round_trip
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
 from service.results.summary import SCENARIO_COLOURS
@@ -20,7 +20,7 @@ from service.results.summary import SCENARIO_COLOURS
 pytestmark = [pytest.mark.integration, requires_storescu, requires_dciodvfy, pytest.mark.timeout(400)]
 
 CTP_NOISE_HU = 10.0  # the accuracy targets are set at 10 HU
-REPERFUSED, NOT_REPERFUSED = "Predicted final infarct if reperfused", "Predicted final infarct if not reperfused"
+REPERFUSED, NOT_REPERFUSED = FINAL_LABELS
 
 
 # ----------------------------------------------------------------------------------- CT perfusion
@@ -124,19 +124,13 @@ def test_ctp_comes_back_with_both_predicted_final_infarcts(ctp_result: RoundTrip
     seg = pydicom.dcmread(ctp_result.seg)
     names = {item.SegmentLabel: item.SegmentAlgorithmName for item in seg.SegmentSequence}
     assert names[REPERFUSED] == "ct-final-infarct-reperfused" and names[NOT_REPERFUSED] == "ct-final-infarct-not-reperfused"
-    measured = findings["measurements"]
-    for name in ("predicted_final_reperfused_ml", "predicted_final_not_reperfused_ml", "reperfusion_salvage_ml", "scenario_dice"):
-        assert ctp_result.report.measurements[name] == pytest.approx(measured[name], abs=1e-3), name
-    assert measured["reperfusion_salvage_ml"] == pytest.approx(
-        measured["predicted_final_not_reperfused_ml"] - measured["predicted_final_reperfused_ml"], abs=1e-2)
-    assert measured["reperfusion_responder"] in (0.0, 1.0)
+    measured = check_final_infarcts(ctp_result)
     assert ctp_result.report.volumes[REPERFUSED] == pytest.approx(measured["predicted_final_reperfused_ml"], abs=1e-2)
     masks, truth = ctp_result.masks, read_truth(ctp_patient / "truth" / "ct")
     scores = {label: dice(masks[label], truth.masks[key]) for label, key in
               ((REPERFUSED, "final_reperfused"), (NOT_REPERFUSED, "final_not_reperfused"))}
-    inside = (masks[REPERFUSED] & masks[NOT_REPERFUSED]).sum() / max(1, masks[REPERFUSED].sum())
-    print(f"Dice against the phantom's final infarcts {scores}; reperfused inside not reperfused {inside:.0%}")
-    assert min(scores.values()) >= 0.7 and inside >= 0.8, (scores, inside)
+    print(f"Dice against the phantom's final infarcts {scores}")
+    assert min(scores.values()) >= 0.7, scores
     summary = pydicom.dcmread(ctp_result.summary).pixel_array
     panel = summary[int(0.645 * summary.shape[0]):, : int(0.62 * summary.shape[1])].astype(float)
     for colour in SCENARIO_COLOURS.values():  # both scenarios drawn in the panel, each in its colour
