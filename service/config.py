@@ -322,6 +322,12 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+def setting_default(name: str) -> Any:
+    """The default of one Settings field, for the analysis code's own defaults (thresholds such as
+    the core rCBF), so that each is written once, here."""
+    return Settings.model_fields[name].default
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Settings from ``config_file`` (YAML), the environment and ``overrides`` (highest first:
     overrides, environment, file, defaults). ``None`` overrides are ignored."""

@@ -11,14 +11,20 @@ CBF of delayed tissue (Tmax > 6 s), which reads high at low flow, through the lo
 (service.perfusion.low_flow) at the frames' noise; threshold
 (core rCBF < 30 % of the contralateral normal tissue within Tmax > 6 s, hypoperfusion Tmax > 6 s),
 remove specks, summarise with the DEFUSE 3 verdict; masks back on the acquired grid.
+
+Each stage is a function (``resample_stage`` ... ``threshold_stage``) from and to small frozen
+dataclasses (PreparedSeries, BrainTissue, ArterialInput, PerfusionMaps, ReferencedMaps, Lesions),
+so that one can be swapped or a learned stage slotted in; ``analyse_ctp_series`` calls them in
+order and times each.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +32,14 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from service.analysis.ctp_model import CtpModelRequest, ModelCorePenumbra, model_inputs, run_ctp_model
+from service.config import setting_default
 from service.findings import Analysis, CoreMethod, Findings, Segment, SegmentKind
 from service.errors import InputError, ModelError
 from service.imaging.classify import classify
 from service.imaging.geometry import Geometry
 from service.imaging.perfusion_series import load_ctp
 from service.imaging.volumes import group_series
+from service.inference.ctp_inputs import temporal_mip
 from service.perfusion import anatomy, ctp, low_flow, thresholds
 from service.perfusion.aif import FLAG_TRUNCATED, partial_volume_scale, select_aif, select_vof
 from service.perfusion.deconvolution import (
@@ -40,6 +48,8 @@ from service.perfusion.deconvolution import (
 from service.perfusion.motion import correct_motion
 
 
+Stage = TypeVar("Stage")
+
 CORRECTABLE_MOTION_MM = 1.0
 """Head displacement between frames up to which correcting it leaves the volumes as they were."""
 
@@ -47,9 +57,9 @@ CORRECTABLE_MOTION_MM = 1.0
 @dataclass(frozen=True)
 class CtpParameters:
     criteria: thresholds.Defuse3Criteria = thresholds.Defuse3Criteria()  # the target-mismatch verdict's profile
-    core_rcbf: float = 0.30
-    tmax_threshold_s: float = 6.0
-    min_lesion_ml: float = 0.3
+    core_rcbf: float = setting_default("core_rcbf_threshold")
+    tmax_threshold_s: float = setting_default("tmax_threshold_s")
+    min_lesion_ml: float = setting_default("min_lesion_ml")
     method: str = "osvd"
     bias_correction: bool = True  # correct SVD's late Tmax and low peak flow (deconvolution.BiasCorrection)
     # oSVD's thresholds: below 0.1 the residues of CT voxels carry noise even after denoising
@@ -72,10 +82,10 @@ class CtpParameters:
     denoising_sigma_mm: float = 5.0
     # Voxels above this CBV (mL/100 g) are vessels: normal grey matter is 4-6, a voxel partly
     # filled by a small artery takes its share of the AIF's area (a tenth of a voxel: ~7 more).
-    vessel_cbv: float = 8.0
+    vessel_cbv: float = setting_default("vessel_cbv_threshold")
     # Grey/white matter structure of CBF and CBV finer than 3 mm from the temporal mean of the
     # frames (service.perfusion.anatomy); the denoising has smoothed it away.
-    anatomy_detail: bool = True
+    anatomy_detail: bool = setting_default("ctp_anatomy_detail")
 
 
 def ctp_series(paths: Sequence[Path | str | Dataset]) -> list[str] | None:
@@ -171,6 +181,8 @@ def analyse_ctp(
         models=models,
         core_method=core_method,
         timings_s=timings,
+        brain=result.brain,
+        mip=temporal_mip(series.frames),
     )
 
 
@@ -189,6 +201,67 @@ def _model_stage(request: CtpModelRequest, frames: np.ndarray, result: CtpResult
     return ran
 
 
+@dataclass(frozen=True)
+class PreparedSeries:
+    """The frames as analysed: ``[T, Z, Y, X]`` HU on the working grid (~0.9 mm pixels), aligned
+    once motion is corrected; ``acquired`` and ``factor`` take the results back to the acquired grid."""
+
+    frames: np.ndarray
+    times: np.ndarray
+    geometry: Geometry
+    acquired: Geometry
+    factor: int
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BrainTissue:
+    """The brain mask, the concentration series ``[T, Z, Y, X]`` (enhancement, HU) and where the
+    vessels are searched for (the brain and just around it, no bone)."""
+
+    n_baseline: int
+    brain: np.ndarray
+    concentration: np.ndarray
+    vessel_search: np.ndarray
+
+
+@dataclass(frozen=True)
+class ArterialInput:
+    """The AIF (HU, on the frames' times) scaled for partial volume by the VOF, and its QC flags."""
+
+    curve: np.ndarray
+    scale: float
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PerfusionMaps:
+    """CBF, CBV, MTT and Tmax ``(Z, Y, X)`` float32 on the working grid, 0 outside ``brain`` (the
+    tissue, vessels taken out)."""
+
+    maps: dict[str, np.ndarray]
+    brain: np.ndarray
+
+
+@dataclass(frozen=True)
+class ReferencedMaps:
+    """The maps with the CBF of delayed tissue corrected at low flow, against the contralateral
+    reference and at the frames' noise (HU)."""
+
+    perfusion: PerfusionMaps
+    reference: thresholds.ContralateralReference
+    noise_hu: float
+
+
+@dataclass(frozen=True)
+class Lesions:
+    """Core and hypoperfused masks (working grid) and their summary."""
+
+    core: np.ndarray
+    hypoperfused: np.ndarray
+    summary: thresholds.PerfusionSummary
+
+
 def analyse_ctp_series(
     frames: np.ndarray, times_s: Sequence[float] | np.ndarray, geometry: Geometry, parameters: CtpParameters = CtpParameters()
 ) -> CtpResult:
@@ -197,26 +270,51 @@ def analyse_ctp_series(
     Raises InputError when the series cannot be analysed (too much motion, truncated bolus, no AIF...).
     """
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
 
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = now - clock
-        clock = now
+    def timed(stage: str, run: Callable[..., Stage], *args: object) -> Stage:
+        started = time.perf_counter()
+        out = run(*args)
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
+        return out
 
+    prepared = timed("resample", resample_stage, frames, times_s, geometry)
+    prepared = timed("motion", motion_stage, prepared)
+    tissue = timed("mask", mask_stage, prepared, parameters)
+    arterial = timed("aif", arterial_stage, prepared, tissue)
+    perfusion = timed("deconvolution", deconvolution_stage, prepared, tissue, arterial, parameters)
+    if parameters.anatomy_detail:
+        perfusion = timed("anatomy", anatomy_stage, prepared, perfusion, parameters)
+    referenced = timed("low flow" if parameters.low_flow_correction else "thresholds",
+                       low_flow_stage, prepared, perfusion, parameters)
+    lesions = timed("thresholds", threshold_stage, prepared, referenced, parameters)
+    maps = dict(referenced.perfusion.maps)
+    maps["ttp"] = timed("ttp", ctp.time_to_peak, prepared.frames, prepared.times, referenced.perfusion.brain, prepared.geometry.spacing)
+    brain, core, hypoperfused = referenced.perfusion.brain, lesions.core, lesions.hypoperfused
+    if prepared.factor > 1:
+        in_plane = prepared.acquired.shape[1:]
+        maps = {name: ctp.block_expand(volume, prepared.factor, in_plane) for name, volume in maps.items()}
+        brain, core, hypoperfused = (ctp.block_expand(mask, prepared.factor, in_plane) for mask in (brain, core, hypoperfused))
+    flags = [*prepared.flags, *arterial.flags]
+    return CtpResult(maps, brain, core, hypoperfused, lesions.summary, referenced.reference.cbf, arterial.scale,
+                     referenced.noise_hu, flags, timings)
+
+
+def resample_stage(frames: np.ndarray, times_s: Sequence[float] | np.ndarray, geometry: Geometry) -> PreparedSeries:
+    """Full-size (512 x 512) acquisitions averaged to ~0.9 mm pixels; the coverage and sampling checked."""
     times = np.asarray(times_s, dtype=np.float64)
     flags = [f for f in (ctp.too_few_time_points(len(times)), ctp.insufficient_coverage(geometry.shape[0], geometry.spacing)) if f]
-    # Full-size (512 x 512) acquisitions are analysed on ~0.9 mm pixels; the results go back to
-    # the acquired grid at the end.
     factor = ctp.working_factor(geometry.spacing)
-    full_geometry = geometry
+    working = geometry
     if factor > 1:
         frames = ctp.block_average(frames, factor)
-        geometry = _working_geometry(geometry, factor, frames.shape[1:])
-    lap("resample")
+        working = _working_geometry(geometry, factor, frames.shape[1:])
+    return PreparedSeries(frames, times, working, geometry, factor, tuple(flags))
 
-    motion = correct_motion(frames, geometry.spacing)
+
+def motion_stage(prepared: PreparedSeries) -> PreparedSeries:
+    """Head motion corrected; InputError beyond what correcting can undo."""
+    geometry = prepared.geometry
+    motion = correct_motion(prepared.frames, geometry.spacing)
     # Registration itself is accurate to well under 1 mm (tests/unit/test_ctp_preprocessing.py),
     # but a head moving across thick slices changes their partial volumes, which resampling cannot
     # undo: on phantom patient 2 at 10 HU (5 mm slices), motion up to 0.9 mm left the core about
@@ -229,12 +327,16 @@ def analyse_ctp_series(
         raise InputError(f"cannot analyse: {moved}; motion between frames across {geometry.spacing[0]:g} mm slices "
                          "cannot be corrected without blurring the perfusion maps (core underestimated); "
                          "read the source images or repeat the perfusion scan")
+    flags = prepared.flags
     if motion.max_displacement_mm > 0.5:
-        flags.append(f"motion corrected (up to {motion.max_displacement_mm:.1f} mm)")
-    frames = motion.frames
-    lap("motion")
+        flags += (f"motion corrected (up to {motion.max_displacement_mm:.1f} mm)",)
+    return replace(prepared, frames=motion.frames, flags=flags)
 
-    n_baseline = ctp.baseline_frames(frames, times)
+
+def mask_stage(prepared: PreparedSeries, parameters: CtpParameters) -> BrainTissue:
+    """Baseline, brain mask, concentration, and where to look for the AIF and VOF."""
+    frames, geometry = prepared.frames, prepared.geometry
+    n_baseline = ctp.baseline_frames(frames, prepared.times)
     brain = ctp.brain_mask_ct(frames, geometry.spacing, n_baseline, growth_bone_gap_mm=parameters.brain_bone_gap_mm)
     concentration = ctp.concentration_ct(frames, n_baseline)
     baseline = frames[:n_baseline].mean(axis=0)
@@ -244,35 +346,43 @@ def analyse_ctp_series(
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
     search = ndimage.binary_dilation(brain, in_plane, iterations=reach) & (baseline > -50) & (baseline < 150)
-    lap("mask")
+    return BrainTissue(n_baseline, brain, concentration, search)
 
-    aif = select_aif(concentration, times, search)
-    flags += aif.qc_flags
+
+def arterial_stage(prepared: PreparedSeries, tissue: BrainTissue) -> ArterialInput:
+    """The AIF scaled by the VOF; InputError on a truncated bolus."""
+    concentration, times = tissue.concentration, prepared.times
+    aif = select_aif(concentration, times, tissue.vessel_search)
     # A bolus the scan stopped before it washed out cannot be deconvolved: CBV and CBF read low
     # and Tmax is cut off, so core and penumbra would be silently wrong. Fail with the reason.
-    truncation = ctp.truncated_bolus(concentration[:, brain].mean(axis=1), n_baseline)
+    truncation = ctp.truncated_bolus(concentration[:, tissue.brain].mean(axis=1), tissue.n_baseline)
     if truncation or FLAG_TRUNCATED in aif.qc_flags:
         reasons = [r for r in (truncation, FLAG_TRUNCATED if FLAG_TRUNCATED in aif.qc_flags else None) if r]
         raise InputError(f"cannot analyse: {'; '.join(reasons)} (the scan ended before the contrast washed out; "
                          "CBF, CBV and Tmax would be wrong)")
-    vof = select_vof(concentration, times, search, aif=aif)
+    vof = select_vof(concentration, times, tissue.vessel_search, aif=aif)
     scale = partial_volume_scale(aif.curve, vof.curve, times)
-    lap("aif")
+    return ArterialInput(np.asarray(aif.curve), scale, tuple(aif.qc_flags))
 
+
+def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_input: ArterialInput,
+                        parameters: CtpParameters) -> PerfusionMaps:
+    """Denoise inside the brain, deconvolve, correct SVD's biases, take the vessels out."""
+    geometry, times, brain = prepared.geometry, prepared.times, tissue.brain
     if parameters.denoising == "tips":
-        smooth = ctp.denoise_tips(concentration, geometry.spacing, brain, parameters.denoising_sigma_mm)
+        smooth = ctp.denoise_tips(tissue.concentration, geometry.spacing, brain, parameters.denoising_sigma_mm)
     else:
-        smooth = ctp.denoise(concentration, geometry.spacing, brain)
-    tissue, arterial = smooth[:, brain], (aif.curve * scale).astype(np.float64)
+        smooth = ctp.denoise(tissue.concentration, geometry.spacing, brain)
+    curves, arterial = smooth[:, brain], (arterial_input.curve * arterial_input.scale).astype(np.float64)
     del smooth
     steps = np.diff(times)
     if np.ptp(steps) <= 1e-3 * np.median(steps):  # already uniform: no resampling, no float64 copy
         dt = float(np.median(steps))
     else:
-        grid, curves = resample_uniform(times, np.concatenate([arterial[:, None], tissue], axis=1))
-        dt, arterial, tissue = float(grid[1] - grid[0]), curves[:, 0], curves[:, 1:].astype(np.float32)
+        grid, resampled = resample_uniform(times, np.concatenate([arterial[:, None], curves], axis=1))
+        dt, arterial, curves = float(grid[1] - grid[0]), resampled[:, 0], resampled[:, 1:].astype(np.float32)
     levels = {"thresholds": parameters.osvd_thresholds} if parameters.method == "osvd" else {}
-    fit = deconvolve(tissue, arterial, dt, parameters.method, **levels)
+    fit = deconvolve(curves, arterial, dt, parameters.method, **levels)
     if parameters.bias_correction:
         ratio, late = bias_of(fit, calibrate_bias(arterial, dt, parameters.method, **levels))
         # The bias varies slowly across tissue, its per-voxel estimate with the noise; it jumps
@@ -295,7 +405,7 @@ def analyse_ctp_series(
                 log_ratio[inside] = np.median(log_ratio[inside])
                 late[inside] = ctp.denoise_values(late[inside], part, geometry.spacing, parameters.bias_smoothing_mm)
         fit = apply_bias(fit, np.exp(log_ratio), late)
-    perfusion = perfusion_parameters(fit, tissue, arterial, dt)
+    perfusion = perfusion_parameters(fit, curves, arterial, dt)
     maps = {name: np.zeros(geometry.shape, dtype=np.float32) for name in ("cbf", "cbv", "mtt", "tmax")}
     for name, volume in maps.items():
         volume[brain] = getattr(perfusion, name)
@@ -305,27 +415,43 @@ def analyse_ctp_series(
     tissue_only = thresholds.exclude_vessels(brain, maps["cbv"], parameters.vessel_cbv)
     for volume in maps.values():
         volume[brain & ~tissue_only] = 0.0
-    brain = tissue_only
-    lap("deconvolution")
+    return PerfusionMaps(maps, tissue_only)
 
-    if parameters.anatomy_detail:
-        guide = anatomy.temporal_mean_guide(frames, brain, geometry.spacing)
-        delayed = brain & (maps["tmax"] > parameters.tmax_threshold_s)
-        (maps["cbf"], maps["cbv"]), _ = anatomy.restore_detail([maps["cbf"], maps["cbv"]], guide, [brain & ~delayed, delayed], geometry.spacing)
-        maps["mtt"] = mean_transit_time(maps["cbf"], maps["cbv"]).astype(np.float32)
-        lap("anatomy")
 
-    voxel_ml = geometry.voxel_volume_ml
+def anatomy_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameters: CtpParameters) -> PerfusionMaps:
+    """The grey/white structure of CBF and CBV that the denoising smoothed away, back from the
+    temporal mean image (separately in and outside delayed tissue)."""
+    maps, brain, spacing = dict(perfusion.maps), perfusion.brain, prepared.geometry.spacing
+    guide = anatomy.temporal_mean_guide(prepared.frames, brain, spacing)
+    delayed = brain & (maps["tmax"] > parameters.tmax_threshold_s)
+    (maps["cbf"], maps["cbv"]), _ = anatomy.restore_detail([maps["cbf"], maps["cbv"]], guide, [brain & ~delayed, delayed], spacing)
+    maps["mtt"] = mean_transit_time(maps["cbf"], maps["cbv"]).astype(np.float32)
+    return PerfusionMaps(maps, brain)
+
+
+def low_flow_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameters: CtpParameters) -> ReferencedMaps:
+    """The contralateral reference, and the CBF of delayed tissue through the low-flow calibration
+    at the frames' noise (when ``parameters.low_flow_correction``)."""
+    maps, brain = dict(perfusion.maps), perfusion.brain
     reference = thresholds.contralateral_reference(maps["cbf"], brain, maps["tmax"])
-    noise_hu = low_flow.frame_noise_hu(frames, brain)
+    noise_hu = low_flow.frame_noise_hu(prepared.frames, brain)
     if parameters.low_flow_correction:
         delayed = brain & (maps["tmax"] > parameters.tmax_threshold_s)
-        rcbf = low_flow.unbiased_rcbf(maps["cbf"][delayed] / reference.cbf, noise_hu, _low_flow_calibration())
-        maps["cbf"][delayed] = np.clip(rcbf, 0.0, None) * reference.cbf
+        cbf = maps["cbf"].copy()
+        rcbf = low_flow.unbiased_rcbf(cbf[delayed] / reference.cbf, noise_hu, _low_flow_calibration())
+        cbf[delayed] = np.clip(rcbf, 0.0, None) * reference.cbf
+        maps["cbf"] = cbf
         maps["mtt"] = mean_transit_time(maps["cbf"], maps["cbv"]).astype(np.float32)
-        lap("low flow")
+    return ReferencedMaps(PerfusionMaps(maps, brain), reference, noise_hu)
+
+
+def threshold_stage(prepared: PreparedSeries, referenced: ReferencedMaps, parameters: CtpParameters) -> Lesions:
+    """Core (rCBF below ``core_rcbf`` within Tmax above ``tmax_threshold_s``) and hypoperfusion,
+    specks removed, and the DEFUSE 3 summary."""
+    maps, brain = referenced.perfusion.maps, referenced.perfusion.brain
+    voxel_ml = prepared.geometry.voxel_volume_ml
     core = thresholds.remove_specks(
-        thresholds.core_mask_ct(maps["cbf"], reference, brain, parameters.core_rcbf), parameters.min_lesion_ml, voxel_ml
+        thresholds.core_mask_ct(maps["cbf"], referenced.reference, brain, parameters.core_rcbf), parameters.min_lesion_ml, voxel_ml
     )
     hypoperfused = thresholds.remove_specks(
         thresholds.hypoperfused_mask(maps["tmax"], brain, parameters.tmax_threshold_s), parameters.min_lesion_ml, voxel_ml
@@ -333,14 +459,7 @@ def analyse_ctp_series(
     core &= hypoperfused  # core is hypoperfused tissue; low flow with a normal Tmax is CSF or noise
     summary = thresholds.summarise(core, hypoperfused, maps["tmax"], brain, voxel_ml, parameters.criteria,
                                    hypoperfusion_tmax=parameters.tmax_threshold_s)
-    lap("thresholds")
-    maps["ttp"] = ctp.time_to_peak(frames, times, brain, geometry.spacing)
-    lap("ttp")
-    if factor > 1:
-        in_plane = full_geometry.shape[1:]
-        maps = {name: ctp.block_expand(volume, factor, in_plane) for name, volume in maps.items()}
-        brain, core, hypoperfused = (ctp.block_expand(mask, factor, in_plane) for mask in (brain, core, hypoperfused))
-    return CtpResult(maps, brain, core, hypoperfused, summary, reference.cbf, scale, noise_hu, flags, timings)
+    return Lesions(core, hypoperfused, summary)
 
 
 @functools.cache

@@ -27,17 +27,18 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+from service.config import setting_default
 from service.errors import InputError
 from service.findings import Measurement
 
 FACES = ndimage.generate_binary_structure(3, 1)
 """3D face connectivity (6-neighbourhood)."""
 
-HYPOPERFUSION_TMAX_S = 6.0
+HYPOPERFUSION_TMAX_S: float = setting_default("tmax_threshold_s")
 """Tmax above which tissue is hypoperfused (s)."""
 SEVERE_TMAX_S = 10.0
 """Tmax above which hypoperfusion is severe, the numerator of the HIR (s)."""
-CORE_RCBF = 0.30
+CORE_RCBF: float = setting_default("core_rcbf_threshold")
 """Relative CBF below which CT perfusion calls tissue core."""
 
 
@@ -49,9 +50,9 @@ class Defuse3Criteria:
     min_ratio`` (a core of 0 mL meets any ratio) and ``hypoperfused - core >= min_mismatch_ml``.
     """
 
-    max_core_ml: float = 70.0
-    min_ratio: float = 1.8
-    min_mismatch_ml: float = 15.0
+    max_core_ml: float = setting_default("target_max_core_ml")
+    min_ratio: float = setting_default("target_min_mismatch_ratio")
+    min_mismatch_ml: float = setting_default("target_min_mismatch_ml")
 
     def __post_init__(self) -> None:
         if not (self.max_core_ml > 0 and self.min_ratio > 0 and self.min_mismatch_ml >= 0):
