@@ -50,6 +50,11 @@ CANDIDATES: dict[str, CtpParameters] = {
     "gaussian denoising": CtpParameters(denoising="gaussian"),
     "no low-flow correction": CtpParameters(low_flow_correction=False),
     "brain mask up to the bone": CtpParameters(brain_bone_gap_mm=0.0),
+    "core median 3 mm": CtpParameters(core_median_mm=3.0),
+    "core median 5 mm": CtpParameters(core_median_mm=5.0),
+    "model CBF in delayed tissue": CtpParameters(delayed_flow="model", low_flow_correction=False),
+    "model CBV/MTT in delayed tissue": CtpParameters(delayed_flow="model-cbv", low_flow_correction=False),
+    "model CBV/MTT + median 3 mm": CtpParameters(delayed_flow="model-cbv", low_flow_correction=False, core_median_mm=3.0),
 }
 """Candidate core estimates compared per family (``--candidate``)."""
 

@@ -42,7 +42,8 @@ from service.imaging.volumes import group_series
 from service.perfusion import anatomy, ctp, low_flow, thresholds
 from service.perfusion.aif import FLAG_TRUNCATED, partial_volume_scale, select_aif, select_vof
 from service.perfusion.deconvolution import (
-    apply_bias, bias_of, calibrate_bias, deconvolve, mean_transit_time, perfusion_parameters, resample_uniform,
+    K_H, RHO, apply_bias, bias_of, calibrate_bias, deconvolve, fit_exponential_residue, mean_transit_time, perfusion_parameters,
+    resample_uniform,
 )
 from service.perfusion.motion import correct_motion
 
@@ -85,6 +86,13 @@ class CtpParameters:
     # Grey/white matter structure of CBF and CBV finer than 3 mm from the temporal mean of the
     # frames (service.perfusion.anatomy); the denoising has smoothed it away.
     anatomy_detail: bool = setting_default("ctp_anatomy_detail")
+    # In-plane median of the CBF of delayed tissue (Tmax > 6 s) that the core threshold reads
+    # (ctp.median_within), over a disc of this radius; 0: the voxel's own CBF. The maps keep theirs.
+    core_median_mm: float = 0.0
+    # CBF of delayed tissue (Tmax > 6 s): "svd" (the deconvolution's, through the low-flow
+    # correction when on), "model" (the amplitude of the best exponential-residue fit,
+    # deconvolution.fit_exponential_residue) or "model-cbv" (the model-free CBV over the fit's MTT).
+    delayed_flow: str = "svd"
 
 
 def ctp_series(paths: Sequence[Path | str | Dataset]) -> list[str] | None:
@@ -248,6 +256,7 @@ class ReferencedMaps:
     perfusion: PerfusionMaps
     reference: thresholds.ContralateralReference
     noise_hu: float
+    core_cbf: np.ndarray | None = None  # the CBF the core threshold reads; None: the map's
 
 
 @dataclass(frozen=True)
@@ -283,6 +292,8 @@ def analyse_ctp_series(
         perfusion = timed("anatomy", anatomy_stage, prepared, perfusion, parameters)
     referenced = timed("low flow" if parameters.low_flow_correction else "thresholds",
                        low_flow_stage, prepared, perfusion, parameters)
+    if parameters.core_median_mm > 0:
+        referenced = timed("regularise", regularise_stage, prepared, referenced, parameters)
     lesions = timed("thresholds", threshold_stage, prepared, referenced, parameters)
     maps = dict(referenced.perfusion.maps)
     maps["ttp"] = timed("ttp", ctp.time_to_peak, prepared.frames, prepared.times, referenced.perfusion.brain, prepared.geometry.spacing)
@@ -403,6 +414,16 @@ def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_
                 late[inside] = ctp.denoise_values(late[inside], part, geometry.spacing, parameters.bias_smoothing_mm)
         fit = apply_bias(fit, np.exp(log_ratio), late)
     perfusion = perfusion_parameters(fit, curves, arterial, dt)
+    if parameters.delayed_flow != "svd":
+        slow = perfusion.tmax > parameters.tmax_threshold_s
+        model = fit_exponential_residue(curves[:, slow], arterial, dt)
+        if parameters.delayed_flow == "model":
+            flow = K_H / RHO * 6000.0 * model.flow_scaled
+        else:
+            flow = 60.0 * perfusion.cbv[slow] / model.mtt_s
+        cbf = perfusion.cbf.copy()
+        cbf[slow] = flow
+        perfusion = replace(perfusion, cbf=cbf, mtt=mean_transit_time(cbf, perfusion.cbv))
     maps = {name: np.zeros(geometry.shape, dtype=np.float32) for name in ("cbf", "cbv", "mtt", "tmax")}
     for name, volume in maps.items():
         volume[brain] = getattr(perfusion, name)
@@ -442,13 +463,24 @@ def low_flow_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameter
     return ReferencedMaps(PerfusionMaps(maps, brain), reference, noise_hu)
 
 
+def regularise_stage(prepared: PreparedSeries, referenced: ReferencedMaps, parameters: CtpParameters) -> ReferencedMaps:
+    """The CBF the core threshold reads: the in-plane median over ``core_median_mm`` within
+    delayed tissue, so that a core a little below the threshold is not read above it voxel by
+    voxel through the noise."""
+    maps, brain = referenced.perfusion.maps, referenced.perfusion.brain
+    delayed = brain & (maps["tmax"] > parameters.tmax_threshold_s)
+    smoothed = ctp.median_within(maps["cbf"], delayed, prepared.geometry.spacing, parameters.core_median_mm)
+    return replace(referenced, core_cbf=smoothed)
+
+
 def threshold_stage(prepared: PreparedSeries, referenced: ReferencedMaps, parameters: CtpParameters) -> Lesions:
     """Core (rCBF below ``core_rcbf`` within Tmax above ``tmax_threshold_s``) and hypoperfusion,
     specks removed, and the DEFUSE 3 summary."""
     maps, brain = referenced.perfusion.maps, referenced.perfusion.brain
     voxel_ml = prepared.geometry.voxel_volume_ml
     core = thresholds.remove_specks(
-        thresholds.core_mask_ct(maps["cbf"], referenced.reference, brain, parameters.core_rcbf), parameters.min_lesion_ml, voxel_ml
+        thresholds.core_mask_ct(maps["cbf"] if referenced.core_cbf is None else referenced.core_cbf, referenced.reference, brain,
+                                parameters.core_rcbf), parameters.min_lesion_ml, voxel_ml
     )
     hypoperfused = thresholds.remove_specks(
         thresholds.hypoperfused_mask(maps["tmax"], brain, parameters.tmax_threshold_s), parameters.min_lesion_ml, voxel_ml
