@@ -55,6 +55,7 @@ CANDIDATES: dict[str, CtpParameters] = {
     "model CBF in delayed tissue": CtpParameters(delayed_flow="model", low_flow_correction=False),
     "model CBV/MTT in delayed tissue": CtpParameters(delayed_flow="model-cbv", low_flow_correction=False),
     "model CBV/MTT + median 3 mm": CtpParameters(delayed_flow="model-cbv", low_flow_correction=False, core_median_mm=3.0),
+    "blend of low-flow SVD and model CBV/MTT": CtpParameters(delayed_flow="blend"),
 }
 """Candidate core estimates compared per family (``--candidate``)."""
 

@@ -91,7 +91,8 @@ class CtpParameters:
     core_median_mm: float = 0.0
     # CBF of delayed tissue (Tmax > 6 s): "svd" (the deconvolution's, through the low-flow
     # correction when on), "model" (the amplitude of the best exponential-residue fit,
-    # deconvolution.fit_exponential_residue) or "model-cbv" (the model-free CBV over the fit's MTT).
+    # deconvolution.fit_exponential_residue), "model-cbv" (the model-free CBV over the fit's MTT),
+    # or "blend" (the geometric mean of "svd" after the low-flow correction and "model-cbv").
     delayed_flow: str = "svd"
 
 
@@ -246,6 +247,7 @@ class PerfusionMaps:
 
     maps: dict[str, np.ndarray]
     brain: np.ndarray
+    model_cbf: np.ndarray | None = None  # delayed_flow "blend": the model's CBF, kept beside the map's
 
 
 @dataclass(frozen=True)
@@ -414,6 +416,7 @@ def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_
                 late[inside] = ctp.denoise_values(late[inside], part, geometry.spacing, parameters.bias_smoothing_mm)
         fit = apply_bias(fit, np.exp(log_ratio), late)
     perfusion = perfusion_parameters(fit, curves, arterial, dt)
+    model_cbf = None
     if parameters.delayed_flow != "svd":
         slow = perfusion.tmax > parameters.tmax_threshold_s
         model = fit_exponential_residue(curves[:, slow], arterial, dt)
@@ -423,7 +426,11 @@ def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_
             flow = 60.0 * perfusion.cbv[slow] / model.mtt_s
         cbf = perfusion.cbf.copy()
         cbf[slow] = flow
-        perfusion = replace(perfusion, cbf=cbf, mtt=mean_transit_time(cbf, perfusion.cbv))
+        if parameters.delayed_flow == "blend":
+            model_cbf = np.zeros(geometry.shape, dtype=np.float32)
+            model_cbf[brain] = cbf
+        else:
+            perfusion = replace(perfusion, cbf=cbf, mtt=mean_transit_time(cbf, perfusion.cbv))
     maps = {name: np.zeros(geometry.shape, dtype=np.float32) for name in ("cbf", "cbv", "mtt", "tmax")}
     for name, volume in maps.items():
         volume[brain] = getattr(perfusion, name)
@@ -433,7 +440,7 @@ def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_
     tissue_only = thresholds.exclude_vessels(brain, maps["cbv"], parameters.vessel_cbv)
     for volume in maps.values():
         volume[brain & ~tissue_only] = 0.0
-    return PerfusionMaps(maps, tissue_only)
+    return PerfusionMaps(maps, tissue_only, model_cbf)
 
 
 def anatomy_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameters: CtpParameters) -> PerfusionMaps:
@@ -444,7 +451,7 @@ def anatomy_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameters
     delayed = brain & (maps["tmax"] > parameters.tmax_threshold_s)
     (maps["cbf"], maps["cbv"]), _ = anatomy.restore_detail([maps["cbf"], maps["cbv"]], guide, [brain & ~delayed, delayed], spacing)
     maps["mtt"] = mean_transit_time(maps["cbf"], maps["cbv"]).astype(np.float32)
-    return PerfusionMaps(maps, brain)
+    return PerfusionMaps(maps, brain, perfusion.model_cbf)
 
 
 def low_flow_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameters: CtpParameters) -> ReferencedMaps:
@@ -458,6 +465,8 @@ def low_flow_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameter
         cbf = maps["cbf"].copy()
         rcbf = low_flow.unbiased_rcbf(cbf[delayed] / reference.cbf, noise_hu, _low_flow_calibration())
         cbf[delayed] = np.clip(rcbf, 0.0, None) * reference.cbf
+        if perfusion.model_cbf is not None:
+            cbf[delayed] = np.sqrt(cbf[delayed] * np.clip(perfusion.model_cbf[delayed], 0.0, None))
         maps["cbf"] = cbf
         maps["mtt"] = mean_transit_time(maps["cbf"], maps["cbv"]).astype(np.float32)
     return ReferencedMaps(PerfusionMaps(maps, brain), reference, noise_hu)

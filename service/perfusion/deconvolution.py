@@ -559,14 +559,16 @@ def fit_exponential_residue(
     usable = energy > 1e-12 * energy.max()
     basis, energy = basis[:, usable], energy[usable]
     pairs = np.stack(np.meshgrid(mtt, delay, indexing="ij"), axis=-1).reshape(-1, 2)[usable]
+    # Unit-energy models: the residual of each is |c|^2 - projection^2, so the best model is the
+    # one of largest positive projection.
+    unit = (basis / np.sqrt(energy)).astype(np.float32)
     n_voxels = conc.shape[1]
     flow, best_delay, best_mtt = (np.zeros(n_voxels) for _ in range(3))
     for start in range(0, n_voxels, _BLOCK // 4):
         part = slice(start, min(start + _BLOCK // 4, n_voxels))
-        projection = conc[:, part].T.astype(np.float64) @ basis  # (voxels, models)
-        score = np.where(projection > 0, projection**2 / energy, -np.inf)  # residual = |c|^2 - score
-        best = np.argmax(score, axis=1)
-        rows = np.arange(best.size)
-        flow[part] = np.clip(projection[rows, best] / energy[best], 0.0, None)
+        projection = conc[:, part].T.astype(np.float32) @ unit  # (voxels, models)
+        best = np.argmax(projection, axis=1)
+        top = projection[np.arange(best.size), best].astype(np.float64)
+        flow[part] = np.clip(top / np.sqrt(energy[best]), 0.0, None)
         best_mtt[part], best_delay[part] = pairs[best, 0], pairs[best, 1]
     return ModelFit(flow, best_delay, best_mtt)
