@@ -93,7 +93,7 @@ class CtpParameters:
     # correction when on), "model" (the amplitude of the best exponential-residue fit,
     # deconvolution.fit_exponential_residue), "model-cbv" (the model-free CBV over the fit's MTT),
     # or "blend" (the geometric mean of "svd" after the low-flow correction and "model-cbv").
-    delayed_flow: str = "svd"
+    delayed_flow: str = "blend"
 
 
 def ctp_series(paths: Sequence[Path | str | Dataset]) -> list[str] | None:
@@ -466,7 +466,10 @@ def low_flow_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameter
         rcbf = low_flow.unbiased_rcbf(cbf[delayed] / reference.cbf, noise_hu, _low_flow_calibration())
         cbf[delayed] = np.clip(rcbf, 0.0, None) * reference.cbf
         if perfusion.model_cbf is not None:
-            cbf[delayed] = np.sqrt(cbf[delayed] * np.clip(perfusion.model_cbf[delayed], 0.0, None))
+            # The geometric mean of the two estimates; where the model found no flow (CBV <= 0 in
+            # the noise) the corrected SVD's stands alone.
+            both = delayed & (perfusion.model_cbf > 0)
+            cbf[both] = np.sqrt(cbf[both] * perfusion.model_cbf[both])
         maps["cbf"] = cbf
         maps["mtt"] = mean_transit_time(maps["cbf"], maps["cbv"]).astype(np.float32)
     return ReferencedMaps(PerfusionMaps(maps, brain), reference, noise_hu)
