@@ -6,9 +6,12 @@ concentration; select the AIF (fail on a truncated bolus) and the VOF (partial-v
 denoise inside the brain with the edge-preserving TIPS filter; deconvolve every brain voxel with
 oSVD and correct SVD's biases (late Tmax, low fast flow) with a calibration on the study's own
 AIF; take vessels (CBV above 8 mL/100 g) out of the brain; put the grey/white matter structure
-that the denoising smoothed away back into CBF and CBV from the temporal mean image; correct the
-CBF of delayed tissue (Tmax > 6 s), which reads high at low flow, through the low-flow calibration
-(service.perfusion.low_flow) at the frames' noise; threshold
+that the denoising smoothed away back into CBF and CBV from the temporal mean image; read the
+CBF of delayed tissue (Tmax > 6 s), which SVD reads high at low flow, as the geometric mean of two
+estimates: SVD's through the low-flow calibration (service.perfusion.low_flow) at the frames'
+noise, and the model-free CBV over the MTT of the best exponential-residue fit
+(deconvolution.fit_exponential_residue), which read near-threshold cores high and low by turns on
+the tuning families; threshold
 (core rCBF < 30 % of the contralateral normal tissue within Tmax > 6 s, hypoperfusion Tmax > 6 s),
 remove specks, summarise with the DEFUSE 3 verdict; masks back on the acquired grid.
 
