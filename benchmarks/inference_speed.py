@@ -1,5 +1,6 @@
 """Speed of the learned models per study, by backend: the CT perfusion core/penumbra model
-(256 x 256 x 16) and both MRI final-infarct networks of seed 001 together (128 x 128 x 20).
+(256 x 256 x 16), both MRI final-infarct networks of seed 001 together (128 x 128 x 20) and both
+CT ones together (256 x 256 x 16).
 
     .venv/bin/python benchmarks/inference_speed.py            # 9 runs per backend, medians
     .venv/bin/python benchmarks/inference_speed.py --runs 5
@@ -97,13 +98,21 @@ def main(runs: int = typer.Option(9, help="timed runs per backend")) -> None:
             run[name]()
             times[name].append(time.perf_counter() - started)
     print(f"per study {SHAPE[0]} x {SHAPE[1]} x {SHAPE[2]}, {runs} runs, load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores")
+    print_table(times)
+    volumes, brain = mri_study()
+    final_infarct_times(runs, "mri", volumes, brain, MRI_SPACING)
+    maps, mip, brain = study()
+    final_infarct_times(runs, "ct", {**maps, "mip": mip}, brain, SPACING)
+
+
+def print_table(times: dict[str, list[float]]) -> None:
+    """Median and range per backend, and the ratio to ONNX Runtime's median, as a markdown table."""
     base = statistics.median(times["onnxruntime (CPU)"])
     print("| backend | median | range | ratio to ONNX Runtime |")
     print("|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"| {name} | {median:.2f} s | {min(values):.2f}-{max(values):.2f} s | {median / base:.2f}x |")
-    final_infarct_times(runs)
 
 
 MRI_SHAPE = (20, 128, 128)
@@ -119,22 +128,22 @@ def mri_study(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return {k: np.where(brain, rng.uniform(*r, MRI_SHAPE), 0).astype(np.float32) for k, r in ranges.items()}, brain
 
 
-def final_infarct_times(runs: int) -> None:
-    """Both MRI final-infarct networks per study, ONNX Runtime against torch eager, alternating."""
+def final_infarct_times(runs: int, modality: str, volumes: dict[str, np.ndarray], brain: np.ndarray,
+                        spacing: tuple[float, float, float]) -> None:
+    """Both final-infarct networks of ``modality`` per study, ONNX Runtime against torch eager, alternating."""
     folder = Settings().models_dir
-    volumes, brain = mri_study()
     backends = {"onnxruntime (CPU)": Backend.ONNXRUNTIME, "torch eager (CPU, float32)": Backend.TORCH}
     engines: dict[str, list] = {}
     for label, backend in backends.items():
         try:
-            engines[label] = [load_engine(folder / f"{model_name('mri', s)}.onnx", backend, contract=contract("mri", s)) for s in Scenario]
+            engines[label] = [load_engine(folder / f"{model_name(modality, s)}.onnx", backend, contract=contract(modality, s)) for s in Scenario]
         except Exception as error:  # torch absent: ONNX Runtime alone
             print(f"{label} not measured: {error}")
     times: dict[str, list[float]] = {name: [] for name in engines}
 
     def both(pair: list) -> None:
         for engine in pair:
-            predict_final_infarct(engine, volumes, brain, MRI_SPACING)
+            predict_final_infarct(engine, volumes, brain, spacing)
 
     for pair in engines.values():
         both(pair)  # warm-up
@@ -143,14 +152,9 @@ def final_infarct_times(runs: int) -> None:
             started = time.perf_counter()
             both(engines[name])
             times[name].append(time.perf_counter() - started)
-    print(f"\nboth MRI final-infarct networks per study {' x '.join(map(str, MRI_SHAPE))}, {runs} runs, "
+    print(f"\nboth {modality.upper()} final-infarct networks per study {' x '.join(map(str, brain.shape))}, {runs} runs, "
           f"load average {os.getloadavg()[0]:.1f}")
-    base = statistics.median(times["onnxruntime (CPU)"])
-    print("| backend | median | range | ratio to ONNX Runtime |")
-    print("|---|---|---|---|")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.2f} s | {min(values):.2f}-{max(values):.2f} s | {median / base:.2f}x |")
+    print_table(times)
 
 
 if __name__ == "__main__":

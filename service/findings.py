@@ -342,6 +342,8 @@ class Findings:
     timings_s: dict[str, float] = field(default_factory=dict)
     nihss: NihssUsed | None = None  # the clinical input the results name; None: imaging only
     dwi: np.ndarray | None = None  # highest-b DWI on the source grid: an input of learned models, not a result series
+    brain: np.ndarray | None = None  # CT perfusion: the analysis's brain mask (bool) on the source grid, an input of learned models
+    mip: np.ndarray | None = None  # CT perfusion: the series' temporal maximum (HU) on the source grid, an input of learned models
     outcome: OutcomeRecord | None = None  # the 90-day outcome (learned models on, MRI with perfusion)
 
     def __post_init__(self) -> None:
@@ -352,8 +354,9 @@ class Findings:
         self.maps = {MapName(k): v for k, v in self.maps.items()}
 
     def uses(self, segment: Segment) -> bool:
-        """Whether ``segment`` is drawn by the method the measurements and the verdict use."""
-        return (segment.model is not None) == (self.core_method is CoreMethod.MODEL)
+        """Whether ``segment`` is a core or penumbra drawn by the method the measurements and the verdict
+        use (the predicted final infarcts, learned either way, never are)."""
+        return segment.key in (SegmentKind.CORE, SegmentKind.PENUMBRA) and (segment.model is not None) == (self.core_method is CoreMethod.MODEL)
 
     def segment(self, kind: SegmentKind) -> Segment | None:
         """The segment of ``kind`` the verdict uses, if there is one."""

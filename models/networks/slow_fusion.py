@@ -18,31 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.networks.blocks import Decoder, PerInputEncoders, conv_bn_relu, restricted_softmax
 
-def _conv(inputs: int, outputs: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(inputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU(inplace=True))
-
-
-class Encoder(nn.Module):
-    """VGG-style: two 3x3 convolutions per level, max-pooling between levels."""
-
-    def __init__(self, widths: tuple[int, ...]) -> None:
-        super().__init__()
-        levels, previous = [], 1
-        for width in widths:
-            levels.append(nn.Sequential(_conv(previous, width), _conv(width, width)))
-            previous = width
-        self.levels = nn.ModuleList(levels)
-        self.pool = nn.MaxPool2d(2)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = []
-        for index, level in enumerate(self.levels):
-            if index:
-                x = self.pool(x)
-            x = level(x)
-            features.append(x)
-        return features
+HEALTHY = 0
+"""The class outside the brain (classes: healthy, penumbra, core)."""
 
 
 class SlowFusionNet(nn.Module):
@@ -55,37 +34,24 @@ class SlowFusionNet(nn.Module):
                  classes: int = 3, dropout: float = 0.2) -> None:
         super().__init__()
         self.inputs, self.widths, self.classes = inputs, tuple(widths), classes
-        self.encoders = nn.ModuleList(Encoder(self.widths) for _ in range(inputs))
+        self.encoders = PerInputEncoders(inputs, self.widths)
         self.pool = nn.MaxPool2d(2)
         deepest = 2 * self.widths[-1]
         self.bottleneck = nn.Sequential(
-            _conv(inputs * self.widths[-1] + clinical, deepest), _conv(deepest, deepest), nn.Dropout2d(dropout)
+            conv_bn_relu(inputs * self.widths[-1] + clinical, deepest), conv_bn_relu(deepest, deepest), nn.Dropout2d(dropout)
         )
-        ups, fuse, previous = [], [], deepest
-        for width in reversed(self.widths):
-            ups.append(nn.ConvTranspose2d(previous, width, 2, stride=2))
-            fuse.append(_conv(width + inputs * width, width))
-            previous = width
-        self.ups, self.fuse = nn.ModuleList(ups), nn.ModuleList(fuse)
-        self.head = nn.Conv2d(self.widths[0], classes, 1)
+        self.decoder = Decoder(deepest, self.widths, inputs, classes, conv_bn_relu)
 
     @property
     def size_multiple(self) -> int:
         return 2 ** len(self.widths)
 
     def logits(self, maps: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
-        per_input = [encoder(maps[:, i : i + 1]) for i, encoder in enumerate(self.encoders)]
-        skips = [torch.cat([features[level] for features in per_input], dim=1) for level in range(len(self.widths))]
+        skips = self.encoders(maps)
         x = self.pool(skips[-1])
         constant = torch.ones_like(x[:, :1])
         x = torch.cat([x, *(constant * clinical[:, k, None, None, None] for k in range(clinical.shape[1]))], dim=1)
-        x = self.bottleneck(x)
-        for up, fuse, skip in zip(self.ups, self.fuse, reversed(skips)):
-            x = fuse(torch.cat([up(x), skip], dim=1))
-        return self.head(x)
+        return self.decoder(self.bottleneck(x), skips)
 
     def forward(self, maps: torch.Tensor, brain: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.softmax(self.logits(maps, clinical), dim=1)
-        healthy = torch.zeros_like(probabilities)
-        healthy[:, 0] = 1.0
-        return probabilities * brain + healthy * (1.0 - brain)
+        return restricted_softmax(self.logits(maps, clinical), brain, HEALTHY)

@@ -1,69 +1,78 @@
-"""The model card a training run writes beside its weights (schema: service.inference.card)."""
+"""The model card a training run writes beside its weights (schema: service.inference.card): one
+builder for every model, given its contract and what it says of itself."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from models.export import PARITY_TOLERANCE
-from models.training.cohort import CohortPlan, SampleSpec
-from models.training.evaluate import Summary
-from models.training.loop import History, Study, TrainConfig
+from models.training.cohort import CohortPlan
+from models.training.loop import History
 from service.inference.card import (
-    RESEARCH_ONLY, FilesCard, InputsCard, MetricRow, ModelCard, OutputsCard, ParityCard, Range, TrainingCard, file_ref,
+    Contract, FilesCard, InputsCard, MetricRow, ModelCard, OutputsCard, ParityCard, Range, TrainingCard, file_ref,
 )
-from service.inference.ctp_inputs import CTP_CONTRACT
 
 SPACING_TOLERANCE = 0.15
 """The card's spacing ranges: what training saw, widened by this fraction."""
 
 
-def build_card(*, name: str, version: str, plan: CohortPlan, studies: dict[SampleSpec, Study], config: TrainConfig,
-               history: History, summaries: list[Summary], files: tuple[Path, Path, Path], parity_difference: float,
-               command: str, duration_s: float, machine: str, size_multiple: int, notes: str) -> ModelCard:
-    onnx, program, test_input = files
-    trained = [s for spec, s in studies.items() if spec.split == "train"]
-    spacing = np.array([s.extra["spacing_mm"] for s in trained])
-    counts: dict[str, int] = {}
-    for split, seeds in plan.seeds().items():
-        counts[split] = len(seeds)
+@dataclass(frozen=True)
+class CardText:
+    """What a model says of itself on its card."""
+
+    architecture: str
+    source: str
+    intended_use: str  # begins with service.inference.card.RESEARCH_ONLY
+    restricted_to: str  # where the output is fixed, and to what
+    training_notes: str
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What one training command did: its cohort, the training patients' voxel sizes, its seed and
+    history, the shipped files and their parity, how long it took and where."""
+
+    plan: CohortPlan
+    spacings_mm: Sequence[Sequence[float]]  # (slice, row, column) of each training study
+    seed: int
+    history: History
+    files: tuple[Path, Path, Path]  # ONNX, torch program, test input
+    parity_difference: float
+    command: str
+    duration_s: float
+    machine: str
+    size_multiple: int
+    noise_hu: tuple[float, ...]  # the CT noise levels trained and tested on (none for MRI)
+
+
+def build_card(*, name: str, version: str, contract: Contract, text: CardText, run: TrainingRun,
+               metrics: Sequence[MetricRow]) -> ModelCard:
     import torch
 
+    onnx, program, test_input = run.files
+    spacing = np.asarray(run.spacings_mm, dtype=np.float64)
     return ModelCard(
-        name=name,
-        version=version,
-        task=CTP_CONTRACT.task,
-        architecture=(f"multi-input slow fusion U-Net: {len(CTP_CONTRACT.channels)} VGG-style encoders (widths {list(config.widths)}, "
-                      "2 convolutions per level), their features concatenated at every level as the skip connections of one shared "
-                      "decoder; NIHSS and its known-flag as constant maps at the bottleneck; softmax over 3 classes, restricted to the "
-                      "brain mask; focal Tversky loss (gamma 4/3, alpha 0.7, beta 0.3); 2D slices"),
-        source="Tomasetti et al., multi-input segmentation of damaged brain in acute ischemic stroke patients using slow fusion "
-               "with skip connection (seed 002)",
-        intended_use=f"{RESEARCH_ONLY} Trained on synthetic patients only; retrain on site data before drawing any conclusion.",
+        name=name, version=version, task=contract.task, architecture=text.architecture, source=text.source,
+        intended_use=text.intended_use,
         files=FilesCard(onnx=file_ref(onnx), exported_program=file_ref(program), test_input=file_ref(test_input)),
         inputs=InputsCard(
-            tensors=CTP_CONTRACT.tensors, channels=CTP_CONTRACT.channels, clinical=CTP_CONTRACT.clinical,
+            tensors=contract.tensors, channels=contract.channels, clinical=contract.clinical,
             in_plane_spacing_mm=_range(spacing[:, 1:].ravel()), slice_spacing_mm=_range(spacing[:, 0]),
-            image_size=Range(low=size_multiple, high=1024), size_multiple=size_multiple,
+            image_size=Range(low=run.size_multiple, high=1024), size_multiple=run.size_multiple,
         ),
-        outputs=OutputsCard(tensor=CTP_CONTRACT.output, classes=CTP_CONTRACT.classes,
-                            restricted_to="brain mask (input 'brain'): outside it the probability of 'healthy' is 1"),
+        outputs=OutputsCard(tensor=contract.output, classes=contract.classes, restricted_to=text.restricted_to),
         training=TrainingCard(
-            families=plan.families, held_out_family=plan.held_out_family, noise_hu=plan.noise_hu, counts=counts,
-            seeds={**plan.seeds(), "training": config.seed}, command=command, duration_s=round(duration_s, 1), machine=machine,
-            epochs=len(history.epochs),
-            notes=(f"{config.epochs} epochs x {config.steps_per_epoch} steps of {config.batch} crops {config.crop} x {config.crop}, "
-                   f"AdamW lr {config.learning_rate:g} one-cycle, NIHSS withheld from {config.nihss_withheld:.0%} of the crops; "
-                   f"best validation epoch {history.best_epoch}; torch {torch.__version__}. {notes}"),
+            families=run.plan.families, held_out_family=run.plan.held_out_family, noise_hu=run.noise_hu,
+            counts={split: len(seeds) for split, seeds in run.plan.seeds().items()},
+            seeds={**run.plan.seeds(), "training": run.seed}, command=run.command, duration_s=round(run.duration_s, 1),
+            machine=run.machine, epochs=len(run.history.epochs), notes=text.training_notes,
         ),
-        metrics=tuple(
-            MetricRow(split=s.split, family=s.family, noise_hu=s.noise_hu, method=s.method, cls=s.cls, patients=s.patients,
-                      dice=round(s.dice, 4), hd95_mm=None if s.hd95_mm is None else round(s.hd95_mm, 2),
-                      volume_difference_ml=round(s.volume_difference_ml, 2))
-            for s in summaries
-        ),
-        parity=ParityCard(reference=f"torch {torch.__version__} eager, float32, CPU", max_abs_probability_difference=parity_difference,
+        metrics=tuple(metrics),
+        parity=ParityCard(reference=f"torch {torch.__version__} eager, float32, CPU", max_abs_probability_difference=run.parity_difference,
                           tolerance=PARITY_TOLERANCE),
     )
 

@@ -10,8 +10,10 @@ import numpy as np
 
 from models.networks.slow_fusion import SlowFusionNet
 from models.training.cohort import SampleSpec
-from models.training.loop import Forward, Study, predict_study
+from models.training.core_penumbra import Study, predict_study
+from models.training.loop import Forward
 from models.training.metrics import dice, hausdorff_95, volume_difference_ml
+from service.inference.card import MetricRow
 
 CLASSES = {"penumbra": 1, "core": 2}
 METHODS = ("model", "model, NIHSS unknown", "threshold")
@@ -104,3 +106,13 @@ def acceptance(summaries: list[Summary], noise_hu: float = ACCEPTANCE_NOISE_HU) 
                    for cls in ("core", "penumbra")]
         out.append(Acceptance(split, family, *margins))
     return out
+
+
+def metric_rows(summaries: list[Summary]) -> tuple[MetricRow, ...]:
+    """The card's metrics: per split, family, noise level, method and class."""
+    return tuple(
+        MetricRow(split=s.split, family=s.family, noise_hu=s.noise_hu, method=s.method, cls=s.cls, patients=s.patients,
+                  dice=round(s.dice, 4), hd95_mm=None if s.hd95_mm is None else round(s.hd95_mm, 2),
+                  volume_difference_ml=round(s.volume_difference_ml, 2))
+        for s in summaries
+    )

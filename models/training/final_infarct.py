@@ -13,19 +13,20 @@ Evaluation compares each network with seed 001's perfusion-diffusion mismatch ba
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models.networks.late_fusion import BACKGROUND, HEALTHY, LESION, LateFusionNet
+from models.training.loop import History, Recipe, fit, predict_volume, torch_forward
 from models.training.losses import LESION_WEIGHT, weighted_dice_loss
 from models.training.metrics import dice, hausdorff_95, precision, recall, volumetric_similarity, voxel_auc
-from service.inference.final_infarct_inputs import LESION_THRESHOLD, Scenario
+from models.training.card import CardText
+from service.inference.card import RESEARCH_ONLY, MetricRow
+from service.inference.final_infarct_inputs import LESION_THRESHOLD, Scenario, contract
 
 TRUTH_KEY = {Scenario.REPERFUSED: "final_reperfused", Scenario.NOT_REPERFUSED: "final_not_reperfused"}
 """The cached study's truth of each scenario."""
@@ -47,13 +48,6 @@ class FinalTrainConfig:
 
 
 @dataclass
-class History:
-    epochs: list[dict[str, float]] = field(default_factory=list)
-    best_epoch: int = -1
-    seconds: float = 0.0
-
-
-@dataclass
 class FinalStudy:
     """One cached study: network input, brain, both truths, and the mismatch method's masks."""
 
@@ -61,15 +55,16 @@ class FinalStudy:
     inputs: np.ndarray  # [Z, C, H, W] float32
     brain: np.ndarray  # [Z, H, W] bool
     truths: dict[Scenario, np.ndarray]  # bool [Z, H, W] each
-    core: np.ndarray  # the MRI analysis's ADC core
-    penumbra: np.ndarray  # its Tmax lesion minus the core
+    core: np.ndarray  # the analysis's threshold core (MRI: ADC; CT: rCBF within Tmax > 6 s)
+    penumbra: np.ndarray  # its Tmax > 6 s lesion minus the core
     spacing_mm: tuple[float, float, float]
 
     @classmethod
     def from_arrays(cls, key: str, arrays: dict[str, np.ndarray]) -> FinalStudy:
+        """From a cached study of either modality (``models.training.dataset``)."""
         return cls(key, arrays["inputs"], arrays["brain"].astype(bool),
                    {s: arrays[k].astype(bool) & arrays["brain"].astype(bool) for s, k in TRUTH_KEY.items()},
-                   arrays["mismatch_core"].astype(bool), arrays["mismatch_penumbra"].astype(bool),
+                   arrays["threshold_core"].astype(bool), arrays["threshold_penumbra"].astype(bool),
                    tuple(float(v) for v in arrays["spacing_mm"]))
 
     def labels(self, scenario: Scenario) -> np.ndarray:
@@ -117,7 +112,8 @@ class SliceSampler:
         window = (slice(top, top + size), slice(left, left + size))
         return maps[(slice(None), *window)], brain[window], labels[window]
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """((maps, brain), labels, brain)."""
         maps, brains, labels = [], [], []
         for _ in range(self.config.batch):
             pool = self.lesion_slices if self.lesion_slices and self.rng.random() < self.config.lesion_fraction else self.slices
@@ -133,25 +129,14 @@ class SliceSampler:
             labels.append(l)
         h, w = brains[0].shape
         ph, pw = -h % self.multiple, -w % self.multiple
-        return (torch.from_numpy(np.pad(np.stack(maps), ((0, 0), (0, 0), (0, ph), (0, pw))).astype(np.float32)),
-                torch.from_numpy(np.pad(np.stack(brains), ((0, 0), (0, ph), (0, pw)))[:, None].astype(np.float32)),
-                torch.from_numpy(np.pad(np.stack(labels), ((0, 0), (0, ph), (0, pw))).astype(np.int64)))
+        brain = torch.from_numpy(np.pad(np.stack(brains), ((0, 0), (0, ph), (0, pw)))[:, None].astype(np.float32))
+        return ((torch.from_numpy(np.pad(np.stack(maps), ((0, 0), (0, 0), (0, ph), (0, pw))).astype(np.float32)), brain),
+                torch.from_numpy(np.pad(np.stack(labels), ((0, 0), (0, ph), (0, pw))).astype(np.int64)), brain)
 
 
 def predict_lesion(network: LateFusionNet, study: FinalStudy, batch: int = 8) -> np.ndarray:
     """Lesion probability ``[Z, H, W]`` of a whole study (torch, eval mode)."""
-    network.eval()
-    z, _, h, w = study.inputs.shape
-    multiple = network.size_multiple
-    ph, pw = -h % multiple, -w % multiple
-    maps = np.pad(study.inputs, ((0, 0), (0, 0), (0, ph), (0, pw)))
-    brain = np.pad(study.brain, ((0, 0), (0, ph), (0, pw)))[:, None].astype(np.float32)
-    out = np.zeros((z, h + ph, w + pw), dtype=np.float32)
-    with torch.no_grad():
-        for start in range(0, z, batch):
-            part = slice(start, start + batch)
-            out[part] = network(torch.from_numpy(maps[part]), torch.from_numpy(brain[part]))[:, LESION].numpy()
-    return out[:, :h, :w]
+    return predict_volume(torch_forward(network), study.inputs, study.brain, network.size_multiple, batch=batch)[:, LESION]
 
 
 def train(studies: list[FinalStudy], validation: list[FinalStudy], scenario: Scenario, config: FinalTrainConfig, folder: Path,
@@ -159,39 +144,21 @@ def train(studies: list[FinalStudy], validation: list[FinalStudy], scenario: Sce
     """Train from scratch; checkpoints (``last.pt``, ``best.pt``) and ``history.json`` in ``folder``.
     Returns the network with the best validation lesion Dice and the history."""
     torch.set_num_threads(config.threads)
-    folder.mkdir(parents=True, exist_ok=True)
     network = new_network(config, studies[0].inputs.shape[1])
-    sampler = SliceSampler(studies, scenario, config, network.size_multiple)
     weights = torch.tensor([1.0, 1.0, LESION_WEIGHT])
-    optimiser = torch.optim.Adam(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    history, best, started = History(), -1.0, time.perf_counter()
-    for epoch in range(config.epochs):
-        network.train()
-        losses = []
-        for step in range(config.steps_per_epoch):
-            maps, brain, labels = sampler.batch()
-            loss = weighted_dice_loss(network(maps, brain), labels, weights)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            losses.append(float(loss.detach()))
-            if on_step is not None:
-                on_step(epoch, step, losses[-1])
-        scores = [dice(predict_lesion(network, s) >= LESION_THRESHOLD, s.truths[scenario]) for s in validation]
-        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                  "validation_dice": float(np.mean(scores)) if scores else float("nan"), "seconds": time.perf_counter() - started}
-        history.epochs.append(record)
-        score = record["validation_dice"] if scores else -record["train_loss"]
-        state = {"network": network.state_dict(), "epoch": epoch + 1, "config": asdict(config), "scenario": scenario.value}
-        torch.save(state, folder / "last.pt")
-        if score > best:
-            best, history.best_epoch = score, epoch + 1
-            torch.save(state, folder / "best.pt")
-        history.seconds = time.perf_counter() - started
-        (folder / "history.json").write_text(json.dumps(asdict(history), indent=2))
-    network.load_state_dict(torch.load(folder / "best.pt", weights_only=True)["network"])
-    network.eval()
-    return network, history
+
+    def validate(net: torch.nn.Module) -> dict[str, float]:
+        scores = [dice(predict_lesion(net, s) >= LESION_THRESHOLD, s.truths[scenario]) for s in validation]
+        return {"validation_dice": float(np.mean(scores)) if scores else float("nan")}
+
+    recipe = Recipe(
+        network=network, sampler=SliceSampler(studies, scenario, config, network.size_multiple),
+        loss=lambda probabilities, labels, brain: weighted_dice_loss(probabilities, labels, weights),
+        optimiser=torch.optim.Adam(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay),
+        validate=validate, selection=lambda r: r["validation_dice"] if validation else -r["train_loss"],
+        checkpoint={"config": asdict(config), "scenario": scenario.value},
+    )
+    return fit(recipe, config.epochs, config.steps_per_epoch, folder, config.threads, on_step)
 
 
 @dataclass(frozen=True)
@@ -260,3 +227,47 @@ def consistency(reperfused: np.ndarray, not_reperfused: np.ndarray) -> float:
     """Share of the reperfused prediction inside the non-reperfused one (1 when it is empty)."""
     n = int(reperfused.sum())
     return 1.0 if n == 0 else float((reperfused & not_reperfused).sum()) / n
+
+
+INPUTS_TRAINED = {
+    "mri": "MRI (DWI, ADC, DSC-PWI; SNR drawn 25-45 per patient) analysed by the service's MRI analysis",
+    "ct": "CT perfusion (10 HU noise) analysed by the service's CT perfusion analysis (oSVD, Tmax > 6 s, rCBF < 30 %)",
+}
+"""What each modality's networks were trained on, for the card."""
+
+
+def card_text(modality: str, scenario: Scenario, config: FinalTrainConfig, history: History, notes: str) -> CardText:
+    """What a final-infarct network says of itself on its card."""
+    import torch
+
+    feeds = contract(modality, scenario)
+    truth = "reperfused (TICI 2b-3)" if scenario is Scenario.REPERFUSED else "not reperfused"
+    names = ", ".join(c.name for c in feeds.channels)
+    return CardText(
+        architecture=(f"late-fusion U-Net: one encoder branch per input ({names}; "
+                      f"widths {list(config.widths)}, 2 convolution + batch normalisation per block, dropout {config.dropout} at the "
+                      "deepest level), the branches concatenated at the bottleneck and fused, one decoder with the branches' features "
+                      "as skip connections; softmax over background, healthy, lesion, restricted to the brain mask; weighted "
+                      "multi-class Dice loss (lesion x8); final infarct = lesion probability >= 0.5; 2D slices"),
+        source=(f"seed 001: reperfusion-status-specific CNNs predicting the final infarct from baseline maps (late fusion U-Net), "
+                f"compared with the perfusion-diffusion mismatch model; here on {names}"),
+        intended_use=(f"{RESEARCH_ONLY} Predicts the final infarct if the patient is {truth}. Trained on synthetic patients only; "
+                      "retrain on site data before drawing any conclusion."),
+        restricted_to="brain mask (input 'brain'): outside it the probability of 'background' is 1",
+        training_notes=(f"{INPUTS_TRAINED[modality]}; every training patient against its {truth} final infarct (the phantom knows "
+                        f"both). {config.epochs} epochs x {config.steps_per_epoch} steps of {config.batch} slices cropped to "
+                        f"{config.crop or 'whole'} pixels, Adam lr {config.learning_rate:g}; best validation epoch {history.best_epoch}; "
+                        f"torch {torch.__version__}. {notes}"),
+    )
+
+
+def metric_rows(summaries: list[FinalSummary], scenario: Scenario, noise_hu: float = 0.0) -> tuple[MetricRow, ...]:
+    """The card's metrics: per split, family and method (network or mismatch baseline), seed 001's metrics."""
+    return tuple(
+        MetricRow(split=s.split, family=s.family, noise_hu=noise_hu, method="model" if s.method == "model" else "mismatch",
+                  cls=f"final infarct, {scenario.value}", patients=s.patients, dice=round(s.dice, 4),
+                  hd95_mm=None if s.hd95_mm is None else round(s.hd95_mm, 2), volume_difference_ml=round(s.volume_difference_ml, 2),
+                  precision=round(s.precision, 4), recall=round(s.recall, 4),
+                  volumetric_similarity=round(s.volumetric_similarity, 4), auc=None if s.auc is None else round(s.auc, 4))
+        for s in summaries
+    )

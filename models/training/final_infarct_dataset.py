@@ -6,23 +6,20 @@ analysed by the service's pipeline (``service.analysis.pipeline.dispatch``, no l
 so the inputs (``service.inference.final_infarct_inputs``) are exactly what the service computes.
 The phantom knows both final infarcts of every patient (``final_reperfused`` and
 ``final_not_reperfused``, nested between core and hypoperfused), so each scenario's network is
-trained on every training patient against that scenario's truth. One ``.npz`` per study is
-cached under the dataset folder (ignored by git).
+trained on every training patient against that scenario's truth. ``MRI_DATASET`` caches them
+through ``models.training.dataset``; the CT networks train on that module's CT perfusion studies.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
-import time
 from dataclasses import replace
-from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 
 from models.training.cohort import FAMILIES, SampleSpec
+from models.training.dataset import CT_DATASET, DatasetKind
 from service.config import Settings
 from service.analysis.pipeline import AnalysisParameters, dispatch, study_series
 from service.errors import InputError
@@ -31,9 +28,10 @@ from service.inference.final_infarct_inputs import MRI_CHANNELS, normalise
 from service.phantom.generate import write_patient
 from service.phantom.patient import make_patient, mr_geometry, truth_on_grid
 
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 """Bump when what a cached study holds changes."""
-
+MRI_SOURCES = ("analysis", "perfusion", "imaging", "phantom", "inference/final_infarct_inputs.py", "inference/channels.py")
+"""The service's code (under ``service/``) that draws the patients and makes the inputs."""
 
 
 def analysis_parameters() -> AnalysisParameters:
@@ -74,52 +72,22 @@ def analyse(spec: SampleSpec) -> dict[str, np.ndarray]:
         "final_not_reperfused": truth.masks["final_not_reperfused"] & truth.brain,
         "truth_core": truth.masks["core"],
         "truth_brain": truth.brain,
-        "mismatch_core": core.mask.astype(bool) if core is not None else empty,
-        "mismatch_penumbra": penumbra.mask.astype(bool) if penumbra is not None else empty,
+        "threshold_core": core.mask.astype(bool) if core is not None else empty,
+        "threshold_penumbra": penumbra.mask.astype(bool) if penumbra is not None else empty,
         "reperfused": np.bool_(patient.clinical.reperfused),
         "spacing_mm": np.asarray(findings.geometry.spacing, dtype=np.float64),
     }
 
 
-def sample_path(folder: Path, spec: SampleSpec) -> Path:
-    return folder / f"v{DATASET_VERSION}" / f"{spec.key}.npz"
+MRI_DATASET = DatasetKind("final-infarct-mri", DATASET_VERSION, analyse, MRI_SOURCES)
+"""The MRI final-infarct studies, cached and built by ``models.training.dataset``."""
 
 
-def build_sample(spec: SampleSpec, folder: Path) -> tuple[SampleSpec, Path | None, float, str]:
-    """Build (or find cached) one study; (spec, path or None if the analysis refused it, seconds, reason)."""
-    path = sample_path(folder, spec)
-    if path.is_file():
-        return spec, path, 0.0, "cached"
-    started = time.perf_counter()
-    try:
-        arrays = analyse(spec)
-    except InputError as error:
-        return spec, None, time.perf_counter() - started, str(error)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial.npz")
-    np.savez_compressed(partial, **arrays)
-    partial.replace(path)
-    return spec, path, time.perf_counter() - started, "built"
-
-
-def build(specs: Iterable[SampleSpec], folder: Path, jobs: int = 1,
-          on_done: Callable[[SampleSpec, Path | None, float, str], None] | None = None) -> dict[SampleSpec, Path]:
-    """Build every study (``jobs`` processes); refused studies are left out (``on_done`` hears why)."""
-    specs = list(specs)
-    built: dict[SampleSpec, Path] = {}
-
-    def record(result: tuple[SampleSpec, Path | None, float, str]) -> None:
-        spec, path, seconds, reason = result
-        if path is not None:
-            built[spec] = path
-        if on_done is not None:
-            on_done(spec, path, seconds, reason)
-
-    if jobs <= 1:
-        for spec in specs:
-            record(build_sample(spec, folder))
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            for future in as_completed([pool.submit(build_sample, spec, folder) for spec in specs]):
-                record(future.result())
-    return {spec: built[spec] for spec in specs if spec in built}
+def dataset_kind(modality: str) -> DatasetKind:
+    """The cached studies the ``modality`` final-infarct networks train on: MRI ones (this module),
+    or the CT perfusion ones the core/penumbra model shares (they hold both final infarcts too)."""
+    if modality == "mri":
+        return MRI_DATASET
+    if modality == "ct":
+        return CT_DATASET
+    raise ValueError(f"no final-infarct dataset for {modality!r}: use mri or ct")

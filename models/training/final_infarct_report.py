@@ -12,6 +12,12 @@ def _number(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _bold(network: float, baseline: float) -> tuple[str, str]:
+    """Both values to two decimals, the higher in bold (neither when they tie at that precision)."""
+    a, b = f"{network:.2f}", f"{baseline:.2f}"
+    return (f"**{a}**", b) if float(a) > float(b) else (a, f"**{b}**") if float(b) > float(a) else (a, b)
+
+
 def comparison_table(summaries: list[FinalSummary]) -> list[str]:
     """One row per (split, family, scenario): the network's and the baseline's medians."""
     rows = ["| split | family | scenario | patients | Dice network | Dice mismatch | VS network | VS mismatch | precision network | "
@@ -22,17 +28,25 @@ def comparison_table(summaries: list[FinalSummary]) -> list[str]:
         model, baseline = keyed.get((split, family, scenario, "model")), keyed.get((split, family, scenario, "mismatch"))
         if model is None or baseline is None:
             continue
-        rows.append(f"| {split} | {family} | {scenario} | {model.patients} | **{model.dice:.2f}** | {baseline.dice:.2f} | "
-                    f"**{model.volumetric_similarity:.2f}** | {baseline.volumetric_similarity:.2f} | {model.precision:.2f} | "
+        dice, vs = _bold(model.dice, baseline.dice), _bold(model.volumetric_similarity, baseline.volumetric_similarity)
+        rows.append(f"| {split} | {family} | {scenario} | {model.patients} | {dice[0]} | {dice[1]} | "
+                    f"{vs[0]} | {vs[1]} | {model.precision:.2f} | "
                     f"{baseline.precision:.2f} | {model.recall:.2f} | {baseline.recall:.2f} | {_number(model.hd95_mm, 1)} | "
                     f"{_number(baseline.hd95_mm, 1)} | {_number(model.auc)} | {_number(baseline.auc)} |")
     return rows
 
 
-def write_report(path: Path, title: str, header: list[str], summaries: list[FinalSummary], history: History) -> Path:
+BASELINES = {
+    "mri": "the service's MRI analysis (the ADC core if reperfused, core plus Tmax > 6 s penumbra if not)",
+    "ct": "the service's CT perfusion analysis (the rCBF < 30 % core if reperfused, core plus Tmax > 6 s penumbra if not)",
+}
+
+
+def write_report(path: Path, title: str, header: list[str], summaries: list[FinalSummary], history: History,
+                 modality: str = "mri") -> Path:
     lines = [f"# {title}", "", *header, "", "## Network against the perfusion-diffusion mismatch baseline", "",
              "Medians over patients; truth is the phantom's final infarct of this scenario; the baseline is seed 001's mismatch "
-             "model on the service's MRI analysis (the ADC core if reperfused, core plus Tmax > 6 s penumbra if not). VS: "
+             f"model on {BASELINES[modality]}. VS: "
              "volumetric similarity; HD95: 95 % Hausdorff distance; AUC: voxel AUC (the baseline's from its binary mask).", "",
              *comparison_table(summaries), "", "## Training", "",
              f"Best validation epoch {history.best_epoch} of {len(history.epochs)}; {history.seconds / 60:.1f} min of training.", "",

@@ -42,6 +42,7 @@ from service.imaging.classify import classify
 from service.imaging.geometry import Geometry
 from service.imaging.perfusion_series import load_ctp
 from service.imaging.volumes import group_series
+from service.inference.ctp_inputs import temporal_mip
 from service.perfusion import anatomy, ctp, low_flow, thresholds
 from service.perfusion.aif import FLAG_TRUNCATED, partial_volume_scale, select_aif, select_vof
 from service.perfusion.deconvolution import (
@@ -192,6 +193,8 @@ def analyse_ctp(
         models=models,
         core_method=core_method,
         timings_s=timings,
+        brain=result.brain,
+        mip=temporal_mip(series.frames),
     )
 
 

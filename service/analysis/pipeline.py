@@ -272,7 +272,7 @@ def _final_infarct(findings: Findings, parameters: AnalysisParameters) -> Findin
 def _analyse_ctp(series: StudySeries, version: int, parameters: AnalysisParameters, study_uid: str | None,
                  nihss: int | None) -> Findings:
     """CT perfusion of the largest CTP series (and the learned model's core and penumbra beside
-    the threshold ones), its verdict by the configured DEFUSE 3 criteria and empty penumbra
+    the threshold ones, and the predicted final infarcts), its verdict by the configured DEFUSE 3 criteria and empty penumbra
     segments left out."""
     chosen = max(series.get(SeriesKind.CTP), key=len)
     findings = analyse_ctp(
@@ -288,7 +288,7 @@ def _analyse_ctp(series: StudySeries, version: int, parameters: AnalysisParamete
     findings.segments = [s for s in findings.segments if s.key != "penumbra" or s.mask.any()]
     if len(series.get(SeriesKind.CTP)) > 1:
         findings.qc_flags.append(f"{len(series.get(SeriesKind.CTP))} CT perfusion series; used the largest")
-    return findings
+    return _final_infarct(findings, parameters)
 
 
 def write_results(

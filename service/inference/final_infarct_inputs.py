@@ -1,7 +1,9 @@
 """What the final-infarct networks (seed 001) are fed, one network per reperfusion scenario.
 
 MRI: the diffusion (high-b DWI, ADC) and DSC perfusion maps (Tmax, CBF, CBV) the service's MRI
-analysis computes, on the diffusion grid, normalised per study inside the brain mask. Pure
+analysis computes, on the diffusion grid, normalised per study inside the brain mask. CT: the CT
+perfusion analysis's CBF, CBV, TTP and Tmax and the series' temporal MIP, channels exactly as
+the CT core/penumbra model's (``ctp_inputs.CTP_CHANNELS``), without the NIHSS. Pure
 functions over numpy arrays ``[slice, row, column]``; training (``models.training.final_infarct``)
 calls the same ones, so the networks see in training exactly what the service gives them.
 """
@@ -15,6 +17,7 @@ import numpy as np
 
 from service.inference.card import Contract, InputChannel, Normalisation, TensorSpec
 from service.inference.channels import scaled_channels
+from service.inference.ctp_inputs import CTP_CHANNELS
 
 CLASSES = ("background", "healthy", "lesion")
 LESION = CLASSES.index("lesion")
@@ -45,6 +48,10 @@ MRI_CHANNELS: tuple[InputChannel, ...] = (
 )
 
 
+CHANNELS: dict[str, tuple[InputChannel, ...]] = {"mri": MRI_CHANNELS, "ct": CTP_CHANNELS}
+"""Each modality's inputs, in the networks' channel order."""
+
+
 def model_name(modality: str, scenario: Scenario) -> str:
     """The shipped file's name, e.g. ``mri-final-infarct-reperfused``."""
     return f"{modality}-final-infarct-{scenario.value}"
@@ -52,9 +59,9 @@ def model_name(modality: str, scenario: Scenario) -> str:
 
 def contract(modality: str, scenario: Scenario) -> Contract:
     """What the service feeds the ``modality`` network of ``scenario`` and reads back."""
-    if modality != "mri":
-        raise ValueError(f"no final-infarct inputs defined for {modality!r}")
-    channels = MRI_CHANNELS
+    if modality not in CHANNELS:
+        raise ValueError(f"no final-infarct inputs defined for {modality!r}: use {' or '.join(CHANNELS)}")
+    channels = CHANNELS[modality]
     return Contract(
         task=f"{modality}-final-infarct-{scenario.value}",
         tensors=(

@@ -71,7 +71,11 @@ def test_process_analyses_a_ct_perfusion_study(tmp_path: Path) -> None:
     assert findings["measurements"]["hypoperfused_volume_ml"] > 0
     assert "target_mismatch" in findings["measurements"] and isinstance(findings["qc_flags"], list)
     seg = pydicom.dcmread(tmp_path / "out" / "SEG.dcm")
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Ischemic core", "Penumbra"]
+    # the CT model refuses 1.8 mm pixels; the final-infarct pair resamples them to its 0.9 mm and says so
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Ischemic core", "Penumbra", "Predicted final infarct if reperfused",
+                                                            "Predicted final infarct if not reperfused"]
+    assert any(flag.startswith("predicted final infarct on pixels resampled from") for flag in findings["qc_flags"])
+    assert "reperfusion_salvage_ml" in findings["measurements"]
     assert pydicom.dcmread(tmp_path / "out" / "SR.dcm").Modality == "SR"
     assert findings["nihss"]["value"] == 14 and findings["nihss"]["source"] == "dicom/cli"
     assert findings["nihss"]["assessed_at"] == "2026-12-04T10:15:00Z"

@@ -10,6 +10,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.errors import InvalidDicomError
 import pytest
 from pydicom.sr.codedict import codes
 
@@ -52,9 +53,9 @@ class Truth:
 
 
 def read_truth(folder: Path) -> Truth:
-    """Core, penumbra and hypoperfused truth masks of one scan grid."""
+    """Core, penumbra, hypoperfused and both final-infarct truth masks of one scan grid."""
     masks, voxel_ml = {}, 0.0
-    for name in ("core", "penumbra", "hypoperfused"):
+    for name in ("core", "penumbra", "hypoperfused", "final_reperfused", "final_not_reperfused"):
         mask, affine = read_nifti(folder / f"{name}.nii.gz")
         masks[name] = mask.astype(bool)
         voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000
@@ -108,10 +109,11 @@ class RoundTrip:
     report: Report
     study: dict  # /api/studies/{uid}
     source_study_uid: str
+    summary: Path  # the summary image (secondary capture)
 
 
 def round_trip(root: Path, study_dir: Path, instances: int) -> RoundTrip:
-    """Send every file under ``study_dir``; wait for the SEG and SR at a storescp 'PACS'."""
+    """Send every file under ``study_dir``; wait for the SEG, SR and summary image at a storescp 'PACS'."""
     pacs = StoreSCP(root / "pacs").start()
     service = Service(root / "gate", f"sqlite:///{root / 'strokegate.db'}", [pacs.address])
     try:
@@ -132,19 +134,24 @@ def round_trip(root: Path, study_dir: Path, instances: int) -> RoundTrip:
         def latest() -> dict[str, Path] | None:
             found = {}
             for path in pacs.files():
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                try:
+                    ds = pydicom.dcmread(path, stop_before_pixels=True)
+                except (InvalidDicomError, EOFError):  # storescp is still writing it: the next look reads it whole
+                    continue
                 if f" v{version} " in f" {ds.SeriesDescription} " and ds.Modality in ("SEG", "SR"):
                     found[ds.Modality] = path
-            return found if set(found) == {"SEG", "SR"} else None
+                elif str(ds.SeriesDescription).startswith(f"StrokeGate summary v{version} "):
+                    found["summary"] = path
+            return found if set(found) == {"SEG", "SR", "summary"} else None
 
-        by_modality = wait_for(latest, 60, f"SEG and SR of version {version} at the PACS")
+        by_modality = wait_for(latest, 60, f"SEG, SR and summary of version {version} at the PACS")
         for path in by_modality.values():
             returned = pydicom.dcmread(path, stop_before_pixels=True)
             assert returned.StudyInstanceUID == uid and returned.PatientID == source.PatientID
             assert dciodvfy_errors(path) == [], path
         return RoundTrip(
             by_modality["SEG"], by_modality["SR"], seg_masks(by_modality["SEG"]), read_report(by_modality["SR"]),
-            study, uid,
+            study, uid, by_modality["summary"],
         )
     finally:
         service.stop()
@@ -171,3 +178,23 @@ def check_report_matches_findings(result: RoundTrip) -> dict:
 def hypoperfused(masks: dict[str, np.ndarray]) -> np.ndarray:
     core = masks["Ischemic core"]
     return core | masks["Penumbra"] if "Penumbra" in masks else core
+
+
+FINAL_LABELS = ("Predicted final infarct if reperfused", "Predicted final infarct if not reperfused")
+"""The SEG labels of seed 001's two predictions (reperfused, not reperfused)."""
+
+
+def check_final_infarcts(result: RoundTrip) -> dict:
+    """Both predictions came back: the SR's volumes, salvage and Dice are the API's, the salvage is
+    their difference, the verdict 0 or 1, the reperfused prediction mostly inside the other one.
+    Returns the measurements."""
+    measured = result.study["jobs"][-1]["findings"]["measurements"]
+    for name in ("predicted_final_reperfused_ml", "predicted_final_not_reperfused_ml", "reperfusion_salvage_ml", "scenario_dice"):
+        assert result.report.measurements[name] == pytest.approx(measured[name], abs=1e-3), name
+    assert measured["reperfusion_salvage_ml"] == pytest.approx(
+        measured["predicted_final_not_reperfused_ml"] - measured["predicted_final_reperfused_ml"], abs=1e-2)
+    assert measured["reperfusion_responder"] in (0.0, 1.0)
+    reperfused, not_reperfused = (result.masks[label] for label in FINAL_LABELS)
+    inside = (reperfused & not_reperfused).sum() / max(1, reperfused.sum())
+    assert inside >= 0.8, f"only {inside:.0%} of the reperfused prediction lies inside the non-reperfused one"
+    return measured

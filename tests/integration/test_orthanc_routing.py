@@ -37,6 +37,17 @@ STUDIES = {  # kind -> (phantom options, folder of the series to store, maps exp
 }
 SEGMENT_IDENTS = {"Ischemic core": "core", "Penumbra": "penumbra", "Ischemic core (model)": "core-ctp-core-penumbra",
                   "Penumbra (model)": "penumbra-ctp-core-penumbra"}
+FINAL_MODELS = {"Predicted final infarct if reperfused": ("final_reperfused", "final-infarct-reperfused"),
+                "Predicted final infarct if not reperfused": ("final_not_reperfused", "final-infarct-not-reperfused")}
+"""Seed 001's predictions: their segment kind and model name (after the modality, mri- or ct-)."""
+
+
+def segment_ident(label: str, kind: str) -> str:
+    """The API's ident of the segment labelled ``label`` in a ``kind`` study's SEG."""
+    if label in FINAL_MODELS:
+        segment, model = FINAL_MODELS[label]
+        return f"{segment}-{'ct' if kind == 'ctp' else 'mri'}-{model}"
+    return SEGMENT_IDENTS[label]
 
 
 def numbers(items) -> list[float]:  # noqa: ANN001
@@ -110,8 +121,9 @@ def test_orthanc_forwards_the_study_and_gets_every_result_back_into_it(tmp_path:
             labels = [d.SegmentLabel for d in seg.SegmentSequence]
             if kind == "ctp":
                 assert {"Ischemic core (model)", "Penumbra (model)"} <= set(labels)
+            assert set(FINAL_MODELS) <= set(labels)  # both predicted final infarcts (MRI here on resampled 2.4 mm pixels)
             for number, label in enumerate(labels, start=1):
-                key = SEGMENT_IDENTS[label]
+                key = segment_ident(label, kind)
                 voxels = frames[[i for i, f in enumerate(seg.PerFrameFunctionalGroupsSequence)
                                  if f.SegmentIdentificationSequence[0].ReferencedSegmentNumber == number]].sum()
                 assert voxels * voxel_ml == pytest.approx(findings["segments"][key], rel=0.02, abs=0.05), label

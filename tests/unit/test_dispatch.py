@@ -14,7 +14,8 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from service.findings import CoreMethod, Findings
+from service.analysis.final_infarct_model import ScenarioComparison
+from service.findings import CoreMethod, Findings, SegmentKind
 from service.analysis.pipeline import AnalysisParameters, analyse_study, dispatch, study_series
 from service.config import Settings
 from service.analysis.ctp_model import MODEL_NAME
@@ -74,13 +75,15 @@ def test_dwi_alone_gives_the_diffusion_core(small_mri: Path) -> None:
 def test_dwi_and_pwi_give_the_mismatch(mismatch: Findings) -> None:
     m = mismatch.measurements
     assert mismatch.analysis == "mri-perfusion-diffusion-mismatch"
-    assert [s.key for s in mismatch.segments] == ["core", "penumbra"]
+    # with seed 001's networks, on 3.6 mm pixels resampled to their 1.8 mm (and a flag saying so)
+    assert [s.key for s in mismatch.segments] == ["core", "penumbra", "final_reperfused", "final_not_reperfused"]
+    assert any(flag.startswith("predicted final infarct on pixels resampled from 3.59 x 3.59 mm") for flag in mismatch.qc_flags)
     assert m["hypoperfused_volume_ml"] > m["core_volume_ml"] > 1
     assert m["mismatch_volume_ml"] == pytest.approx(m["hypoperfused_volume_ml"] - m["core_volume_ml"])
     assert m["mismatch_ratio"] == pytest.approx(m["hypoperfused_volume_ml"] / m["core_volume_ml"])
     assert 0 <= m["hypoperfusion_intensity_ratio"] <= 1
     assert m["target_mismatch"] == float(Defuse3Criteria().is_target(m["core_volume_ml"], m["hypoperfused_volume_ml"]))
-    core, penumbra = (s.mask for s in mismatch.segments)
+    core, penumbra = (s.mask for s in mismatch.segments[:2])
     assert not (core & penumbra).any()
     assert {"cbf", "cbv", "mtt", "ttp", "tmax"} <= set(mismatch.maps)  # each becomes a colour and a value series
     ttp = mismatch.maps["ttp"]  # s after the first frame: the bolus peaks later in the hypoperfused tissue
@@ -136,7 +139,8 @@ def test_the_ct_model_adds_its_segments_and_gives_the_verdict_when_asked(model_s
     findings = dispatch(ctp, 1, by_model, None, nihss=14)
     labels = [s.label for s in findings.segments]
     assert {"Ischemic core", "Ischemic core (model)", "Penumbra (model)"} <= set(labels)
-    assert findings.core_method is CoreMethod.MODEL and [m.name for m in findings.models] == ["ctp-core-penumbra"]
+    assert findings.core_method is CoreMethod.MODEL
+    assert [m.name for m in findings.models] == ["ctp-core-penumbra", "ct-final-infarct-reperfused", "ct-final-infarct-not-reperfused"]
     model_core = next(s for s in findings.segments if s.label == "Ischemic core (model)")
     assert findings.measurements["core_volume_ml"] == model_core.volume_ml
     assert any("NIHSS 14 given" in flag for flag in findings.qc_flags)
@@ -221,7 +225,10 @@ def sr_back(findings: Findings) -> hd.sr.Comprehensive3DSR:
 
 
 def test_sr_carries_every_measurement_the_verdict_and_the_flags(mismatch: Findings) -> None:
-    findings = Findings(**{**mismatch.__dict__, "qc_flags": ["low AIF peak", "motion corrected (up to 2.5 mm)"]})
+    thresholds = [s for s in mismatch.segments if s.key in (SegmentKind.CORE, SegmentKind.PENUMBRA)]
+    measured = {k: v for k, v in mismatch.measurements.items() if k not in ScenarioComparison(0, 0, 0, False).measurements()}
+    findings = Findings(**{**mismatch.__dict__, "segments": thresholds, "measurements": measured,  # the mismatch alone
+                           "qc_flags": ["low AIF peak", "motion corrected (up to 2.5 mm)"]})
     back = sr_back(findings)
     groups = back.content.get_volumetric_roi_measurement_groups()
     volumes = {g.tracking_identifier: g.get_measurements(name=codes.SCT.Volume)[0] for g in groups}

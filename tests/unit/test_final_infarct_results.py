@@ -113,3 +113,25 @@ def test_the_summary_shows_both_scenarios_side_by_side_and_the_verdict(findings:
         assert close.sum() > 0
     without = dataclasses.replace(findings, segments=findings.segments[:2])
     assert not np.array_equal(render_summary(without)[int(0.645 * image.shape[0]):], image[int(0.645 * image.shape[0]):])
+
+
+def _ct(findings: Findings, **changes: object) -> Findings:
+    """The fixture's truth as CT perfusion Findings: maps, MIP and brain as the CT analysis gives them."""
+    shape = findings.geometry.shape
+    brain = np.zeros(shape, dtype=bool)
+    brain[:, 8:56, 8:56] = True
+    maps = {m: np.where(brain, 1.0, 0.0).astype(np.float32) for m in (MapName.CBF, MapName.CBV, MapName.TTP, MapName.TMAX)}
+    fields = dict(analysis="ct-perfusion", segments=findings.segments[:2], qc_flags=[], measurements={}, maps=maps, brain=brain,
+                  mip=np.full(shape, 40.0, dtype=np.float32), models=[])
+    return dataclasses.replace(findings, **{**fields, **changes})
+
+
+def test_a_ct_study_without_an_input_gets_no_prediction_and_a_flag_naming_it(findings: Findings, tmp_path: Path) -> None:
+    ct = _ct(findings)
+    no_ttp = _ct(findings, maps={k: v for k, v in ct.maps.items() if k is not MapName.TTP}, mip=None)
+    out = add_final_infarct(no_ttp, ModelSet(tmp_path))
+    assert len(out.segments) == 2 and len(out.qc_flags) == 1
+    assert "no predicted final infarct" in out.qc_flags[0] and "TTP" in out.qc_flags[0] and "MIP" in out.qc_flags[0]
+    assert "DWI" not in out.qc_flags[0]  # a CT study is not asked for MRI inputs
+    out = add_final_infarct(ct, ModelSet(tmp_path))  # every input there, no network installed
+    assert "ct-final-infarct" in out.qc_flags[0] and "not installed" in out.qc_flags[0]

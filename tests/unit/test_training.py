@@ -17,7 +17,7 @@ from models.training.cohort import FAMILIES, CohortPlan, SampleSpec  # noqa: E40
 from models.training.dataset import ANALYSIS_SOURCES, DATASET_VERSION, analysis_fingerprint, build, load, sample_path, simulate  # noqa: E402
 from models.training.evaluate import Summary, acceptance  # noqa: E402
 from models.training.losses import focal_tversky  # noqa: E402
-from models.training.loop import CropSampler, Study, TrainConfig, new_network, predict_study, train  # noqa: E402
+from models.training.core_penumbra import CropSampler, Study, TrainConfig, new_network, predict_study, train  # noqa: E402
 from models.training.metrics import dice, hausdorff_95, volume_difference_ml  # noqa: E402
 import service  # noqa: E402
 from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp_series  # noqa: E402
@@ -103,7 +103,7 @@ def test_a_few_training_steps_learn_and_the_export_agrees_with_torch(tmp_path: P
 
     # the same steps on one batch lower its loss: the gradients reach every part of the network
     sampler = CropSampler(studies[:1], config)
-    maps, brain, clinical, labels = sampler.batch()
+    (maps, brain, clinical), labels, _ = sampler.batch()
     fresh = new_network(config)
     optimiser = torch.optim.Adam(fresh.parameters(), lr=1e-2)
     losses = []
