@@ -543,6 +543,9 @@ def fit_exponential_residue(
     if not (np.isfinite(dt) and dt > 0):
         raise ValueError(f"dt must be a positive number of seconds, got {dt}")
     n = arterial.size
+    # The models on the sampling interval to the millisecond: acquisition times read back from
+    # DICOM (rounded to the microsecond) then choose the same model for the same curves.
+    dt = max(round(float(dt), 3), 1e-3)
     times = np.arange(n) * dt
     fine_dt = dt / 20.0
     fine = np.arange(0.0, times[-1] + fine_dt / 2, fine_dt)
