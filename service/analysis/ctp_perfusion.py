@@ -6,9 +6,12 @@ concentration; select the AIF (fail on a truncated bolus) and the VOF (partial-v
 denoise inside the brain with the edge-preserving TIPS filter; deconvolve every brain voxel with
 oSVD and correct SVD's biases (late Tmax, low fast flow) with a calibration on the study's own
 AIF; take vessels (CBV above 8 mL/100 g) out of the brain; put the grey/white matter structure
-that the denoising smoothed away back into CBF and CBV from the temporal mean image; correct the
-CBF of delayed tissue (Tmax > 6 s), which reads high at low flow, through the low-flow calibration
-(service.perfusion.low_flow) at the frames' noise; threshold
+that the denoising smoothed away back into CBF and CBV from the temporal mean image; read the
+CBF of delayed tissue (Tmax > 6 s), which SVD reads high at low flow, as the geometric mean of two
+estimates: SVD's through the low-flow calibration (service.perfusion.low_flow) at the frames'
+noise, and the model-free CBV over the MTT of the best exponential-residue fit
+(deconvolution.fit_exponential_residue), which read near-threshold cores high and low by turns on
+the tuning families; threshold
 (core rCBF < 30 % of the contralateral normal tissue within Tmax > 6 s, hypoperfusion Tmax > 6 s),
 remove specks, summarise with the DEFUSE 3 verdict; masks back on the acquired grid.
 
@@ -43,7 +46,8 @@ from service.inference.ctp_inputs import temporal_mip
 from service.perfusion import anatomy, ctp, low_flow, thresholds
 from service.perfusion.aif import FLAG_TRUNCATED, partial_volume_scale, select_aif, select_vof
 from service.perfusion.deconvolution import (
-    apply_bias, bias_of, calibrate_bias, deconvolve, mean_transit_time, perfusion_parameters, resample_uniform,
+    K_H, RHO, apply_bias, bias_of, calibrate_bias, deconvolve, fit_exponential_residue, mean_transit_time, perfusion_parameters,
+    resample_uniform,
 )
 from service.perfusion.motion import correct_motion
 
@@ -86,6 +90,14 @@ class CtpParameters:
     # Grey/white matter structure of CBF and CBV finer than 3 mm from the temporal mean of the
     # frames (service.perfusion.anatomy); the denoising has smoothed it away.
     anatomy_detail: bool = setting_default("ctp_anatomy_detail")
+    # In-plane median of the CBF of delayed tissue (Tmax > 6 s) that the core threshold reads
+    # (ctp.median_within), over a disc of this radius; 0: the voxel's own CBF. The maps keep theirs.
+    core_median_mm: float = 0.0
+    # CBF of delayed tissue (Tmax > 6 s): "svd" (the deconvolution's, through the low-flow
+    # correction when on), "model" (the amplitude of the best exponential-residue fit,
+    # deconvolution.fit_exponential_residue), "model-cbv" (the model-free CBV over the fit's MTT),
+    # or "blend" (the geometric mean of "svd" after the low-flow correction and "model-cbv").
+    delayed_flow: str = "blend"
 
 
 def ctp_series(paths: Sequence[Path | str | Dataset]) -> list[str] | None:
@@ -241,6 +253,7 @@ class PerfusionMaps:
 
     maps: dict[str, np.ndarray]
     brain: np.ndarray
+    model_cbf: np.ndarray | None = None  # delayed_flow "blend": the model's CBF, kept beside the map's
 
 
 @dataclass(frozen=True)
@@ -251,6 +264,7 @@ class ReferencedMaps:
     perfusion: PerfusionMaps
     reference: thresholds.ContralateralReference
     noise_hu: float
+    core_cbf: np.ndarray | None = None  # the CBF the core threshold reads; None: the map's
 
 
 @dataclass(frozen=True)
@@ -286,6 +300,8 @@ def analyse_ctp_series(
         perfusion = timed("anatomy", anatomy_stage, prepared, perfusion, parameters)
     referenced = timed("low flow" if parameters.low_flow_correction else "thresholds",
                        low_flow_stage, prepared, perfusion, parameters)
+    if parameters.core_median_mm > 0:
+        referenced = timed("regularise", regularise_stage, prepared, referenced, parameters)
     lesions = timed("thresholds", threshold_stage, prepared, referenced, parameters)
     maps = dict(referenced.perfusion.maps)
     maps["ttp"] = timed("ttp", ctp.time_to_peak, prepared.frames, prepared.times, referenced.perfusion.brain, prepared.geometry.spacing)
@@ -406,6 +422,21 @@ def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_
                 late[inside] = ctp.denoise_values(late[inside], part, geometry.spacing, parameters.bias_smoothing_mm)
         fit = apply_bias(fit, np.exp(log_ratio), late)
     perfusion = perfusion_parameters(fit, curves, arterial, dt)
+    model_cbf = None
+    if parameters.delayed_flow != "svd":
+        slow = perfusion.tmax > parameters.tmax_threshold_s
+        model = fit_exponential_residue(curves[:, slow], arterial, dt)
+        if parameters.delayed_flow == "model":
+            flow = K_H / RHO * 6000.0 * model.flow_scaled
+        else:
+            flow = 60.0 * perfusion.cbv[slow] / model.mtt_s
+        cbf = perfusion.cbf.copy()
+        cbf[slow] = flow
+        if parameters.delayed_flow == "blend":
+            model_cbf = np.zeros(geometry.shape, dtype=np.float32)
+            model_cbf[brain] = cbf
+        else:
+            perfusion = replace(perfusion, cbf=cbf, mtt=mean_transit_time(cbf, perfusion.cbv))
     maps = {name: np.zeros(geometry.shape, dtype=np.float32) for name in ("cbf", "cbv", "mtt", "tmax")}
     for name, volume in maps.items():
         volume[brain] = getattr(perfusion, name)
@@ -415,7 +446,7 @@ def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_
     tissue_only = thresholds.exclude_vessels(brain, maps["cbv"], parameters.vessel_cbv)
     for volume in maps.values():
         volume[brain & ~tissue_only] = 0.0
-    return PerfusionMaps(maps, tissue_only)
+    return PerfusionMaps(maps, tissue_only, model_cbf)
 
 
 def anatomy_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameters: CtpParameters) -> PerfusionMaps:
@@ -426,7 +457,7 @@ def anatomy_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameters
     delayed = brain & (maps["tmax"] > parameters.tmax_threshold_s)
     (maps["cbf"], maps["cbv"]), _ = anatomy.restore_detail([maps["cbf"], maps["cbv"]], guide, [brain & ~delayed, delayed], spacing)
     maps["mtt"] = mean_transit_time(maps["cbf"], maps["cbv"]).astype(np.float32)
-    return PerfusionMaps(maps, brain)
+    return PerfusionMaps(maps, brain, perfusion.model_cbf)
 
 
 def low_flow_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameters: CtpParameters) -> ReferencedMaps:
@@ -440,9 +471,24 @@ def low_flow_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameter
         cbf = maps["cbf"].copy()
         rcbf = low_flow.unbiased_rcbf(cbf[delayed] / reference.cbf, noise_hu, _low_flow_calibration())
         cbf[delayed] = np.clip(rcbf, 0.0, None) * reference.cbf
+        if perfusion.model_cbf is not None:
+            # The geometric mean of the two estimates; where the model found no flow (CBV <= 0 in
+            # the noise) the corrected SVD's stands alone.
+            both = delayed & (perfusion.model_cbf > 0)
+            cbf[both] = np.sqrt(cbf[both] * perfusion.model_cbf[both])
         maps["cbf"] = cbf
         maps["mtt"] = mean_transit_time(maps["cbf"], maps["cbv"]).astype(np.float32)
     return ReferencedMaps(PerfusionMaps(maps, brain), reference, noise_hu)
+
+
+def regularise_stage(prepared: PreparedSeries, referenced: ReferencedMaps, parameters: CtpParameters) -> ReferencedMaps:
+    """The CBF the core threshold reads: the in-plane median over ``core_median_mm`` within
+    delayed tissue, so that a core a little below the threshold is not read above it voxel by
+    voxel through the noise."""
+    maps, brain = referenced.perfusion.maps, referenced.perfusion.brain
+    delayed = brain & (maps["tmax"] > parameters.tmax_threshold_s)
+    smoothed = ctp.median_within(maps["cbf"], delayed, prepared.geometry.spacing, parameters.core_median_mm)
+    return replace(referenced, core_cbf=smoothed)
 
 
 def threshold_stage(prepared: PreparedSeries, referenced: ReferencedMaps, parameters: CtpParameters) -> Lesions:
@@ -451,7 +497,8 @@ def threshold_stage(prepared: PreparedSeries, referenced: ReferencedMaps, parame
     maps, brain = referenced.perfusion.maps, referenced.perfusion.brain
     voxel_ml = prepared.geometry.voxel_volume_ml
     core = thresholds.remove_specks(
-        thresholds.core_mask_ct(maps["cbf"], referenced.reference, brain, parameters.core_rcbf), parameters.min_lesion_ml, voxel_ml
+        thresholds.core_mask_ct(maps["cbf"] if referenced.core_cbf is None else referenced.core_cbf, referenced.reference, brain,
+                                parameters.core_rcbf), parameters.min_lesion_ml, voxel_ml
     )
     hypoperfused = thresholds.remove_specks(
         thresholds.hypoperfused_mask(maps["tmax"], brain, parameters.tmax_threshold_s), parameters.min_lesion_ml, voxel_ml
