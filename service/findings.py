@@ -250,6 +250,13 @@ class ModelInfo:
     sha256: str  # of the model file its card names
     backend: str  # what ran it, e.g. "onnxruntime (CPUExecutionProvider)"
 
+    def summary(self) -> dict:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256, "backend": self.backend}
+
+    @classmethod
+    def from_summary(cls, data: dict) -> ModelInfo:
+        return cls(str(data["name"]), str(data["version"]), str(data["sha256"]), str(data["backend"]))
+
 
 @dataclass(frozen=True)
 class OutcomeRecord:
@@ -274,8 +281,7 @@ class OutcomeRecord:
     def summary(self) -> dict:
         return {
             "probability_mrs_3_6_90d": round(self.probability, 4),
-            "model": {"name": self.model.name, "version": self.model.version, "sha256": self.model.sha256,
-                      "backend": self.model.backend},
+            "model": self.model.summary(),
             "nihss": nihss_summary(self.nihss),
             "inputs_used": self.inputs_used,
             "components": {"radiomics": self.radiomics, "deep": self.deep, "age": self.age, "sex_female": self.sex_female},
@@ -284,8 +290,8 @@ class OutcomeRecord:
     @classmethod
     def from_summary(cls, data: dict, nihss: NihssUsed | None) -> OutcomeRecord:
         """The record ``summary()`` wrote (its probability as stored), with ``nihss`` as the NIHSS used."""
-        parts, model = data["components"], data["model"]
-        return cls(float(data["probability_mrs_3_6_90d"]), ModelInfo(model["name"], model["version"], model["sha256"], model["backend"]),
+        parts = data["components"]
+        return cls(float(data["probability_mrs_3_6_90d"]), ModelInfo.from_summary(data["model"]),
                    nihss, float(parts["radiomics"]), float(parts["deep"]), float(parts["age"]), bool(parts["sex_female"]))
 
 
@@ -310,8 +316,7 @@ class FusionOutcomeRecord:
     def summary(self) -> dict:
         return {
             "probability_mrs_3_6_90d": round(self.probability, 4),
-            "model": {"name": self.model.name, "version": self.model.version, "sha256": self.model.sha256,
-                      "backend": self.model.backend},
+            "model": self.model.summary(),
             "nihss": nihss_summary(self.nihss),
             "inputs_used": self.inputs_used,
             "modules": {name: p for name, p in self.modules},
@@ -320,11 +325,10 @@ class FusionOutcomeRecord:
     @classmethod
     def from_summary(cls, data: dict, nihss: NihssUsed | None) -> FusionOutcomeRecord:
         """The record ``summary()`` wrote (its probability as stored), with ``nihss`` as the NIHSS used."""
-        model = data["model"]
         modules = tuple((str(name), float(p)) for name, p in data["modules"].items())
         if not modules:
             raise ValueError("the stored CNN-LSTM outcome names no module")
-        return cls(float(data["probability_mrs_3_6_90d"]), ModelInfo(model["name"], model["version"], model["sha256"], model["backend"]),
+        return cls(float(data["probability_mrs_3_6_90d"]), ModelInfo.from_summary(data["model"]),
                    nihss, modules)
 
 
@@ -419,9 +423,7 @@ class Findings:
             "qc_flags": list(self.qc_flags),
             "parameters": dict(self.parameters),
             "algorithm": {"name": self.algorithm.name, "version": self.algorithm.version},
-            "models": [
-                {"name": m.name, "version": m.version, "sha256": m.sha256, "backend": m.backend} for m in self.models
-            ],
+            "models": [m.summary() for m in self.models],
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "nihss": nihss_summary(self.nihss),
             "outcome": self.outcome.summary() if self.outcome is not None else None,
