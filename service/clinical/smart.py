@@ -11,6 +11,7 @@ a secret or the token.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ ASSERTION_LIFETIME_S = 300
 EXPIRY_MARGIN_S = 30.0
 DEFAULT_SCOPE = "system/Observation.read"
 MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
+MAX_TOKEN_LIFETIME_S = 24 * 3600.0  # a token is asked for again at least daily, whatever the server says
 
 
 class SmartError(Exception):
@@ -111,11 +113,15 @@ class SmartTokens:
             auth = httpx.BasicAuth(client.client_id, client.client_secret or "")
         self.requests += 1
         try:
-            response = http.post(client.token_url, data=form, auth=auth, headers={"Accept": "application/json"})
+            with http.stream("POST", client.token_url, data=form, auth=auth, headers={"Accept": "application/json"}) as response:
+                content = bytearray()
+                for chunk in response.iter_bytes():
+                    content += chunk
+                    if len(content) > MAX_TOKEN_RESPONSE_BYTES:
+                        raise SmartError(f"SMART token endpoint {client.token_url} answered more than {MAX_TOKEN_RESPONSE_BYTES} bytes")
         except httpx.HTTPError as error:
             raise SmartError(f"SMART token endpoint {client.token_url}: {type(error).__name__}: {error}") from None
-        if len(response.content) > MAX_TOKEN_RESPONSE_BYTES:
-            raise SmartError(f"SMART token endpoint {client.token_url} answered more than {MAX_TOKEN_RESPONSE_BYTES} bytes")
+        response = httpx.Response(response.status_code, content=bytes(content), headers=response.headers)
         if response.status_code != 200:
             reason = ""
             try:
@@ -130,6 +136,9 @@ class SmartTokens:
             lifetime = float(body.get("expires_in", 300))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise SmartError(f"SMART token endpoint {client.token_url} answered no access_token") from None
+        if not math.isfinite(lifetime) or lifetime <= 0:
+            raise SmartError(f"SMART token endpoint {client.token_url} answered an expiry that is not a positive number of seconds")
+        lifetime = min(lifetime, MAX_TOKEN_LIFETIME_S)
         if not isinstance(token, str) or not token or kind.lower() != "bearer":
             raise SmartError(f"SMART token endpoint {client.token_url} answered no bearer token (token_type {kind!r})")
         return token, lifetime

@@ -1,0 +1,34 @@
+"""A hostile or broken SMART token endpoint: bounded answers, expiries that must be seconds."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from service.clinical.smart import MAX_TOKEN_RESPONSE_BYTES, SmartClient, SmartError, SmartTokens
+
+CLIENT = SmartClient("https://ehr.invalid/token", "strokegate", client_secret="s3cret")
+
+
+def tokens_from(answer: httpx.Response) -> tuple[SmartTokens, httpx.Client]:
+    return SmartTokens(CLIENT), httpx.Client(transport=httpx.MockTransport(lambda request: answer))
+
+
+def test_an_oversized_token_answer_is_refused_in_one_line() -> None:
+    tokens, http = tokens_from(httpx.Response(200, content=b"{" + b" " * (2 * MAX_TOKEN_RESPONSE_BYTES) + b"}"))
+    with pytest.raises(SmartError, match="answered more than"):
+        tokens.token(http)
+
+
+@pytest.mark.parametrize("expiry", ["NaN", -5, 0, "soon"])
+def test_an_expiry_that_is_not_a_positive_number_of_seconds_gets_no_token(expiry: object) -> None:
+    body = {"access_token": "abc", "token_type": "Bearer", "expires_in": expiry}
+    tokens, http = tokens_from(httpx.Response(200, json=body))
+    with pytest.raises(SmartError):
+        tokens.token(http)
+
+
+def test_a_token_is_reused_until_it_expires_and_asked_for_once() -> None:
+    tokens, http = tokens_from(httpx.Response(200, json={"access_token": "abc", "token_type": "Bearer", "expires_in": 3600}))
+    assert tokens.token(http) == tokens.token(http) == "abc"
+    assert tokens.requests == 1
