@@ -32,7 +32,7 @@ import typer
 
 from models.training.cohort import SampleSpec
 from models.training.dataset import simulate
-from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp_series
+from service.analysis.ctp_perfusion import CtpParameters, DelayedFlow, analyse_ctp_series
 from service.errors import InputError
 from service.phantom.families import FAMILIES
 from service.phantom.patient import lesion_plan
@@ -45,7 +45,7 @@ SEEDS_PER_FAMILY = 20
 NOISES = (5.0, 10.0, 20.0)
 CANDIDATES: dict[str, CtpParameters] = {
     "current": CtpParameters(),
-    "low-flow SVD alone (before)": CtpParameters(delayed_flow="svd"),
+    "low-flow SVD alone (before)": CtpParameters(delayed_flow=DelayedFlow.SVD),
     "no bias correction": CtpParameters(bias_correction=False),
     "no anatomy-guided detail": CtpParameters(anatomy_detail=False),
     "gaussian denoising": CtpParameters(denoising="gaussian"),
@@ -53,9 +53,9 @@ CANDIDATES: dict[str, CtpParameters] = {
     "brain mask up to the bone": CtpParameters(brain_bone_gap_mm=0.0),
     "core median 3 mm": CtpParameters(core_median_mm=3.0),
     "core median 5 mm": CtpParameters(core_median_mm=5.0),
-    "low-flow SVD, core median 3 mm": CtpParameters(delayed_flow="svd", core_median_mm=3.0),
-    "model CBF in delayed tissue": CtpParameters(delayed_flow="model", low_flow_correction=False),
-    "model CBV/MTT in delayed tissue": CtpParameters(delayed_flow="model-cbv", low_flow_correction=False),
+    "low-flow SVD, core median 3 mm": CtpParameters(delayed_flow=DelayedFlow.SVD, core_median_mm=3.0),
+    "model CBF in delayed tissue": CtpParameters(delayed_flow=DelayedFlow.MODEL, low_flow_correction=False),
+    "model CBV/MTT in delayed tissue": CtpParameters(delayed_flow=DelayedFlow.MODEL_CBV, low_flow_correction=False),
 }
 """Candidate core estimates compared per family (``--candidate``)."""
 

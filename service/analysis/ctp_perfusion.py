@@ -27,6 +27,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import TypeVar
 from pathlib import Path
 
@@ -56,6 +57,15 @@ Stage = TypeVar("Stage")
 
 CORRECTABLE_MOTION_MM = 1.0
 """Head displacement between frames up to which correcting it leaves the volumes as they were."""
+
+
+class DelayedFlow(StrEnum):
+    """Which estimate is the CBF of delayed tissue (Tmax > 6 s), where SVD reads low flows high."""
+
+    SVD = "svd"  # the deconvolution's, through the low-flow correction when on
+    MODEL = "model"  # the amplitude of the best exponential-residue fit (deconvolution.fit_exponential_residue)
+    MODEL_CBV = "model-cbv"  # the model-free CBV over the fit's MTT
+    BLEND = "blend"  # the geometric mean of SVD after the low-flow correction and MODEL_CBV
 
 
 @dataclass(frozen=True)
@@ -93,11 +103,7 @@ class CtpParameters:
     # In-plane median of the CBF of delayed tissue (Tmax > 6 s) that the core threshold reads
     # (ctp.median_within), over a disc of this radius; 0: the voxel's own CBF. The maps keep theirs.
     core_median_mm: float = 0.0
-    # CBF of delayed tissue (Tmax > 6 s): "svd" (the deconvolution's, through the low-flow
-    # correction when on), "model" (the amplitude of the best exponential-residue fit,
-    # deconvolution.fit_exponential_residue), "model-cbv" (the model-free CBV over the fit's MTT),
-    # or "blend" (the geometric mean of "svd" after the low-flow correction and "model-cbv").
-    delayed_flow: str = "blend"
+    delayed_flow: DelayedFlow = DelayedFlow.BLEND  # the CBF of delayed tissue (Tmax > 6 s)
 
 
 def ctp_series(paths: Sequence[Path | str | Dataset]) -> list[str] | None:
@@ -253,7 +259,7 @@ class PerfusionMaps:
 
     maps: dict[str, np.ndarray]
     brain: np.ndarray
-    model_cbf: np.ndarray | None = None  # delayed_flow "blend": the model's CBF, kept beside the map's
+    model_cbf: np.ndarray | None = None  # DelayedFlow.BLEND: the model's CBF, kept beside the map's
 
 
 @dataclass(frozen=True)
@@ -423,16 +429,16 @@ def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_
         fit = apply_bias(fit, np.exp(log_ratio), late)
     perfusion = perfusion_parameters(fit, curves, arterial, dt)
     model_cbf = None
-    if parameters.delayed_flow != "svd":
+    if parameters.delayed_flow is not DelayedFlow.SVD:
         slow = perfusion.tmax > parameters.tmax_threshold_s
         model = fit_exponential_residue(curves[:, slow], arterial, dt)
-        if parameters.delayed_flow == "model":
+        if parameters.delayed_flow is DelayedFlow.MODEL:
             flow = K_H / RHO * 6000.0 * model.flow_scaled
         else:
             flow = 60.0 * perfusion.cbv[slow] / model.mtt_s
         cbf = perfusion.cbf.copy()
         cbf[slow] = flow
-        if parameters.delayed_flow == "blend":
+        if parameters.delayed_flow is DelayedFlow.BLEND:
             model_cbf = np.zeros(geometry.shape, dtype=np.float32)
             model_cbf[brain] = cbf
         else:
