@@ -31,7 +31,7 @@ from models.training.outcome_metrics import OutcomeScore, calibration, score, sl
 from models.training.outcome_report import score_table
 from service.analysis.outcome_fusion import FusionParameters, fuse, youden_threshold
 from service.inference.card import RESEARCH_ONLY
-from service.inference.outcome_card import FusionCard, NetworkFile, OutcomeEvaluation, write_fusion_card
+from service.inference.outcome_card import FusionCard, NetworkFile, OutcomeEvaluation, write_outcome_card
 from service.inference.outcome_inputs import MRI_MAPS, network_maps, triplets
 from service.phantom.clinical import roc_auc
 
@@ -202,7 +202,7 @@ def run(families: list[str], held_out_family: str, patients: int, test: int, con
                   "minutes": round(trained_s / 60, 1), "minutes_with_evaluation": round(total_s / 60, 1), "machine": machine,
                   "recalibrated": recalibrate, "recalibration_fitted_on": "part B (validation)"},
     )
-    card_path = write_fusion_card(card, weights / f"{MODEL_NAME}.card.json")
+    card_path = write_outcome_card(card, weights / f"{MODEL_NAME}.card.json")
     lines = [f"# {MODEL_NAME} {MODEL_VERSION}: seed 000's CNN-LSTM modules fused by Algorithm 1", "",
              f"**{RESEARCH_ONLY}** Trained and tested on synthetic patients only.", "",
              f"Made by `{command}` in {trained_s / 60:.1f} min ({total_s / 60:.1f} min with evaluation; the dataset cached by "

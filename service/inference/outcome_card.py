@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -86,21 +87,6 @@ class OutcomeCard(_Strict):
         return self
 
 
-def read_outcome_card(path: Path) -> OutcomeCard:
-    """Read and validate an outcome card; ``ModelError`` saying why when it cannot be used."""
-    try:
-        return OutcomeCard.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError as error:
-        raise ModelError(f"no outcome model card at {path}") from error
-    except (json.JSONDecodeError, ValidationError) as error:
-        raise ModelError(f"outcome model card {path} is not valid: {str(error).splitlines()[0]}") from error
-
-
-def write_outcome_card(card: OutcomeCard, path: Path) -> Path:
-    path.write_text(json.dumps(card.model_dump(mode="json"), indent=1) + "\n", encoding="utf-8")
-    return path
-
-
 class FusionCard(_Strict):
     """Seed 000's CNN-LSTM modules (one ONNX file per map) and Algorithm 1's learned parameters."""
 
@@ -129,16 +115,29 @@ class FusionCard(_Strict):
         return self
 
 
+CardT = TypeVar("CardT", bound=BaseModel)
+
+
+def _read(kind: type[CardT], path: Path, what: str) -> CardT:
+    try:
+        return kind.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError as error:
+        raise ModelError(f"no {what} card at {path}") from error
+    except (json.JSONDecodeError, ValidationError) as error:
+        raise ModelError(f"{what} card {path} is not valid: {str(error).splitlines()[0]}") from error
+
+
+def read_outcome_card(path: Path) -> OutcomeCard:
+    """Read and validate seed 004's card; ``ModelError`` saying why when it cannot be used."""
+    return _read(OutcomeCard, path, "outcome model")
+
+
 def read_fusion_card(path: Path) -> FusionCard:
     """Read and validate seed 000's card; ``ModelError`` saying why when it cannot be used."""
-    try:
-        return FusionCard.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError as error:
-        raise ModelError(f"no CNN-LSTM outcome model card at {path}") from error
-    except (json.JSONDecodeError, ValidationError) as error:
-        raise ModelError(f"CNN-LSTM outcome model card {path} is not valid: {str(error).splitlines()[0]}") from error
+    return _read(FusionCard, path, "CNN-LSTM outcome model")
 
 
-def write_fusion_card(card: FusionCard, path: Path) -> Path:
+def write_outcome_card(card: OutcomeCard | FusionCard, path: Path) -> Path:
+    """Write either outcome card as JSON at ``path``."""
     path.write_text(json.dumps(card.model_dump(mode="json"), indent=1) + "\n", encoding="utf-8")
     return path
