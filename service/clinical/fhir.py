@@ -31,7 +31,7 @@ from sqlalchemy import select
 
 from service.clinical.hl7 import NIHSS_CODES
 from service.clinical.nihss import NihssReport, as_utc, parse_score
-from service.clinical.smart import SmartAuth, SmartClient, SmartError, SmartTokens
+from service.clinical.smart import SmartAuth, SmartClient, SmartError, SmartTokens, bounded_body
 from service.errors import InputError
 from service.findings import NihssSource
 from service.ops.loops import Rounds
@@ -119,17 +119,15 @@ def _get_bundle(client: httpx.Client, url: str, parameters: dict | None) -> Bund
         with client.stream("GET", url, params=parameters, headers={"Accept": "application/fhir+json"}) as response:
             if response.status_code != 200:
                 raise FhirError(f"{where} answered HTTP {response.status_code}")
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_RESPONSE_BYTES:
-                    raise FhirError(f"{where} answered more than {MAX_RESPONSE_BYTES} bytes")
+            body = bounded_body(response, MAX_RESPONSE_BYTES)
+            if body is None:
+                raise FhirError(f"{where} answered more than {MAX_RESPONSE_BYTES} bytes")
     except httpx.HTTPError as error:
         raise FhirError(f"{where}: {type(error).__name__}: {str(error).replace(url, where)}") from None
     except SmartError as error:
         raise FhirError(f"{where}: no access token: {error}") from None
     try:
-        return Bundle.model_validate_json(bytes(body))
+        return Bundle.model_validate_json(body)
     except ValidationError as error:
         raise FhirError(f"{where} did not answer a FHIR Bundle: {str(error)[:200]}") from None
 

@@ -11,6 +11,7 @@ a secret or the token.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -79,6 +80,16 @@ def client_assertion(client: SmartClient, now: float | None = None) -> str:
         raise SmartError(f"cannot sign the SMART client assertion with the configured key: {error}") from None
 
 
+def bounded_body(response: httpx.Response, limit: int) -> bytes | None:
+    """The body of a streamed ``response``, read chunk by chunk; None as soon as it passes ``limit`` bytes."""
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 class SmartTokens:
     """The access token for one client, asked for when there is none or it is about to expire."""
 
@@ -114,24 +125,21 @@ class SmartTokens:
         self.requests += 1
         try:
             with http.stream("POST", client.token_url, data=form, auth=auth, headers={"Accept": "application/json"}) as response:
-                content = bytearray()
-                for chunk in response.iter_bytes():
-                    content += chunk
-                    if len(content) > MAX_TOKEN_RESPONSE_BYTES:
-                        raise SmartError(f"SMART token endpoint {client.token_url} answered more than {MAX_TOKEN_RESPONSE_BYTES} bytes")
+                status, content = response.status_code, bounded_body(response, MAX_TOKEN_RESPONSE_BYTES)
         except httpx.HTTPError as error:
             raise SmartError(f"SMART token endpoint {client.token_url}: {type(error).__name__}: {error}") from None
-        response = httpx.Response(response.status_code, content=bytes(content), headers=response.headers)
-        if response.status_code != 200:
+        if content is None:
+            raise SmartError(f"SMART token endpoint {client.token_url} answered more than {MAX_TOKEN_RESPONSE_BYTES} bytes")
+        if status != 200:
             reason = ""
             try:
-                reason = str(response.json().get("error", ""))[:80]
-            except ValueError:
+                reason = str(json.loads(content).get("error", ""))[:80]
+            except (ValueError, AttributeError):
                 pass
-            raise SmartError(f"SMART token endpoint {client.token_url} answered HTTP {response.status_code}"
+            raise SmartError(f"SMART token endpoint {client.token_url} answered HTTP {status}"
                              + (f" ({reason})" if reason else "") + ": check the client id and key or secret")
         try:
-            body = response.json()
+            body = json.loads(content)
             token, kind = body["access_token"], str(body.get("token_type", "bearer"))
             lifetime = float(body.get("expires_in", 300))
         except (ValueError, KeyError, TypeError, AttributeError):

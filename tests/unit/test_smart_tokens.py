@@ -32,3 +32,9 @@ def test_a_token_is_reused_until_it_expires_and_asked_for_once() -> None:
     tokens, http = tokens_from(httpx.Response(200, json={"access_token": "abc", "token_type": "Bearer", "expires_in": 3600}))
     assert tokens.token(http) == tokens.token(http) == "abc"
     assert tokens.requests == 1
+
+
+def test_a_refusal_whose_body_is_not_an_object_is_still_one_line() -> None:
+    tokens, http = tokens_from(httpx.Response(401, json=["not", "an", "object"]))
+    with pytest.raises(SmartError, match="answered HTTP 401: check the client id"):
+        tokens.token(http)
