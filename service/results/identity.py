@@ -8,7 +8,9 @@ UID, so resending one result version is a duplicate at the PACS, never a second 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timezone
 
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -45,6 +47,17 @@ def result_uid(study_uid: str, version: int, kind: str) -> str:
 
 DEVICE_OBSERVER_UID = f"2.25.{uuid.uuid5(_UID_NAMESPACE, 'device-observer').int}"
 """The one UID of StrokeGate as an SR observer device (TID 1004), the same in every report."""
+
+def stamp_revision(dataset: Dataset, study_uid: str, version: int, kind: str, revision: int) -> None:
+    """Make ``dataset`` (a copy of a result) revision ``revision`` of it: its own SOP Instance UID
+    (``<kind>-r<revision>``), Instance Number ``revision``, content and creation time now."""
+    now = datetime.now(timezone.utc)
+    dataset.SOPInstanceUID = result_uid(study_uid, version, f"{kind}-r{revision}")
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    dataset.InstanceNumber = revision
+    dataset.ContentDate, dataset.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+    dataset.InstanceCreationDate, dataset.InstanceCreationTime = dataset.ContentDate, dataset.ContentTime
+
 
 def algorithm_family(model: ModelInfo | None) -> Code:
     """CID 7162 algorithm family of what drew a result: a learned model is Artificial Intelligence

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 import math
-from datetime import datetime, timezone
+from datetime import timezone
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -366,12 +366,7 @@ def revise_sr(previous: Dataset, study_uid: str, version: int, revision: int, ni
         break
     else:
         raise ValueError("the report has no clinical input group to revise")
-    now = datetime.now(timezone.utc)
-    report.SOPInstanceUID = identity.result_uid(study_uid, version, f"sr-r{revision}")
-    report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
-    report.InstanceNumber = revision
-    report.ContentDate, report.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
-    report.InstanceCreationDate, report.InstanceCreationTime = report.ContentDate, report.ContentTime
+    identity.stamp_revision(report, study_uid, version, "sr", revision)
     predecessor = Dataset()
     predecessor.StudyInstanceUID = previous.StudyInstanceUID
     series = Dataset()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import io
 import textwrap
-from datetime import datetime, timezone
 
 import highdicom as hd
 import numpy as np
@@ -295,10 +294,5 @@ def revise_summary(previous: Dataset, study_uid: str, version: int, revision: in
     revised[top:, left:] = column
     report = copy.deepcopy(previous)
     report.PixelData = np.ascontiguousarray(revised).tobytes()
-    now = datetime.now(timezone.utc)
-    report.SOPInstanceUID = identity.result_uid(study_uid, version, f"summary-r{revision}")
-    report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
-    report.InstanceNumber = revision
-    report.ContentDate, report.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
-    report.InstanceCreationDate, report.InstanceCreationTime = report.ContentDate, report.ContentTime
+    identity.stamp_revision(report, study_uid, version, "summary", revision)
     return report
