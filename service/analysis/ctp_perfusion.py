@@ -35,7 +35,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from service.analysis.ctp_model import CtpModelRequest, ModelCorePenumbra, model_inputs, run_ctp_model
+from service.analysis.ctp_model import CtpModelRequest, ModelCorePenumbra, ModelInputs, model_inputs, run_ctp_model
 from service.config import setting_default
 from service.findings import Analysis, CoreMethod, Findings, Segment, SegmentKind
 from service.errors import InputError, ModelError
@@ -43,7 +43,6 @@ from service.imaging.classify import classify
 from service.imaging.geometry import Geometry
 from service.imaging.perfusion_series import load_ctp
 from service.imaging.volumes import group_series
-from service.inference.ctp_inputs import temporal_mip
 from service.perfusion import anatomy, ctp, low_flow, thresholds
 from service.perfusion.aif import FLAG_TRUNCATED, partial_volume_scale, select_aif, select_vof
 from service.perfusion.deconvolution import (
@@ -168,9 +167,10 @@ def analyse_ctp(
     ]
     measurements, flags, models = summary.measurements(), list(result.qc_flags), []
     timings = {"load": loaded, **result.timings_s}
+    inputs = model_inputs(series.frames, result.maps, result.brain)  # the MIP serves every CT model
     if model is not None:
         clock = time.perf_counter()
-        ran = _model_stage(model, series.frames, result, series.geometry, parameters, flags)
+        ran = _model_stage(model, inputs, series.geometry, parameters, flags)
         timings["model"] = time.perf_counter() - clock
         if ran is not None:
             segments += ran.segments
@@ -200,16 +200,15 @@ def analyse_ctp(
         core_method=core_method,
         timings_s=timings,
         brain=result.brain,
-        mip=temporal_mip(series.frames),
+        mip=inputs.mip,
     )
 
 
-def _model_stage(request: CtpModelRequest, frames: np.ndarray, result: CtpResult,
-                 geometry: Geometry, parameters: CtpParameters, flags: list[str]) -> ModelCorePenumbra | None:
+def _model_stage(request: CtpModelRequest, inputs: ModelInputs, geometry: Geometry, parameters: CtpParameters,
+                 flags: list[str]) -> ModelCorePenumbra | None:
     """The learned model's core and penumbra, its note appended to ``flags``; None (and a flag
     saying why) when the model cannot run on this study."""
     try:
-        inputs = model_inputs(frames, result.maps, result.brain)
         ran = run_ctp_model(request, inputs, geometry, min_lesion_ml=parameters.min_lesion_ml,
                             tmax_threshold_s=parameters.tmax_threshold_s, criteria=parameters.criteria)
     except (ModelError, InputError) as error:
