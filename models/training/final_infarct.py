@@ -163,7 +163,7 @@ def train(studies: list[FinalStudy], validation: list[FinalStudy], scenario: Sce
 
 @dataclass(frozen=True)
 class FinalScore:
-    """One patient, one method (``model`` or ``mismatch``), one scenario: seed 001's metrics."""
+    """One patient, one method (``model``, ``model with measured core`` or ``mismatch``), one scenario: seed 001's metrics."""
 
     key: str
     split: str
@@ -264,7 +264,7 @@ def card_text(modality: str, scenario: Scenario, config: FinalTrainConfig, histo
 def metric_rows(summaries: list[FinalSummary], scenario: Scenario, noise_hu: float = 0.0) -> tuple[MetricRow, ...]:
     """The card's metrics: per split, family and method (network or mismatch baseline), seed 001's metrics."""
     return tuple(
-        MetricRow(split=s.split, family=s.family, noise_hu=noise_hu, method="model" if s.method == "model" else "mismatch",
+        MetricRow(split=s.split, family=s.family, noise_hu=noise_hu, method=s.method,
                   cls=f"final infarct, {scenario.value}", patients=s.patients, dice=round(s.dice, 4),
                   hd95_mm=None if s.hd95_mm is None else round(s.hd95_mm, 2), volume_difference_ml=round(s.volume_difference_ml, 2),
                   precision=round(s.precision, 4), recall=round(s.recall, 4),
