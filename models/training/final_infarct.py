@@ -251,8 +251,10 @@ def card_text(modality: str, scenario: Scenario, config: FinalTrainConfig, histo
                       "multi-class Dice loss (lesion x8); final infarct = lesion probability >= 0.5; 2D slices"),
         source=(f"seed 001: reperfusion-status-specific CNNs predicting the final infarct from baseline maps (late fusion U-Net), "
                 f"compared with the perfusion-diffusion mismatch model; here on {names}"),
-        intended_use=(f"{RESEARCH_ONLY} Predicts the final infarct if the patient is {truth}. Trained on synthetic patients only; "
-                      "retrain on site data before drawing any conclusion."),
+        intended_use=(f"{RESEARCH_ONLY} Predicts the final infarct if the patient is {truth}. In the service the prediction "
+                      "includes the core the analysis measured (tissue infarcted at imaging stays infarcted whatever happens; where the "
+                      "analysis over-calls the core, so does the prediction): the metrics 'model with measured core' are of that, "
+                      "'model' of the network alone. Trained on synthetic patients only; retrain on site data before drawing any conclusion."),
         restricted_to="brain mask (input 'brain'): outside it the probability of 'background' is 1",
         training_notes=(f"{INPUTS_TRAINED[modality]}; every training patient against its {truth} final infarct (the phantom knows "
                         f"both). {config.epochs} epochs x {config.steps_per_epoch} steps of {config.batch} slices cropped to "
