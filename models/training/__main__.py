@@ -183,7 +183,7 @@ def train_final_infarct(
                                            lambda on_step: train_final(training, validation, chosen, config, run, on_step=on_step))
     trained_s = time.perf_counter() - started
 
-    scores, predictions = [], {}
+    scores = []
     for spec, study in studies.items():
         if spec.split not in ("validation", "test", "held-out"):
             continue
@@ -196,9 +196,6 @@ def train_final_infarct(
         scores.append(score(spec.key, spec.split, spec.family, chosen, "model with measured core", constrained,
                             np.where(study.core, 1.0, lesion), truth, study.spacing_mm))
         scores.append(score(spec.key, spec.split, spec.family, chosen, "mismatch", baseline, baseline.astype(np.float32), truth, study.spacing_mm))
-        if spec.split != "validation":
-            predictions[spec.key] = mask
-    np.savez_compressed(run / "test_predictions.npz", **predictions)
     summaries = summarise(scores)
 
     example = max((s for spec, s in studies.items() if spec.split == "test"), key=lambda s: int(s.truths[chosen].sum()))
@@ -235,66 +232,71 @@ def train_final_infarct(
 @app.command("final-infarct-consistency")
 def final_infarct_consistency(
     modality: Annotated[str, typer.Option(help="mri or ct: whose two networks.")] = "mri",
+    test_patients: Annotated[int, typer.Option(help="Test patients per family (the cards' test patients, then new ones after every seed the cards name).")] = 3,
+    jobs: Annotated[int, typer.Option(help="Processes building the studies not cached yet.")] = 2,
     data: Annotated[Path | None, typer.Option(help="Dataset cache folder (default: the modality's).")] = None,
-    runs: Annotated[Path, typer.Option(help="Folder of the two runs.")] = Path("build/runs"),
-    out: Annotated[Path | None, typer.Option(help="The markdown table written (default models/weights/<modality>-final-infarct.consistency.md).")] = None,
+    weights: Annotated[Path, typer.Option(help="Where the shipped networks and their cards are.")] = Path("models/weights"),
+    out: Annotated[Path | None, typer.Option(help="The markdown written (default models/weights/<modality>-final-infarct.consistency.md).")] = None,
 ) -> None:
-    """Seed 001's consistency check of the two networks of a modality on every test patient: the share
-    of the reperfused prediction inside the non-reperfused one, and predictions smaller than 80 % of
-    the measured (threshold) core."""
+    """Seed 001's consistency check of a modality's two shipped networks (ONNX Runtime, as the service
+    runs them): on every test patient the share of the reperfused prediction inside the non-reperfused
+    one and predictions smaller than 80 % of the measured (threshold) core, each network alone and with
+    the measured core added (what the service reports); and both scenarios' Dice and volumetric
+    similarity per family for the network alone, with the core, and the mismatch baseline (validation
+    patients too: they chose whether the service adds the core)."""
     from models.training.dataset import dataset_folder
-    from models.training.final_infarct import consistency
+    from models.training.final_infarct import FinalStudy, consistency, evaluation_cohort, mismatch_baseline, score, summarise
     from models.training.final_infarct_dataset import dataset_kind
+    from models.training.final_infarct_report import consistency_table
+    from models.training.loop import predict_volume
+    from service.inference.card import read_card
+    from service.inference.engine import Backend, load_engine
     from service.inference.final_infarct import including_core
-    from service.inference.final_infarct_inputs import Scenario, model_name
+    from service.inference.final_infarct_inputs import LESION, LESION_THRESHOLD, Scenario, contract, model_name
 
     modality = _modality(modality)
-    folder = dataset_folder(data or FINAL_DATA[modality], dataset_kind(modality))
-    out = out or Path(f"models/weights/{modality}-final-infarct.consistency.md")
-    predictions = {}
+    kind = dataset_kind(modality)
+    out = out or weights / f"{modality}-final-infarct.consistency.md"
+    engines = {}
     for scenario in Scenario:
-        path = runs / model_name(modality, scenario) / "test_predictions.npz"
-        if not path.is_file():
-            console.print(f"[red]no test predictions at {path}:[/red] train both networks first (train-final-infarct --modality {modality})")
+        onnx = weights / f"{model_name(modality, scenario)}.onnx"
+        if not onnx.is_file():
+            console.print(f"[red]no network at {onnx}:[/red] train both networks first (train-final-infarct --modality {modality})")
             raise typer.Exit(2)
-        predictions[scenario] = load(path)
-    rows = ["| patient | family | measured core (mL) | truth if reperfused (mL) | reperfused (mL) | not reperfused (mL) | "
-            "reperfused inside not reperfused | smaller than 80 % of the core | with core: reperfused inside not reperfused | "
-            "with core: smaller than 80 % of the core |", "|---" * 10 + "|"]
-    inside, small, inside_core, small_core, truth_small = [], 0, [], 0, 0
-    keys = sorted(set(predictions[Scenario.REPERFUSED]) & set(predictions[Scenario.NOT_REPERFUSED]))
-    for key in keys:
-        arrays = load(folder / f"{key}.npz")
-        voxel_ml = float(np.prod(arrays["spacing_mm"])) / 1000.0
-        core = arrays["threshold_core"].astype(bool)
-        core_ml = float(core.sum()) * voxel_ml
-        truth_ml = float(arrays["final_reperfused"].sum()) * voxel_ml
-
-        def check(a: np.ndarray, b: np.ndarray) -> tuple[float, list[str]]:
-            a_ml, b_ml = float(a.sum()) * voxel_ml, float(b.sum()) * voxel_ml
-            return consistency(a, b), [name for name, ml in (("reperfused", a_ml), ("not reperfused", b_ml)) if ml < 0.8 * core_ml]
-
-        a, b = predictions[Scenario.REPERFUSED][key], predictions[Scenario.NOT_REPERFUSED][key]
-        share, below = check(a, b)
-        share_core, below_core = check(including_core(a, core), including_core(b, core))
-        inside.append(share)
-        inside_core.append(share_core)
-        small += bool(below)
-        small_core += bool(below_core)
-        truth_small += truth_ml < 0.8 * core_ml
-        family = key.rsplit("-", 2)[0]
-        rows.append(f"| {key} | {family} | {core_ml:.1f} | {truth_ml:.1f} | {float(a.sum()) * voxel_ml:.1f} | {float(b.sum()) * voxel_ml:.1f} | "
-                    f"{share:.0%} | {', '.join(below) or 'no'} | {share_core:.0%} | {', '.join(below_core) or 'no'} |")
-    n = max(1, len(keys))
-    summary = (f"{len(keys)} test and held-out patients. The networks alone: the reperfused prediction lies inside the non-reperfused "
-               f"one for a median {np.median(inside):.0%} of its voxels (lowest {min(inside):.0%}); {small} patients ({small / n:.0%}) "
-               f"have a prediction smaller than 80 % of the measured core. With the measured core added to both predictions: "
-               f"median {np.median(inside_core):.0%} (lowest {min(inside_core):.0%}); {small_core} patients ({small_core / n:.0%}). "
-               f"The truth itself (final infarct if reperfused) is smaller than 80 % of the measured core in {truth_small} patients "
-               f"({truth_small / n:.0%}): there the analysis over-calls the core.")
-    out.write_text("\n".join([f"# {modality.upper()} final-infarct networks: consistency of the two scenarios", "",
-                               "**Research use only. Not for diagnosis.** Synthetic patients only.", "", summary, "", *rows]) + "\n")
+        engines[scenario] = load_engine(onnx, Backend.ONNXRUNTIME, contract=contract(modality, scenario))
+    training = engines[Scenario.REPERFUSED].card.training
+    seeds = {split: sorted({*engines[Scenario.REPERFUSED].card.training.seeds.get(split, []),
+                            *engines[Scenario.NOT_REPERFUSED].card.training.seeds.get(split, [])})
+             for split in ("test", "validation", "train", "held-out")}
+    noise = training.noise_hu[0] if training.noise_hu else 10.0
+    specs = evaluation_cohort(seeds, tuple(training.families), training.held_out_family, test_patients, noise)
+    paths = build_dataset(specs, data or FINAL_DATA[modality], jobs, kind, f"dataset ({modality}, {len(specs)} evaluation studies)")
+    scores, rows = [], []
+    for spec, path in paths.items():
+        study = FinalStudy.from_arrays(spec.key, load(path))
+        masks = {}
+        for scenario, engine in engines.items():
+            forward = lambda maps, brain, engine=engine: engine.predict({"maps": maps, "brain": brain})  # noqa: E731
+            lesion = np.where(study.brain, predict_volume(forward, study.inputs, study.brain, engine.card.inputs.size_multiple, batch=8)[:, LESION], 0.0)
+            masks[scenario] = (lesion >= LESION_THRESHOLD) & study.brain
+            truth = study.truths[scenario]
+            baseline = mismatch_baseline(study.core, study.penumbra, scenario)
+            scores += [score(spec.key, spec.split, spec.family, scenario, "model", masks[scenario], lesion, truth, study.spacing_mm),
+                       score(spec.key, spec.split, spec.family, scenario, "model with measured core", including_core(masks[scenario], study.core),
+                             np.where(study.core, 1.0, lesion), truth, study.spacing_mm),
+                       score(spec.key, spec.split, spec.family, scenario, "mismatch", baseline, baseline.astype(np.float32), truth, study.spacing_mm)]
+        if spec.split == "validation":
+            continue
+        voxel_ml = float(np.prod(study.spacing_mm)) / 1000.0
+        a, b = masks[Scenario.REPERFUSED], masks[Scenario.NOT_REPERFUSED]
+        rows.append((spec, float(study.core.sum()) * voxel_ml, float(study.truths[Scenario.REPERFUSED].sum()) * voxel_ml,
+                     float(a.sum()) * voxel_ml, float(b.sum()) * voxel_ml, consistency(a, b),
+                     float(including_core(a, study.core).sum()) * voxel_ml, float(including_core(b, study.core).sum()) * voxel_ml,
+                     consistency(including_core(a, study.core), including_core(b, study.core))))
+    lines, summary = consistency_table(rows, summarise(scores), modality)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     console.print(summary)
+    console.print(f"wrote {out}")
 
 
 @app.command("train-outcome-crd")

@@ -25,6 +25,7 @@ from models.training.loop import History, Recipe, fit, predict_volume, torch_for
 from models.training.losses import LESION_WEIGHT, weighted_dice_loss
 from models.training.metrics import dice, hausdorff_95, precision, recall, volumetric_similarity, voxel_auc
 from models.training.card import CardText
+from models.training.cohort import FAMILY_STRIDE, FIRST_SEED, SampleSpec
 from service.inference.card import RESEARCH_ONLY, MetricRow
 from service.inference.final_infarct_inputs import LESION_THRESHOLD, Scenario, contract
 
@@ -273,3 +274,23 @@ def metric_rows(summaries: list[FinalSummary], scenario: Scenario, noise_hu: flo
                   volumetric_similarity=round(s.volumetric_similarity, 4), auc=None if s.auc is None else round(s.auc, 4))
         for s in summaries
     )
+
+
+def evaluation_cohort(seeds: dict[str, int | list[int]], families: tuple[str, ...], held_out_family: str | None,
+                      per_family: int, noise_hu: float) -> list[SampleSpec]:
+    """The patients a shipped pair is evaluated on, from its card's ``seeds``: its validation patients,
+    its test (held-out) patients, and per family as many more patients as it takes to reach
+    ``per_family``, drawn after every seed the card names in that family's block (never trained on,
+    never chose anything)."""
+    named = {split: sorted(int(s) for s in v) for split, v in seeds.items() if isinstance(v, list)}
+    used = {s for v in named.values() for s in v}
+    specs = [SampleSpec(family, s, noise_hu, "validation") for family in families for s in named.get("validation", [])
+             if FIRST_SEED + families.index(family) * FAMILY_STRIDE <= s < FIRST_SEED + (families.index(family) + 1) * FAMILY_STRIDE]
+    for index, family in enumerate(families):
+        block = range(FIRST_SEED + index * FAMILY_STRIDE, FIRST_SEED + (index + 1) * FAMILY_STRIDE)
+        split = "held-out" if family == held_out_family else "test"
+        tested = [s for s in named.get(split, []) if s in block][:per_family]
+        after = max([s for s in used if s in block], default=block.start - 1) + 1
+        tested += list(range(after, after + per_family - len(tested)))
+        specs += [SampleSpec(family, s, noise_hu, split) for s in tested]
+    return specs
