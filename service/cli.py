@@ -423,7 +423,7 @@ def models(
         console.print(f"  trained on families {', '.join(t.families)} (held out: {t.held_out_family or 'none'}), patients {t.counts}, "
                       f"noise {', '.join(f'{n:g}' for n in t.noise_hu) or '-'} HU, {t.duration_s / 60:.0f} min: {t.command}")
         # CT models: the rows at 10 HU; MRI models (no noise levels on the card): every row
-        rows = [m for m in card.metrics if (m.noise_hu == 10.0 or not t.noise_hu) and m.method in ("model", "threshold", "mismatch")]
+        rows = [m for m in card.metrics if (m.noise_hu == 10.0 or not t.noise_hu) and m.method in ("model", "model with measured core", "threshold", "mismatch")]
         if rows:
             metrics = Table("split", "family", "class", "method", "patients", "Dice", "HD95 mm", "|dV| mL",
                             title="at 10 HU (medians)" if t.noise_hu else "medians")

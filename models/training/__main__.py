@@ -158,6 +158,7 @@ def train_final_infarct(
     from models.training.final_infarct_dataset import dataset_kind
     from models.training.final_infarct_report import write_report as write_final_report
     from service.inference.card import card_path, write_card
+    from service.inference.final_infarct import including_core
     from service.inference.final_infarct_inputs import LESION_THRESHOLD, Scenario, contract, model_name
 
     try:
@@ -182,18 +183,19 @@ def train_final_infarct(
                                            lambda on_step: train_final(training, validation, chosen, config, run, on_step=on_step))
     trained_s = time.perf_counter() - started
 
-    scores, predictions = [], {}
+    scores = []
     for spec, study in studies.items():
-        if spec.split not in ("test", "held-out"):
+        if spec.split not in ("validation", "test", "held-out"):
             continue
-        lesion = predict_lesion(network, study)
+        lesion = np.where(study.brain, predict_lesion(network, study), 0.0)
         mask = (lesion >= LESION_THRESHOLD) & study.brain
+        constrained = including_core(mask, study.core)
         baseline = mismatch_baseline(study.core, study.penumbra, chosen)
         truth = study.truths[chosen]
-        scores.append(score(spec.key, spec.split, spec.family, chosen, "model", mask, np.where(study.brain, lesion, 0.0), truth, study.spacing_mm))
+        scores.append(score(spec.key, spec.split, spec.family, chosen, "model", mask, lesion, truth, study.spacing_mm))
+        scores.append(score(spec.key, spec.split, spec.family, chosen, "model with measured core", constrained,
+                            np.where(study.core, 1.0, lesion), truth, study.spacing_mm))
         scores.append(score(spec.key, spec.split, spec.family, chosen, "mismatch", baseline, baseline.astype(np.float32), truth, study.spacing_mm))
-        predictions[spec.key] = mask
-    np.savez_compressed(run / "test_predictions.npz", **predictions)
     summaries = summarise(scores)
 
     example = max((s for spec, s in studies.items() if spec.split == "test"), key=lambda s: int(s.truths[chosen].sum()))
@@ -230,50 +232,71 @@ def train_final_infarct(
 @app.command("final-infarct-consistency")
 def final_infarct_consistency(
     modality: Annotated[str, typer.Option(help="mri or ct: whose two networks.")] = "mri",
+    test_patients: Annotated[int, typer.Option(help="Test patients per family (the cards' test patients, then new ones after every seed the cards name).")] = 3,
+    jobs: Annotated[int, typer.Option(help="Processes building the studies not cached yet.")] = 2,
     data: Annotated[Path | None, typer.Option(help="Dataset cache folder (default: the modality's).")] = None,
-    runs: Annotated[Path, typer.Option(help="Folder of the two runs.")] = Path("build/runs"),
-    out: Annotated[Path | None, typer.Option(help="The markdown table written (default models/weights/<modality>-final-infarct.consistency.md).")] = None,
+    weights: Annotated[Path, typer.Option(help="Where the shipped networks and their cards are.")] = Path("models/weights"),
+    out: Annotated[Path | None, typer.Option(help="The markdown written (default models/weights/<modality>-final-infarct.consistency.md).")] = None,
 ) -> None:
-    """Seed 001's consistency check of the two networks of a modality on every test patient: the share
-    of the reperfused prediction inside the non-reperfused one, and predictions smaller than 80 % of
-    the measured (threshold) core."""
+    """Seed 001's consistency check of a modality's two shipped networks (ONNX Runtime, as the service
+    runs them): on every test patient the share of the reperfused prediction inside the non-reperfused
+    one and predictions smaller than 80 % of the measured (threshold) core, each network alone and with
+    the measured core added (what the service reports); and both scenarios' Dice and volumetric
+    similarity per family for the network alone, with the core, and the mismatch baseline (validation
+    patients too: they chose whether the service adds the core)."""
     from models.training.dataset import dataset_folder
-    from models.training.final_infarct import consistency
+    from models.training.final_infarct import FinalStudy, consistency, evaluation_cohort, mismatch_baseline, score, summarise
     from models.training.final_infarct_dataset import dataset_kind
-    from service.inference.final_infarct_inputs import Scenario, model_name
+    from models.training.final_infarct_report import consistency_table
+    from models.training.loop import predict_volume
+    from service.inference.card import read_card
+    from service.inference.engine import Backend, load_engine
+    from service.inference.final_infarct import including_core
+    from service.inference.final_infarct_inputs import LESION, LESION_THRESHOLD, Scenario, contract, model_name
 
     modality = _modality(modality)
-    folder = dataset_folder(data or FINAL_DATA[modality], dataset_kind(modality))
-    out = out or Path(f"models/weights/{modality}-final-infarct.consistency.md")
-    predictions = {}
+    kind = dataset_kind(modality)
+    out = out or weights / f"{modality}-final-infarct.consistency.md"
+    engines = {}
     for scenario in Scenario:
-        path = runs / model_name(modality, scenario) / "test_predictions.npz"
-        if not path.is_file():
-            console.print(f"[red]no test predictions at {path}:[/red] train both networks first (train-final-infarct --modality {modality})")
+        onnx = weights / f"{model_name(modality, scenario)}.onnx"
+        if not onnx.is_file():
+            console.print(f"[red]no network at {onnx}:[/red] train both networks first (train-final-infarct --modality {modality})")
             raise typer.Exit(2)
-        predictions[scenario] = load(path)
-    rows = ["| patient | family | measured core (mL) | reperfused (mL) | not reperfused (mL) | reperfused inside not reperfused | "
-            "smaller than 80 % of the core |", "|---|---|---|---|---|---|---|"]
-    inside, small = [], 0
-    keys = sorted(set(predictions[Scenario.REPERFUSED]) & set(predictions[Scenario.NOT_REPERFUSED]))
-    for key in keys:
-        arrays = load(folder / f"{key}.npz")
-        voxel_ml = float(np.prod(arrays["spacing_mm"])) / 1000.0
-        core_ml = float(arrays["threshold_core"].sum()) * voxel_ml
-        a, b = predictions[Scenario.REPERFUSED][key], predictions[Scenario.NOT_REPERFUSED][key]
-        a_ml, b_ml = float(a.sum()) * voxel_ml, float(b.sum()) * voxel_ml
-        share = consistency(a, b)
-        below = [name for name, ml in (("reperfused", a_ml), ("not reperfused", b_ml)) if ml < 0.8 * core_ml]
-        inside.append(share)
-        small += bool(below)
-        family = key.rsplit("-", 2)[0]
-        rows.append(f"| {key} | {family} | {core_ml:.1f} | {a_ml:.1f} | {b_ml:.1f} | {share:.0%} | {', '.join(below) or 'no'} |")
-    summary = (f"{len(keys)} test patients: the reperfused prediction lies inside the non-reperfused one for a median "
-               f"{np.median(inside):.0%} of its voxels (lowest {min(inside):.0%}); {small} patients ({small / max(1, len(keys)):.0%}) "
-               "have a prediction smaller than 80 % of the measured core.")
-    out.write_text("\n".join([f"# {modality.upper()} final-infarct networks: consistency of the two scenarios", "",
-                               "**Research use only. Not for diagnosis.** Synthetic patients only.", "", summary, "", *rows]) + "\n")
+        engines[scenario] = load_engine(onnx, Backend.ONNXRUNTIME, contract=contract(modality, scenario))
+    training = engines[Scenario.REPERFUSED].card.training
+    seeds = {split: sorted({*engines[Scenario.REPERFUSED].card.training.seeds.get(split, []),
+                            *engines[Scenario.NOT_REPERFUSED].card.training.seeds.get(split, [])})
+             for split in ("test", "validation", "train", "held-out")}
+    noise = training.noise_hu[0] if training.noise_hu else 10.0
+    specs = evaluation_cohort(seeds, tuple(training.families), training.held_out_family, test_patients, noise)
+    paths = build_dataset(specs, data or FINAL_DATA[modality], jobs, kind, f"dataset ({modality}, {len(specs)} evaluation studies)")
+    scores, rows = [], []
+    for spec, path in paths.items():
+        study = FinalStudy.from_arrays(spec.key, load(path))
+        masks = {}
+        for scenario, engine in engines.items():
+            forward = lambda maps, brain, engine=engine: engine.predict({"maps": maps, "brain": brain})  # noqa: E731
+            lesion = np.where(study.brain, predict_volume(forward, study.inputs, study.brain, engine.card.inputs.size_multiple, batch=8)[:, LESION], 0.0)
+            masks[scenario] = (lesion >= LESION_THRESHOLD) & study.brain
+            truth = study.truths[scenario]
+            baseline = mismatch_baseline(study.core, study.penumbra, scenario)
+            scores += [score(spec.key, spec.split, spec.family, scenario, "model", masks[scenario], lesion, truth, study.spacing_mm),
+                       score(spec.key, spec.split, spec.family, scenario, "model with measured core", including_core(masks[scenario], study.core),
+                             np.where(study.core, 1.0, lesion), truth, study.spacing_mm),
+                       score(spec.key, spec.split, spec.family, scenario, "mismatch", baseline, baseline.astype(np.float32), truth, study.spacing_mm)]
+        if spec.split == "validation":
+            continue
+        voxel_ml = float(np.prod(study.spacing_mm)) / 1000.0
+        a, b = masks[Scenario.REPERFUSED], masks[Scenario.NOT_REPERFUSED]
+        rows.append((spec, float(study.core.sum()) * voxel_ml, float(study.truths[Scenario.REPERFUSED].sum()) * voxel_ml,
+                     float(a.sum()) * voxel_ml, float(b.sum()) * voxel_ml, consistency(a, b),
+                     float(including_core(a, study.core).sum()) * voxel_ml, float(including_core(b, study.core).sum()) * voxel_ml,
+                     consistency(including_core(a, study.core), including_core(b, study.core))))
+    lines, summary = consistency_table(rows, summarise(scores), modality)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     console.print(summary)
+    console.print(f"wrote {out}")
 
 
 @app.command("train-outcome-crd")

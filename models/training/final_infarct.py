@@ -25,6 +25,7 @@ from models.training.loop import History, Recipe, fit, predict_volume, torch_for
 from models.training.losses import LESION_WEIGHT, weighted_dice_loss
 from models.training.metrics import dice, hausdorff_95, precision, recall, volumetric_similarity, voxel_auc
 from models.training.card import CardText
+from models.training.cohort import FAMILY_STRIDE, FIRST_SEED, SampleSpec
 from service.inference.card import RESEARCH_ONLY, MetricRow
 from service.inference.final_infarct_inputs import LESION_THRESHOLD, Scenario, contract
 
@@ -163,7 +164,7 @@ def train(studies: list[FinalStudy], validation: list[FinalStudy], scenario: Sce
 
 @dataclass(frozen=True)
 class FinalScore:
-    """One patient, one method (``model`` or ``mismatch``), one scenario: seed 001's metrics."""
+    """One patient, one method (``model``, ``model with measured core`` or ``mismatch``), one scenario: seed 001's metrics."""
 
     key: str
     split: str
@@ -251,8 +252,10 @@ def card_text(modality: str, scenario: Scenario, config: FinalTrainConfig, histo
                       "multi-class Dice loss (lesion x8); final infarct = lesion probability >= 0.5; 2D slices"),
         source=(f"seed 001: reperfusion-status-specific CNNs predicting the final infarct from baseline maps (late fusion U-Net), "
                 f"compared with the perfusion-diffusion mismatch model; here on {names}"),
-        intended_use=(f"{RESEARCH_ONLY} Predicts the final infarct if the patient is {truth}. Trained on synthetic patients only; "
-                      "retrain on site data before drawing any conclusion."),
+        intended_use=(f"{RESEARCH_ONLY} Predicts the final infarct if the patient is {truth}. In the service the prediction "
+                      "includes the core the analysis measured (tissue infarcted at imaging stays infarcted whatever happens; where the "
+                      "analysis over-calls the core, so does the prediction): the metrics 'model with measured core' are of that, "
+                      "'model' of the network alone. Trained on synthetic patients only; retrain on site data before drawing any conclusion."),
         restricted_to="brain mask (input 'brain'): outside it the probability of 'background' is 1",
         training_notes=(f"{INPUTS_TRAINED[modality]}; every training patient against its {truth} final infarct (the phantom knows "
                         f"both). {config.epochs} epochs x {config.steps_per_epoch} steps of {config.batch} slices cropped to "
@@ -264,10 +267,30 @@ def card_text(modality: str, scenario: Scenario, config: FinalTrainConfig, histo
 def metric_rows(summaries: list[FinalSummary], scenario: Scenario, noise_hu: float = 0.0) -> tuple[MetricRow, ...]:
     """The card's metrics: per split, family and method (network or mismatch baseline), seed 001's metrics."""
     return tuple(
-        MetricRow(split=s.split, family=s.family, noise_hu=noise_hu, method="model" if s.method == "model" else "mismatch",
+        MetricRow(split=s.split, family=s.family, noise_hu=noise_hu, method=s.method,
                   cls=f"final infarct, {scenario.value}", patients=s.patients, dice=round(s.dice, 4),
                   hd95_mm=None if s.hd95_mm is None else round(s.hd95_mm, 2), volume_difference_ml=round(s.volume_difference_ml, 2),
                   precision=round(s.precision, 4), recall=round(s.recall, 4),
                   volumetric_similarity=round(s.volumetric_similarity, 4), auc=None if s.auc is None else round(s.auc, 4))
         for s in summaries
     )
+
+
+def evaluation_cohort(seeds: dict[str, int | list[int]], families: tuple[str, ...], held_out_family: str | None,
+                      per_family: int, noise_hu: float) -> list[SampleSpec]:
+    """The patients a shipped pair is evaluated on, from its card's ``seeds``: its validation patients,
+    its test (held-out) patients, and per family as many more patients as it takes to reach
+    ``per_family``, drawn after every seed the card names in that family's block (never trained on,
+    never chose anything)."""
+    named = {split: sorted(int(s) for s in v) for split, v in seeds.items() if isinstance(v, list)}
+    used = {s for v in named.values() for s in v}
+    specs = [SampleSpec(family, s, noise_hu, "validation") for family in families for s in named.get("validation", [])
+             if FIRST_SEED + families.index(family) * FAMILY_STRIDE <= s < FIRST_SEED + (families.index(family) + 1) * FAMILY_STRIDE]
+    for index, family in enumerate(families):
+        block = range(FIRST_SEED + index * FAMILY_STRIDE, FIRST_SEED + (index + 1) * FAMILY_STRIDE)
+        split = "held-out" if family == held_out_family else "test"
+        tested = [s for s in named.get(split, []) if s in block][:per_family]
+        after = max([s for s in used if s in block], default=block.start - 1) + 1
+        tested += list(range(after, after + per_family - len(tested)))
+        specs += [SampleSpec(family, s, noise_hu, split) for s in tested]
+    return specs

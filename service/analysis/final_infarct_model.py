@@ -11,6 +11,8 @@ difference (the tissue reperfusion would save), the Dice between them and the se
 verdict. A study without the inputs, or a network that cannot run, gets no prediction and a QC
 flag saying why; the rest of the analysis stands. Pixels of another size than the networks were
 trained on are resampled to theirs (``inference.final_infarct``), with a QC flag saying so.
+Each prediction includes the analysis's measured core (``including_core``): tissue infarcted at
+imaging stays infarcted whether or not the patient is reperfused.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from service.errors import InputError, ModelError
 from service.findings import Analysis, Findings, MapName, Measurement, ModelInfo, Segment, SegmentKind
-from service.inference.final_infarct import predict_final_infarct, trained_pixel_mm
+from service.inference.final_infarct import including_core, predict_final_infarct, trained_pixel_mm
 from service.inference.final_infarct_inputs import Scenario, contract, model_name
 from service.inference.model_set import ModelSet
 
@@ -105,6 +107,8 @@ def add_final_infarct(findings: Findings, models: ModelSet) -> Findings:
     if missing:
         return replace(findings, qc_flags=[*findings.qc_flags, f"no predicted final infarct: the study lacks {', '.join(missing)}"])
     inputs = network_inputs(findings)
+    measured = findings.segment(SegmentKind.CORE)
+    core = None if measured is None else measured.mask
     masks: dict[Scenario, np.ndarray] = {}
     identities: dict[Scenario, ModelInfo] = {}
     notes: set[str] = set()
@@ -112,7 +116,7 @@ def add_final_infarct(findings: Findings, models: ModelSet) -> Findings:
         for scenario in Scenario:
             with models.use(model_name(inputs.modality, scenario), contract(inputs.modality, scenario)) as engine:
                 found = predict_final_infarct(engine, inputs.volumes, inputs.brain, findings.geometry.spacing)
-                masks[scenario], identities[scenario] = found.mask, engine.identity
+                masks[scenario], identities[scenario] = including_core(found.mask, core), engine.identity
                 if found.resampled_from_mm is not None:
                     rows, columns = found.resampled_from_mm
                     notes.add(f"predicted final infarct on pixels resampled from {rows:.2f} x {columns:.2f} mm to "

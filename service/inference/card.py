@@ -110,7 +110,7 @@ class MetricRow(_Strict):
     split: str  # "test" or "held-out"
     family: str
     noise_hu: float
-    method: Literal["model", "model, NIHSS unknown", "threshold", "mismatch"]
+    method: Literal["model", "model, NIHSS unknown", "model with measured core", "threshold", "mismatch"]
     cls: str = Field(alias="class")
     patients: int
     dice: float

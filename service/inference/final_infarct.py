@@ -30,6 +30,19 @@ class FinalInfarct:
     resampled_from_mm: tuple[float, float] | None = None  # the study's pixel size when it was resampled to the card's
 
 
+def including_core(mask: np.ndarray, core: np.ndarray | None) -> np.ndarray:
+    """``mask`` with the analysis's measured core added (bool, same grid). Tissue already infarcted
+    at imaging stays infarcted whatever happens next, so a final infarct includes the core as
+    measured; where the analysis over-calls the core, so does the prediction."""
+    mask = np.asarray(mask, dtype=bool)
+    if core is None:
+        return mask.copy()
+    core = np.asarray(core, dtype=bool)
+    if core.shape != mask.shape:
+        raise InputError(f"the measured core's grid {core.shape} differs from the prediction's {mask.shape}")
+    return mask | core
+
+
 def trained_pixel_mm(card: ModelCard) -> float:
     """The pixel size (mm) studies of other pixel sizes are resampled to: the middle of the card's range."""
     pixels = card.inputs.in_plane_spacing_mm

@@ -13,6 +13,7 @@ import pytest
 from service.analysis.final_infarct_model import add_final_infarct, compare_scenarios
 from service.findings import Findings, MapName, Measurement, ModelInfo, Segment, SegmentKind
 from service.imaging.geometry import Geometry
+from service.inference.engine import Backend
 from service.inference.model_set import ModelSet
 from service.phantom.generate import write_patient
 from service.phantom.patient import PhantomOptions
@@ -22,6 +23,7 @@ from service.results.seg import build_seg
 from service.results.sr import build_sr
 from service.results.summary import SCENARIO_COLOURS, render_summary, text_lines
 
+WEIGHTS = Path(__file__).parents[2] / "models" / "weights"
 MODEL = ModelInfo("mri-final-infarct-reperfused", "0.1.0", "0" * 64, "onnxruntime (CPUExecutionProvider)")
 
 
@@ -135,3 +137,24 @@ def test_a_ct_study_without_an_input_gets_no_prediction_and_a_flag_naming_it(fin
     assert "DWI" not in out.qc_flags[0]  # a CT study is not asked for MRI inputs
     out = add_final_infarct(ct, ModelSet(tmp_path))  # every input there, no network installed
     assert "ct-final-infarct" in out.qc_flags[0] and "not installed" in out.qc_flags[0]
+
+
+def test_both_predictions_include_the_measured_core_where_the_networks_see_no_lesion(findings: Findings) -> None:
+    """The shipped MRI networks on flat maps (nothing to see) and a core the analysis measured: each
+    prediction holds the core, since tissue infarcted at imaging stays infarcted either way."""
+    shape = findings.geometry.shape
+    brain = findings.maps[MapName.ADC] > 0
+    core = np.zeros(shape, dtype=bool)
+    core[3:5] = brain[3:5]
+    core[3:5, :, : shape[2] // 2] = False  # one hemisphere of two slices
+    flat = {m: np.where(brain, value, 0).astype(np.float32) for m, value in ((MapName.ADC, 800e-6), (MapName.TMAX, 1.0),
+                                                                             (MapName.CBF, 50.0), (MapName.CBV, 4.0))}
+    study = dataclasses.replace(findings, segments=[Segment("core", "Ischemic core", core, float(core.sum()) * findings.geometry.voxel_volume_ml)],
+                                maps=flat, dwi=np.where(brain, 300.0, 0).astype(np.float32), measurements={}, qc_flags=[], models=[])
+    out = add_final_infarct(study, ModelSet(WEIGHTS, Backend.ONNXRUNTIME))
+    predicted = {s.key: s for s in out.segments if s.key in (SegmentKind.FINAL_IF_REPERFUSED, SegmentKind.FINAL_IF_NOT_REPERFUSED)}
+    assert len(predicted) == 2, out.qc_flags
+    for segment in predicted.values():
+        assert not (core & ~segment.mask).any()
+        assert segment.volume_ml >= float(core.sum()) * findings.geometry.voxel_volume_ml
+    assert out.measurements[Measurement.FINAL_IF_REPERFUSED_VOLUME] == pytest.approx(predicted[SegmentKind.FINAL_IF_REPERFUSED].volume_ml)

@@ -14,10 +14,12 @@ torch = pytest.importorskip("torch", reason="torch is not installed (extra 'trai
 from models.export import PARITY_TOLERANCE, export_onnx, parity  # noqa: E402
 from models.networks.late_fusion import BACKGROUND, LESION, LateFusionNet  # noqa: E402
 from models.training.final_infarct import (  # noqa: E402
-    FinalStudy, FinalTrainConfig, consistency, mismatch_baseline, predict_lesion, train,
+    FinalStudy, FinalTrainConfig, consistency, evaluation_cohort, mismatch_baseline, predict_lesion, train,
 )
 from models.training.losses import LESION_WEIGHT, weighted_dice_loss  # noqa: E402
 from models.training.metrics import precision, recall, volumetric_similarity, voxel_auc  # noqa: E402
+from service.errors import InputError  # noqa: E402
+from service.inference.final_infarct import including_core  # noqa: E402
 from service.inference.final_infarct_inputs import Scenario, contract  # noqa: E402
 
 
@@ -75,6 +77,33 @@ def test_the_mismatch_baseline_is_the_core_if_reperfused_and_core_plus_penumbra_
     penumbra[0, 1, 2] = penumbra[1, 0, 0] = True
     assert np.array_equal(mismatch_baseline(core, penumbra, Scenario.REPERFUSED), core)
     assert np.array_equal(mismatch_baseline(core, penumbra, Scenario.NOT_REPERFUSED), core | penumbra)
+
+
+def test_a_prediction_with_the_measured_core_keeps_both_and_refuses_another_grid() -> None:
+    prediction = np.zeros((2, 8, 8), dtype=bool)
+    prediction[0, :3, :3] = True
+    core = np.zeros_like(prediction)
+    core[1, 4:, 4:] = True
+    both = including_core(prediction, core)
+    assert both.sum() == prediction.sum() + core.sum() and (both & prediction).sum() == prediction.sum()
+    assert np.array_equal(including_core(prediction, None), prediction) and including_core(prediction, None) is not prediction
+    with pytest.raises(InputError, match="grid"):
+        including_core(prediction, core[:, :4])
+
+
+def test_a_shipped_pair_is_evaluated_on_its_test_patients_and_on_new_ones_it_never_saw() -> None:
+    from models.training.cohort import CohortPlan
+
+    families = ("icbm", "geometric-graded", "geometric-uniform")
+    plan = CohortPlan(families, "geometric-uniform", (10.0,), 4, 1, 2)
+    specs = evaluation_cohort({**plan.seeds(), "training": 1}, families, "geometric-uniform", 5, 10.0)
+    trained = set(plan.seeds()["train"])
+    tested = [s for s in specs if s.split in ("test", "held-out")]
+    assert len(tested) == 5 * len(families) and not {s.seed for s in tested} & (trained | set(plan.seeds()["validation"]))
+    assert {s.seed for s in tested} >= set(plan.seeds()["test"]) | set(plan.seeds()["held-out"])
+    assert {s.family for s in specs if s.split == "held-out"} == {"geometric-uniform"}
+    assert sorted(s.seed for s in specs if s.split == "validation") == plan.seeds()["validation"]
+    assert len({s.key for s in specs}) == len(specs)
 
 
 def test_the_seed_metrics_say_what_they_should() -> None:
