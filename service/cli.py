@@ -79,6 +79,11 @@ def serve(
     http_host: Annotated[str | None, typer.Option(help="Address the HTTP server binds (default 127.0.0.1).")] = None,
     hl7_port: Annotated[int | None, typer.Option(help="HL7 v2 MLLP port for ORU^R01 with the NIHSS (default: none).")] = None,
     fhir_base_url: Annotated[str | None, typer.Option(help="FHIR R4 base URL searched for each study's NIHSS.")] = None,
+    fhir_token_url: Annotated[str | None, typer.Option(help="SMART backend services: the EHR's OAuth2 token endpoint.")] = None,
+    fhir_client_id: Annotated[str | None, typer.Option(help="SMART: StrokeGate's client id at the EHR.")] = None,
+    fhir_private_key: Annotated[Path | None, typer.Option(help="SMART: PEM RSA key signing the RS384 client assertion.")] = None,
+    fhir_key_id: Annotated[str | None, typer.Option(help="SMART: the key's id (JWK kid) at the EHR.")] = None,
+    fhir_scope: Annotated[str | None, typer.Option(help="SMART: the scope asked for (default system/Observation.read).")] = None,
 ) -> None:
     """Run the service until SIGTERM or Ctrl-C. Everything it creates is readable by this user only."""
     import signal
@@ -91,7 +96,8 @@ def serve(
     settings = _settings(
         config, port=port, ae_title=ae_title, destinations=destination or None, database_url=database_url,
         spool_dir=spool_dir, results_dir=results_dir, http_port=http_port, host=host, http_host=http_host,
-        hl7_port=hl7_port, fhir_base_url=fhir_base_url,
+        hl7_port=hl7_port, fhir_base_url=fhir_base_url, fhir_token_url=fhir_token_url, fhir_client_id=fhir_client_id,
+        fhir_private_key=fhir_private_key, fhir_key_id=fhir_key_id, fhir_scope=fhir_scope,
     )
     from service.config import JobQueueKind
     from service.ops.startup import check_broker

@@ -36,7 +36,7 @@ from service.inference.outcome_inputs import MRI_MAPS, network_maps, triplets
 from service.phantom.clinical import roc_auc
 
 MODEL_NAME = "outcome-cnn-lstm"
-MODEL_VERSION = "0.1.0"
+MODEL_VERSION = "0.2.0"
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def module_inputs(cohort: OutcomeCohort, index: int) -> np.ndarray:
     out = []
     for i in range(len(cohort)):
         maps = {name: cohort.maps[i, k].astype(np.float32) for k, name in enumerate(MRI_MAPS)}
-        out.append(triplets(network_maps(maps, cohort.brain[i], (MRI_MAPS[index],))[0]))
+        out.append(triplets(network_maps(maps, cohort.brain[i], (MRI_MAPS[index],), centred=True)[0]))
     return np.stack(out)
 
 

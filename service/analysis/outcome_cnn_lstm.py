@@ -89,7 +89,7 @@ class CnnLstmOutcomeModel:
         if not study.brain.any():
             raise InputError("the CNN-LSTM outcome model needs a brain mask with at least one voxel")
         maps = {n: np.asarray(study.maps[n], dtype=np.float32) for n in names}
-        inputs = network_maps(maps, study.brain, names)
+        inputs = network_maps(maps, study.brain, names, centred=True)
         modules = []
         for index, (module, session) in enumerate(zip(self.card.modules, self.sessions, strict=True)):
             try:

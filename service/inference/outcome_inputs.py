@@ -1,7 +1,8 @@
 """What the outcome networks take, made from an MRI study's maps the same way in training and in
 the service: the maps over their brain median (Tmax in tenths of 10 s), clipped, on a 64 x 64 grid;
 seed 004's 2.5D slab (slices n-2, n, n+2 around the slice with the largest hypoperfused area, every
-map) and seed 000's slice triplets (three consecutive slices of one map as a 3-channel image)."""
+map) and seed 000's slice triplets (three consecutive slices of one map as a 3-channel image, the ratio maps
+centred on their brain median)."""
 
 from __future__ import annotations
 
@@ -14,22 +15,31 @@ CT_MAPS = ("cbf", "cbv", "tmax", "ttp")
 """Channel order of the CT outcome inputs (seed 000's CT modules)."""
 GRID = 64
 CLIP = (0.0, 4.0)
+CENTRED_CLIP = (-1.0, 3.0)
 TMAX_SCALE_S = 10.0
 SLAB_OFFSETS = (-2, 0, 2)
 
 
-def network_maps(maps: dict[str, np.ndarray], brain: np.ndarray, names: tuple[str, ...] = MRI_MAPS) -> np.ndarray:
+def network_maps(maps: dict[str, np.ndarray], brain: np.ndarray, names: tuple[str, ...] = MRI_MAPS,
+                 centred: bool = False) -> np.ndarray:
     """[len(names), Z, 64, 64] float32: each map over its brain median (Tmax and TTP / 10 s),
-    clipped to 0-4, 0 outside the brain, resampled in-plane to 64 x 64."""
+    clipped to 0-4, 0 outside the brain, resampled in-plane to 64 x 64.
+
+    ``centred`` (seed 000's modules): the ratio maps as their departure from the brain median
+    (ratio - 1, clipped to -1..3), so that normal tissue reads 0 like Tmax and TTP do and like
+    the outside of the brain: the brain's size and shape then no longer fill the input, only
+    what departs from normal does (uncentred, the modules fitted the head's size, which follows
+    the outcome by chance in a small cohort, and not the lesion)."""
     out = []
     for name in names:
         values = np.asarray(maps[name], dtype=np.float64)
         if name in ("tmax", "ttp"):
-            scaled = values / TMAX_SCALE_S
+            scaled = np.clip(values / TMAX_SCALE_S, *CLIP)
         else:
             inside = values[brain & (values > 0)]
             scaled = values / max(float(np.median(inside)) if inside.size else 1.0, 1e-6)
-        out.append(np.clip(np.where(brain, scaled, 0.0), *CLIP))
+            scaled = np.clip(scaled - 1.0, *CENTRED_CLIP) if centred else np.clip(scaled, *CLIP)
+        out.append(np.where(brain, scaled, 0.0))
     stacked = np.stack(out).astype(np.float32)
     z, y, x = stacked.shape[1:]
     if (y, x) != (GRID, GRID):

@@ -125,6 +125,26 @@ def test_radiomics_features_measure_the_regions() -> None:
     assert not empty[: len(SHAPE)].any() and len(REGIONS) == 3
 
 
+def test_centred_inputs_show_the_lesion_and_not_the_size_of_the_head() -> None:
+    """Seed 000's modules read each ratio map as its departure from the brain median: two heads of
+    different size without a lesion give the same (all-zero) input, a low-ADC lesion reads below 0
+    and the maps' plain inputs still fill the brain (seed 004's ResNet keeps them)."""
+    def head(radius: int, lesion: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        zz, yy, xx = np.mgrid[:6, :64, :64]
+        brain = (yy - 32) ** 2 + (xx - 32) ** 2 < radius**2
+        adc = np.where(brain, 800.0, 0.0)
+        if lesion:
+            adc[2:4, 28:36, 28:36] = 450.0
+        tmax = np.zeros_like(adc)  # Tmax reads 0 s in normal tissue
+        return {"adc": adc, "dwi": adc, "tmax": tmax, "cbf": adc, "cbv": adc}, brain
+
+    small, large = (network_maps(*head(r, False), centred=True) for r in (18, 28))
+    assert not small.any() and not large.any()
+    assert network_maps(*head(28, False)).sum() > network_maps(*head(18, False)).sum() > 0
+    fed = network_maps(*head(28, True), centred=True)
+    assert fed[0].min() < -0.4 and (fed[0] < 0).sum() == 2 * 8 * 8 and fed.max() <= 3.0
+
+
 def test_network_inputs_have_the_documented_shapes() -> None:
     maps, brain, core, hypo = _study(6)
     maps = {**maps, "dwi": np.where(core, 1.5, 1.0), "cbv": np.ones_like(maps["cbf"])}

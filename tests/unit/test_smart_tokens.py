@@ -38,3 +38,22 @@ def test_a_refusal_whose_body_is_not_an_object_is_still_one_line() -> None:
     tokens, http = tokens_from(httpx.Response(401, json=["not", "an", "object"]))
     with pytest.raises(SmartError, match="answered HTTP 401: check the client id"):
         tokens.token(http)
+
+
+@pytest.mark.parametrize(("flags", "told"), [
+    (["--fhir-token-url", "ftp://ehr.example/token", "--fhir-client-id", "sg", "--fhir-private-key", "key.pem"],
+     "must be an http:// or https:// URL"),
+    (["--fhir-token-url", "https://ehr.example/token", "--fhir-private-key", "key.pem"], "needs fhir_client_id"),
+    (["--fhir-client-id", "sg", "--fhir-key-id", "k1"], "need fhir_token_url"),
+])
+def test_serve_takes_the_smart_settings_as_flags_and_says_in_one_line_what_is_wrong(
+        flags: list[str], told: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["serve", "--database-url", f"sqlite:///{tmp_path / 'sg.db'}", *flags])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("strokegate: invalid configuration") and told in lines[0]
