@@ -17,7 +17,7 @@ from models.training.cohort import FAMILIES, CohortPlan, SampleSpec  # noqa: E40
 from models.training.dataset import ANALYSIS_SOURCES, DATASET_VERSION, analysis_fingerprint, build, load, sample_path, simulate  # noqa: E402
 from models.training.evaluate import Summary, acceptance  # noqa: E402
 from models.training.losses import focal_tversky  # noqa: E402
-from models.training.core_penumbra import CropSampler, Study, TrainConfig, new_network, predict_study, train  # noqa: E402
+from models.training.core_penumbra import CropSampler, Study, TrainConfig, augment, new_network, predict_study, train  # noqa: E402
 from models.training.metrics import dice, hausdorff_95, volume_difference_ml  # noqa: E402
 import service  # noqa: E402
 from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp_series  # noqa: E402
@@ -122,6 +122,31 @@ def test_a_few_training_steps_learn_and_the_export_agrees_with_torch(tmp_path: P
     assert parity(network, onnx_path, inputs) <= PARITY_TOLERANCE
     on_onnx = predict_study(network, study, forward=onnx_forward(onnx_path))  # how the evaluation scores the shipped file
     assert np.abs(on_onnx - predict_study(network, study)).max() <= PARITY_TOLERANCE
+
+
+def test_augmentation_moves_the_truth_with_the_maps_and_leaves_outside_the_brain_empty() -> None:
+    # a lesion in the top half of the crop: the map's value marks it, so after any flip the labels must follow it
+    maps = np.zeros((5, 32, 32), np.float32)
+    brain = np.zeros((32, 32), bool)
+    brain[4:28, 4:28] = True
+    labels = np.zeros((32, 32), np.uint8)
+    labels[6:12, 8:20] = 2
+    maps[:, brain] = 1.0
+    maps[:, labels == 2] = 0.2
+    config = TrainConfig(augment=True, intensity_scale=0.05, noise_sd=0.01)
+    rng = np.random.default_rng(0)
+    flipped = 0
+    for _ in range(20):
+        m, b, l = augment(maps, brain, labels, rng, config)
+        assert m.dtype == np.float32 and m.shape == maps.shape and b.shape == brain.shape == l.shape
+        assert np.all(m[:, ~b] == 0.0)  # no noise outside the brain
+        assert (l == 2).sum() == (labels == 2).sum() and b.sum() == brain.sum()
+        assert np.all(m[:, l == 2] < 0.4) and np.all(m[:, b & (l == 0)] > 0.8)  # the lesion's maps stay on its labels
+        assert 0.2 * 0.95 - 0.06 < m[0, l == 2].mean() < 0.2 * 1.05 + 0.06
+        flipped += bool(l[20:26, 8:20].all())
+    assert 0 < flipped < 20  # flipped up-down some of the time, not always
+    plain = CropSampler([Study("s", maps[None], brain[None], labels[None], 5)], TrainConfig(batch=4, crop=32))
+    assert not plain.config.augment  # augmentation is asked for, never on by default
 
 
 def test_the_same_seed_gives_the_same_weights(tmp_path: Path, small_family: str) -> None:
