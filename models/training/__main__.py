@@ -55,6 +55,7 @@ def train(
     steps: Annotated[int, typer.Option(help="Steps (batches) per epoch.")] = TrainConfig.steps_per_epoch,
     seed: Annotated[int, typer.Option(help="Seed of the weights, crops and dropout.")] = TrainConfig.seed,
     augment: Annotated[bool, typer.Option(help="Augment the crops: up-down flips, small per-map scaling, noise.")] = TrainConfig.augment,
+    ema_decay: Annotated[float, typer.Option(help="Keep the moving average of the weights with this decay (0: off).")] = TrainConfig.ema_decay,
     jobs: Annotated[int, typer.Option(help="Processes building the dataset.")] = 2,
     data: Annotated[Path, typer.Option(help="Dataset cache folder.")] = Path("build/datasets/ctp"),
     run: Annotated[Path, typer.Option(help="Folder for checkpoints and the run's report.")] = Path("build/runs/ctp-core-penumbra"),
@@ -72,7 +73,7 @@ def train(
 
     started, load_start = time.perf_counter(), os.getloadavg()
     plan, specs = plan_cohort(families, held_out_family, tuple(noise_hu), train_patients, validation_patients, test_patients)
-    config = TrainConfig(epochs=epochs, steps_per_epoch=steps, seed=seed, augment=augment)
+    config = TrainConfig(epochs=epochs, steps_per_epoch=steps, seed=seed, augment=augment, ema_decay=ema_decay)
     console.print(f"{len(specs)} studies: " + ", ".join(f"{n} {s}" for s, n in _counts(specs).items()))
     paths = build_dataset(specs, data, jobs, CT_DATASET, "dataset (simulate + analyse)")
     dataset_s = time.perf_counter() - started
