@@ -2,8 +2,9 @@
 cached studies, through the shared loop (``models.training.loop``).
 
 Each step takes a batch of square crops from the training studies' slices (half centred on a
-lesion voxel, half anywhere in the brain; mirrored left-right at random), withholds NIHSS from
-a share of them (flag 0), and minimises the focal Tversky loss inside the brain. After each epoch
+lesion voxel, half anywhere in the brain; mirrored left-right at random and, with augmentation on,
+also up-down, each map scaled by a small random factor and given a little noise inside the brain),
+withholds NIHSS from a share of them (flag 0), and minimises the focal Tversky loss inside the brain. After each epoch
 the validation studies are predicted whole and the checkpoint with the best mean of core and
 penumbra Dice is kept. Seeds fix the weights' initialisation, the crops and the dropout.
 """
@@ -37,6 +38,10 @@ class TrainConfig:
     lesion_fraction: float = 0.5  # crops centred on a true lesion voxel
     nihss_withheld: float = 0.3  # share of crops trained without NIHSS (flag 0)
     widths: tuple[int, ...] = (8, 16, 32, 64)
+    augment: bool = False  # up-down flips, per-map intensity scaling and noise (left-right flips always)
+    intensity_scale: float = 0.05  # with augment: each map of a crop times a factor in [1 - s, 1 + s]
+    noise_sd: float = 0.02  # with augment: Gaussian noise (normalised units) added inside the brain
+    ema_decay: float = 0.0  # > 0: validate, keep and ship the moving average of the weights (models.training.loop)
     seed: int = 13
     threads: int = 1  # one: on a machine whose cores other work shares, more OpenMP threads wait on each other
 
@@ -56,6 +61,18 @@ class Study:
 def new_network(config: TrainConfig) -> SlowFusionNet:
     torch.manual_seed(config.seed)
     return SlowFusionNet(widths=config.widths)
+
+
+def augment(maps: np.ndarray, brain: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+            config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One training crop (``maps`` ``[C, H, W]``, ``brain`` and ``labels`` ``[H, W]``) flipped up-down at
+    random, each map scaled by a factor in ``1 +- intensity_scale`` and given Gaussian noise of
+    ``noise_sd`` inside the brain: scanners and noise differ, and the truth does not move with them."""
+    if rng.random() < 0.5:
+        maps, brain, labels = maps[:, ::-1], brain[::-1], labels[::-1]
+    scale = rng.uniform(1.0 - config.intensity_scale, 1.0 + config.intensity_scale, size=(maps.shape[0], 1, 1))
+    noise = rng.normal(0.0, config.noise_sd, size=maps.shape) * brain[None]
+    return (maps * scale + noise).astype(np.float32), brain, labels
 
 
 def clinical_rows(nihss: np.ndarray, known: np.ndarray) -> np.ndarray:
@@ -91,6 +108,8 @@ class CropSampler:
             m, b, l = study.inputs[z][(slice(None), *window)], study.brain[z][window], study.labels[z][window]
             if self.rng.random() < 0.5:
                 m, b, l = m[..., ::-1], b[..., ::-1], l[..., ::-1]
+            if self.config.augment:
+                m, b, l = augment(m, b, l, self.rng, self.config)
             maps.append(m)
             brains.append(b)
             labels.append(l)
@@ -138,9 +157,17 @@ def train(train_studies: list[Study], validation: list[Study], config: TrainConf
         schedule=torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate, total_steps=total, pct_start=0.1),
         validate=lambda net: validation_scores(net, validation) if validation else {},
         selection=lambda r: (r["validation_dice_core"] + r["validation_dice_penumbra"]) / 2 if validation else -r["train_loss"],
-        checkpoint={"config": asdict(config)},
+        checkpoint={"config": asdict(config)}, ema_decay=config.ema_decay,
     )
     return fit(recipe, config.epochs, config.steps_per_epoch, folder, config.threads, on_step)
+
+
+def augmentation(config: TrainConfig) -> str:
+    """The crops' augmentation, in words (card and report)."""
+    if not config.augment:
+        return "left-right flips"
+    return (f"left-right and up-down flips, maps scaled by 1 +- {config.intensity_scale:g}, "
+            f"noise sd {config.noise_sd:g} inside the brain")
 
 
 def card_text(config: TrainConfig, history: History, notes: str) -> CardText:
@@ -156,5 +183,7 @@ def card_text(config: TrainConfig, history: History, notes: str) -> CardText:
         restricted_to="brain mask (input 'brain'): outside it the probability of 'healthy' is 1",
         training_notes=(f"{config.epochs} epochs x {config.steps_per_epoch} steps of {config.batch} crops {config.crop} x {config.crop}, "
                         f"AdamW lr {config.learning_rate:g} one-cycle, NIHSS withheld from {config.nihss_withheld:.0%} of the crops; "
-                        f"best validation epoch {history.best_epoch}; torch {torch.__version__}. {notes}"),
+                        f"augmentation {augmentation(config)}; "
+                        + (f"weights: moving average over the steps (decay {config.ema_decay:g}); " if config.ema_decay > 0 else "")
+                        + f"best validation epoch {history.best_epoch}; torch {torch.__version__}. {notes}"),
     )
