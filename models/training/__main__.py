@@ -55,7 +55,6 @@ def train(
     steps: Annotated[int, typer.Option(help="Steps (batches) per epoch.")] = TrainConfig.steps_per_epoch,
     seed: Annotated[int, typer.Option(help="Seed of the weights, crops and dropout.")] = TrainConfig.seed,
     augment: Annotated[bool, typer.Option(help="Augment the crops: up-down flips, small per-map scaling, noise.")] = TrainConfig.augment,
-    ema_decay: Annotated[float, typer.Option(help="Keep the moving average of the weights with this decay (0: off).")] = TrainConfig.ema_decay,
     threads: Annotated[int, typer.Option(help="Torch threads (the same weights need the same count).")] = TrainConfig.threads,
     jobs: Annotated[int, typer.Option(help="Processes building the dataset.")] = 2,
     data: Annotated[Path, typer.Option(help="Dataset cache folder.")] = Path("build/datasets/ctp"),
@@ -74,7 +73,7 @@ def train(
 
     started, load_start = time.perf_counter(), os.getloadavg()
     plan, specs = plan_cohort(families, held_out_family, tuple(noise_hu), train_patients, validation_patients, test_patients)
-    config = TrainConfig(epochs=epochs, steps_per_epoch=steps, seed=seed, augment=augment, ema_decay=ema_decay, threads=threads)
+    config = TrainConfig(epochs=epochs, steps_per_epoch=steps, seed=seed, augment=augment, threads=threads)
     console.print(f"{len(specs)} studies: " + ", ".join(f"{n} {s}" for s, n in _counts(specs).items()))
     paths = build_dataset(specs, data, jobs, CT_DATASET, "dataset (simulate + analyse)")
     dataset_s = time.perf_counter() - started

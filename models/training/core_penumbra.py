@@ -41,7 +41,6 @@ class TrainConfig:
     augment: bool = False  # up-down flips, per-map intensity scaling and noise (left-right flips always)
     intensity_scale: float = 0.05  # with augment: each map of a crop times a factor in [1 - s, 1 + s]
     noise_sd: float = 0.02  # with augment: Gaussian noise (normalised units) added inside the brain
-    ema_decay: float = 0.0  # > 0: validate, keep and ship the moving average of the weights (models.training.loop)
     seed: int = 13
     threads: int = 1  # one: on a machine whose cores other work shares, more OpenMP threads wait on each other
 
@@ -157,7 +156,7 @@ def train(train_studies: list[Study], validation: list[Study], config: TrainConf
         schedule=torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate, total_steps=total, pct_start=0.1),
         validate=lambda net: validation_scores(net, validation) if validation else {},
         selection=lambda r: (r["validation_dice_core"] + r["validation_dice_penumbra"]) / 2 if validation else -r["train_loss"],
-        checkpoint={"config": asdict(config)}, ema_decay=config.ema_decay,
+        checkpoint={"config": asdict(config)},
     )
     return fit(recipe, config.epochs, config.steps_per_epoch, folder, config.threads, on_step)
 
@@ -184,6 +183,5 @@ def card_text(config: TrainConfig, history: History, notes: str) -> CardText:
         training_notes=(f"{config.epochs} epochs x {config.steps_per_epoch} steps of {config.batch} crops {config.crop} x {config.crop}, "
                         f"AdamW lr {config.learning_rate:g} one-cycle, NIHSS withheld from {config.nihss_withheld:.0%} of the crops; "
                         f"augmentation {augmentation(config)}; "
-                        + (f"weights: moving average over the steps (decay {config.ema_decay:g}); " if config.ema_decay > 0 else "")
-                        + f"best validation epoch {history.best_epoch}; torch {torch.__version__}. {notes}"),
+                        f"best validation epoch {history.best_epoch}; torch {torch.__version__}. {notes}"),
     )

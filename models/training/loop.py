@@ -4,10 +4,7 @@ A ``Recipe`` holds what differs between models (their contract): the freshly see
 sampler of training batches (the network's inputs, the truth's class labels, the brain mask),
 the loss, the optimiser (and its schedule), and how an epoch is validated and scored. ``fit``
 runs epochs of steps, validates after each, keeps ``last.pt`` and ``best.pt`` checkpoints and
-``history.json``, and returns the network with the best validation weights. With ``ema_decay``
-set, what is validated, checkpointed and returned is the exponential moving average of the weights
-over the steps (batch-norm statistics included): the average of the last few hundred steps
-rather than wherever the last step happened to land.
+``history.json``, and returns the network with the best validation weights.
 """
 
 from __future__ import annotations
@@ -47,26 +44,6 @@ class Recipe:
     selection: Callable[[dict[str, float]], float]  # an epoch's record -> its score (higher is better)
     schedule: torch.optim.lr_scheduler.LRScheduler | None = None
     checkpoint: dict[str, Any] = field(default_factory=dict)  # saved with each checkpoint (the config, ...)
-    ema_decay: float = 0.0  # > 0: validate and keep the moving average of the weights (0.99: about the last 100 steps)
-
-
-class MovingAverage:
-    """Exponential moving average of a network's state (floating-point parameters and buffers;
-    integer buffers such as batch norm's step count are copied)."""
-
-    def __init__(self, network: torch.nn.Module, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"the moving average's decay must lie in (0, 1), got {decay}")
-        self.decay = decay
-        self.state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-
-    def update(self, network: torch.nn.Module) -> None:
-        with torch.no_grad():
-            for key, value in network.state_dict().items():
-                if value.is_floating_point():
-                    self.state[key].lerp_(value, 1.0 - self.decay)
-                else:
-                    self.state[key].copy_(value)
 
 
 def fit(recipe: Recipe, epochs: int, steps_per_epoch: int, folder: Path, threads: int = 1,
@@ -77,7 +54,6 @@ def fit(recipe: Recipe, epochs: int, steps_per_epoch: int, folder: Path, threads
     folder.mkdir(parents=True, exist_ok=True)
     network, optimiser = recipe.network, recipe.optimiser
     history, best, started = History(), -float("inf"), time.perf_counter()
-    average = MovingAverage(network, recipe.ema_decay) if recipe.ema_decay > 0 else None
     for epoch in range(epochs):
         network.train()
         losses = []
@@ -89,23 +65,14 @@ def fit(recipe: Recipe, epochs: int, steps_per_epoch: int, folder: Path, threads
             optimiser.step()
             if recipe.schedule is not None:
                 recipe.schedule.step()
-            if average is not None:
-                average.update(network)
             losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(epoch, step, losses[-1])
-        trained = None
-        if average is not None:  # validate and keep the averaged weights; training goes on from its own
-            trained = {k: v.detach().clone() for k, v in network.state_dict().items()}
-            network.load_state_dict(average.state)
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **recipe.validate(network),
                   "seconds": time.perf_counter() - started}
         history.epochs.append(record)
         score = recipe.selection(record)
-        state = {"network": {k: v.detach().clone() for k, v in network.state_dict().items()}, "optimiser": optimiser.state_dict(),
-                 "epoch": epoch + 1, **recipe.checkpoint}
-        if trained is not None:
-            network.load_state_dict(trained)
+        state = {"network": network.state_dict(), "optimiser": optimiser.state_dict(), "epoch": epoch + 1, **recipe.checkpoint}
         torch.save(state, folder / "last.pt")
         if score > best:
             best, history.best_epoch = score, epoch + 1

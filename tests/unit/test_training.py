@@ -17,7 +17,6 @@ from models.training.cohort import FAMILIES, CohortPlan, SampleSpec  # noqa: E40
 from models.training.dataset import ANALYSIS_SOURCES, DATASET_VERSION, analysis_fingerprint, build, load, sample_path, simulate  # noqa: E402
 from models.training.evaluate import Summary, acceptance  # noqa: E402
 from models.training.losses import focal_tversky  # noqa: E402
-from models.training.loop import MovingAverage  # noqa: E402
 from models.training.core_penumbra import CropSampler, Study, TrainConfig, augment, new_network, predict_study, train  # noqa: E402
 from models.training.metrics import dice, hausdorff_95, volume_difference_ml  # noqa: E402
 import service  # noqa: E402
@@ -148,36 +147,6 @@ def test_augmentation_moves_the_truth_with_the_maps_and_leaves_outside_the_brain
     assert 0 < flipped < 20  # flipped up-down some of the time, not always
     plain = CropSampler([Study("s", maps[None], brain[None], labels[None], 5)], TrainConfig(batch=4, crop=32))
     assert not plain.config.augment  # augmentation is asked for, never on by default
-
-
-def test_the_moving_average_of_the_weights_follows_them_slowly_and_ships_as_the_best_checkpoint(tmp_path: Path, small_family: str) -> None:
-    layer = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
-    average = MovingAverage(layer, decay=0.9)
-    start = layer[0].weight.detach().clone()
-    with torch.no_grad():
-        layer[0].weight.add_(1.0)
-    layer[1].num_batches_tracked.fill_(7)
-    average.update(layer)
-    assert torch.allclose(average.state["0.weight"], start + 0.1)  # a tenth of the way towards the new weights
-    assert int(average.state["1.num_batches_tracked"]) == 7  # integer buffers are copied, not averaged
-    with pytest.raises(ValueError, match="decay"):
-        MovingAverage(layer, decay=1.0)
-
-    paths = build([SampleSpec(small_family, 2, 10.0, "train"), SampleSpec(small_family, 3, 10.0, "validation")], tmp_path / "data")
-    studies = []
-    for path in paths.values():
-        arrays = load(path)
-        studies.append(Study("s", arrays.pop("inputs"), arrays.pop("brain"), arrays.pop("labels"), int(arrays.pop("nihss")), arrays))
-    config = TrainConfig(epochs=2, steps_per_epoch=3, batch=2, crop=32, widths=(4, 8), seed=3, ema_decay=0.5)
-    network, history = train(studies[:1], studies[1:], config, tmp_path / "run")
-    kept = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["network"]
-    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["network"]
-    assert all(torch.equal(network.state_dict()[k], kept[k]) for k in kept)  # the returned network is the kept average
-    plain, _ = train(studies[:1], studies[1:], TrainConfig(epochs=2, steps_per_epoch=3, batch=2, crop=32, widths=(4, 8), seed=3),
-                     tmp_path / "plain")
-    plain_last = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["network"]
-    # same seed, same steps: the averaged run's last checkpoint is not the raw weights the plain run ends on
-    assert not all(torch.equal(last[k], plain_last[k]) for k in last if last[k].is_floating_point())
 
 
 def test_the_same_seed_gives_the_same_weights(tmp_path: Path, small_family: str) -> None:
