@@ -46,7 +46,7 @@ from service.imaging.volumes import group_series
 from service.perfusion import anatomy, ctp, low_flow, thresholds
 from service.perfusion.aif import FLAG_TRUNCATED, partial_volume_scale, select_aif, select_vof
 from service.perfusion.deconvolution import (
-    K_H, RESIDUE_SHAPES, RHO, apply_bias, bias_of, calibrate_bias, deconvolve, fit_exponential_residue, fit_residue, mean_transit_time, perfusion_parameters,
+    K_H, MODEL_MTT_S, RESIDUE_SHAPES, RHO, apply_bias, bias_of, calibrate_bias, deconvolve, choose_residue_shape, fit_residue, mean_transit_time, perfusion_parameters,
     resample_uniform,
 )
 from service.perfusion.motion import correct_motion
@@ -107,6 +107,9 @@ class CtpParameters:
     # (deconvolution.fit_residue); (1.0,): the exponential only, whose MTT reads a narrower
     # transit-time distribution short and so its flow high.
     residue_shapes: tuple[float, ...] = RESIDUE_SHAPES
+    # The shape is chosen once for the study on the mean curves of in-plane patches of this many
+    # working pixels a side (plus the slice) within delayed tissue: one voxel is too noisy.
+    shape_patch_px: int = 4
 
 
 def ctp_series(paths: Sequence[Path | str | Dataset]) -> list[str] | None:
@@ -434,10 +437,14 @@ def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_
     model_cbf = None
     if parameters.delayed_flow is not DelayedFlow.SVD:
         slow = perfusion.tmax > parameters.tmax_threshold_s
-        if parameters.residue_shapes == (1.0,):
-            model = fit_exponential_residue(curves[:, slow], arterial, dt)
-        else:
-            model = fit_residue(curves[:, slow], arterial, dt, shapes=parameters.residue_shapes)
+        shape_k = 1.0
+        if len(parameters.residue_shapes) > 1:
+            pooled = patch_means(curves[:, slow], np.argwhere(brain)[slow], parameters.shape_patch_px)
+            if pooled.shape[1]:
+                shape_k = choose_residue_shape(pooled, arterial, dt, shapes=parameters.residue_shapes)
+        elif parameters.residue_shapes:
+            shape_k = parameters.residue_shapes[0]
+        model = fit_residue(curves[:, slow], arterial, dt, shapes=(shape_k,), mtts=MODEL_MTT_S)
         if parameters.delayed_flow is DelayedFlow.MODEL:
             flow = K_H / RHO * 6000.0 * model.flow_scaled
         else:
@@ -459,6 +466,20 @@ def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_
     for volume in maps.values():
         volume[brain & ~tissue_only] = 0.0
     return PerfusionMaps(maps, tissue_only, model_cbf)
+
+
+def patch_means(curves: np.ndarray, coordinates: np.ndarray, patch_px: int, min_voxels: int = 8) -> np.ndarray:
+    """Mean curves ``(n_time, n_patches)`` of the voxels ``curves`` ``(n_time, n)`` at
+    ``coordinates`` ``(n, 3)`` (z, y, x) grouped by slice and ``patch_px`` square in-plane patches;
+    patches of fewer than ``min_voxels`` voxels left out."""
+    if not curves.shape[1]:
+        return np.zeros((curves.shape[0], 0))
+    keys = np.column_stack([coordinates[:, 0], coordinates[:, 1] // patch_px, coordinates[:, 2] // patch_px])
+    _, label, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    label = label.ravel()
+    sums = np.stack([np.bincount(label, weights=row, minlength=counts.size) for row in curves])
+    full = counts >= min_voxels
+    return sums[:, full] / counts[full]
 
 
 def anatomy_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameters: CtpParameters) -> PerfusionMaps:

@@ -8,7 +8,8 @@ import pytest
 
 from scipy.stats import gamma
 
-from service.perfusion.deconvolution import fit_exponential_residue, fit_residue
+from service.analysis.ctp_perfusion import patch_means
+from service.perfusion.deconvolution import choose_residue_shape, fit_exponential_residue, fit_residue
 
 DT = 1.5
 TIMES = np.arange(40) * DT
@@ -77,6 +78,28 @@ def test_a_low_flow_box_residue_with_noise_keeps_its_median_flow() -> None:
     fit = fit_residue(curves, _aif(), DT)
     cbv = np.trapezoid(curves, dx=DT, axis=0) / np.trapezoid(_aif(), dx=DT)
     assert np.median(cbv / fit.mtt_s) == pytest.approx(flow, rel=0.15)
+
+
+@pytest.mark.parametrize(("shape", "expected"), [("exponential", 1.0), ("box", float("inf")), ("gamma-3", None)])
+def test_the_shape_chosen_on_patch_means_is_the_tissues(shape: str, expected: float | None) -> None:
+    """Patches of 16 noisy voxels (peak ~4 HU, noise 1 HU): an exponential stays exponential (a
+    per-voxel choice fitted the noise), a box is a box, a gamma of k 3 is read as k 2 or 4."""
+    rng = np.random.default_rng(3)
+    clean = np.stack([_tissue(0.003, mtt, delay, shape) for mtt, delay in zip(rng.uniform(7, 12, 64), rng.uniform(3, 8, 64))], axis=1)
+    voxels = np.repeat(clean, 16, axis=1) + rng.normal(0.0, 1.0, (TIMES.size, 64 * 16))
+    coordinates = np.column_stack([np.zeros(64 * 16, int), np.repeat(np.arange(64), 16) * 4, np.tile(np.arange(16) % 4, 64)])
+    pooled = patch_means(voxels, coordinates, 4)
+    assert pooled.shape == (TIMES.size, 64)
+    chosen = choose_residue_shape(pooled, _aif(), DT)
+    assert chosen == expected if expected is not None else chosen in (2.0, 4.0)
+
+
+def test_patch_means_average_each_patch_and_leave_small_ones_out() -> None:
+    curves = np.arange(3 * 10, dtype=float).reshape(3, 10)
+    coordinates = np.array([[0, 0, x] for x in range(9)] + [[1, 0, 0]])  # 8 voxels in one patch, 1 in the next, 1 on slice 1
+    pooled = patch_means(curves, coordinates, 8)
+    assert pooled.shape == (3, 1)
+    np.testing.assert_allclose(pooled[:, 0], curves[:, :8].mean(axis=1))
 
 
 def test_bad_shapes_are_refused() -> None:
