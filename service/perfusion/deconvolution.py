@@ -512,6 +512,12 @@ RESIDUE_SHAPES = (1.0, 2.0, 4.0, 8.0, float("inf"))
 residue is the gamma survival function of mean MTT, ``k = 1`` the exponential (a well-mixed
 compartment), larger ``k`` narrower transit times, ``inf`` the box (plug flow, every transit
 time equal to the MTT)."""
+SHAPE_MARGIN = 0.01
+"""How much less summed residual (relative) another residue shape must leave on a study's patches
+than the exponential to be chosen. On the tuning families (icbm 102, geometric-graded 142 at 5
+and 10 HU) the best other shape left 0.04-0.5 % less on exponential-residue tissue; on patches of
+16 noisy copies (benchmarks/residue_shape.py's curves, noise 60 % of the peak per copy) a box
+left 4-32 % less, a gamma of k 2 0.9-1.9 % less."""
 MODEL_SHAPE_MTT_S = tuple(np.geomspace(1.0, 30.0, 24))
 """The MTTs (s) of the residue family fit: half the exponential grid's density (5 %/step is below
 the noise of one voxel's MTT), so that five shapes cost 2.5 times one."""
@@ -620,15 +626,22 @@ def fit_residue(
     return ModelFit(flow, best_delay, best_mtt, best_shape, np.clip(residual, 0.0, None))
 
 
-def choose_residue_shape(pooled: np.ndarray, aif: np.ndarray, dt: float, *, shapes: Sequence[float] = RESIDUE_SHAPES) -> float:
+def choose_residue_shape(pooled: np.ndarray, aif: np.ndarray, dt: float, *, shapes: Sequence[float] = RESIDUE_SHAPES,
+                         margin: float = SHAPE_MARGIN) -> float:
     """The residue shape (gamma ``k``; inf: box) whose best fits leave the least summed residual
-    over ``pooled`` curves ``(n_time, n_curves)``: each the mean curve of a small patch of tissue.
+    over ``pooled`` curves ``(n_time, n_curves)``, each the mean curve of a small patch of tissue;
+    the exponential (k 1, when among ``shapes``) unless another leaves ``margin`` (relative) less.
 
     One voxel's curve is too noisy to tell the shapes apart: choosing per voxel among five
     shapes fitted the noise and read an exponential residue's MTT long (its flow 5-10 % low at
     10 HU); a patch's mean curve is a few times less noisy, and the shape is one for the study.
+    Where the patches cannot tell the shapes apart the exponential stays, on which the bias
+    correction and the low-flow table are calibrated.
     """
     if not len(shapes):
         raise ValueError("need at least one residue shape")
-    totals = [float(np.sum(fit_residue(pooled, aif, dt, shapes=(k,)).residual)) for k in shapes]
-    return float(shapes[int(np.argmin(totals))])
+    totals = np.array([float(np.sum(fit_residue(pooled, aif, dt, shapes=(k,)).residual)) for k in shapes])
+    best = int(np.argmin(totals))
+    if 1.0 in shapes and totals[best] > (1.0 - margin) * totals[list(shapes).index(1.0)]:
+        return 1.0
+    return float(shapes[best])
