@@ -56,6 +56,7 @@ CANDIDATES: dict[str, CtpParameters] = {
     "low-flow SVD, core median 3 mm": CtpParameters(delayed_flow=DelayedFlow.SVD, core_median_mm=3.0),
     "model CBF in delayed tissue": CtpParameters(delayed_flow=DelayedFlow.MODEL, low_flow_correction=False),
     "model CBV/MTT in delayed tissue": CtpParameters(delayed_flow=DelayedFlow.MODEL_CBV, low_flow_correction=False),
+    "exponential residue": CtpParameters(residue_shapes=(1.0,)),
 }
 """Candidate core estimates compared per family (``--candidate``)."""
 

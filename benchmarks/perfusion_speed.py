@@ -1,6 +1,6 @@
 """Speed and peak memory of the CT perfusion stage on a full-size CTP (512 x 512, 16 slices, 40 frames).
 
-    .venv/bin/python benchmarks/perfusion_speed.py [--runs 3] [--workdir DIR]
+    .venv/bin/python benchmarks/perfusion_speed.py [--runs 3] [--workdir DIR] [--exponential-peer]
 
 The patient (seed 201, 10 HU; no test uses it) is written once as DICOM by the phantom CLI in a
 child process, so this process holds only what the analysis needs. Then, per run: ``analyse_ctp``
@@ -8,7 +8,9 @@ on the files (reading the 640 DICOM files included, as the service runs it) and 
 alone (oSVD and the bias correction on the brain curves the analysis fed it). Peak memory is the
 process's maximum resident set size (``resource.getrusage``), Python, numpy and pydicom included,
 and the peak of Python-tracked allocations during one ``analyse_ctp`` (``tracemalloc``; numpy
-reports its buffers to it).
+reports its buffers to it). ``--exponential-peer`` then times ``analyse_ctp_series`` on the
+loaded series with the default residue-family fit of delayed tissue and with the exponential-only
+fit (``CtpParameters(residue_shapes=(1.0,))``), alternating, and prints the median ratio.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def deconvolution_alone(n_voxels: int) -> float:
 
 
 @app.command()
-def main(runs: int = typer.Option(3, help="timed runs"), workdir: Path | None = typer.Option(None, help="keep the phantom here")) -> None:
+def main(runs: int = typer.Option(3, help="timed runs"), workdir: Path | None = typer.Option(None, help="keep the phantom here"),
+         exponential_peer: bool = typer.Option(False, help="also time the analysis against its exponential-residue peer")) -> None:
     """Print the median time of the perfusion stage and its peak memory."""
     with tempfile.TemporaryDirectory() as tmp:
         out = workdir or Path(tmp)
@@ -85,6 +88,19 @@ def main(runs: int = typer.Option(3, help="timed runs"), workdir: Path | None = 
         series = load_ctp(files)
         factor = working_factor(series.geometry.spacing)  # the analysis runs on ~0.9 mm pixels
         brain_voxels = int(analyse_ctp_series(series.frames, series.times_s, series.geometry).brain.sum()) // factor**2
+        if exponential_peer:
+            peers = {"residue family": CtpParameters(), "exponential": CtpParameters(residue_shapes=(1.0,))}
+            seconds: dict[str, list[float]] = {name: [] for name in peers}
+            for run in range(runs):
+                for name, parameters in peers.items():
+                    started = time.perf_counter()
+                    analyse_ctp_series(series.frames, series.times_s, series.geometry, parameters)
+                    seconds[name].append(time.perf_counter() - started)
+                print(f"pair {run + 1}: " + ", ".join(f"{name} {v[-1]:.2f} s" for name, v in seconds.items()), flush=True)
+            ratios = [a / b for a, b in zip(seconds["residue family"], seconds["exponential"], strict=True)]
+            print(f"analyse_ctp_series, residue family / exponential residue: median ratio {statistics.median(ratios):.3f} "
+                  f"over {runs} alternating pairs (medians {statistics.median(seconds['residue family']):.2f} s / "
+                  f"{statistics.median(seconds['exponential']):.2f} s)")
         del series
         alone = [deconvolution_alone(brain_voxels) for _ in range(runs)]
     maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -9,8 +9,8 @@ AIF; take vessels (CBV above 8 mL/100 g) out of the brain; put the grey/white ma
 that the denoising smoothed away back into CBF and CBV from the temporal mean image; read the
 CBF of delayed tissue (Tmax > 6 s), which SVD reads high at low flow, as the geometric mean of two
 estimates: SVD's through the low-flow calibration (service.perfusion.low_flow) at the frames'
-noise, and the model-free CBV over the MTT of the best exponential-residue fit
-(deconvolution.fit_exponential_residue), which read near-threshold cores high and low by turns on
+noise, and the model-free CBV over the MTT of the best fit among gamma and box residues
+(deconvolution.fit_residue: the central volume theorem holds for any transit-time distribution), which read near-threshold cores high and low by turns on
 the tuning families; threshold
 (core rCBF < 30 % of the contralateral normal tissue within Tmax > 6 s, hypoperfusion Tmax > 6 s),
 remove specks, summarise with the DEFUSE 3 verdict; masks back on the acquired grid.
@@ -46,7 +46,7 @@ from service.imaging.volumes import group_series
 from service.perfusion import anatomy, ctp, low_flow, thresholds
 from service.perfusion.aif import FLAG_TRUNCATED, partial_volume_scale, select_aif, select_vof
 from service.perfusion.deconvolution import (
-    K_H, RHO, apply_bias, bias_of, calibrate_bias, deconvolve, fit_exponential_residue, mean_transit_time, perfusion_parameters,
+    K_H, MODEL_MTT_S, RESIDUE_SHAPES, RHO, apply_bias, bias_of, calibrate_bias, deconvolve, choose_residue_shape, fit_residue, mean_transit_time, perfusion_parameters,
     resample_uniform,
 )
 from service.perfusion.motion import correct_motion
@@ -62,7 +62,7 @@ class DelayedFlow(StrEnum):
     """Which estimate is the CBF of delayed tissue (Tmax > 6 s), where SVD reads low flows high."""
 
     SVD = "svd"  # the deconvolution's, through the low-flow correction when on
-    MODEL = "model"  # the amplitude of the best exponential-residue fit (deconvolution.fit_exponential_residue)
+    MODEL = "model"  # the amplitude of the best residue-model fit (deconvolution.fit_residue)
     MODEL_CBV = "model-cbv"  # the model-free CBV over the fit's MTT
     BLEND = "blend"  # the geometric mean of SVD after the low-flow correction and MODEL_CBV
 
@@ -103,6 +103,13 @@ class CtpParameters:
     # (ctp.median_within), over a disc of this radius; 0: the voxel's own CBF. The maps keep theirs.
     core_median_mm: float = 0.0
     delayed_flow: DelayedFlow = DelayedFlow.BLEND  # the CBF of delayed tissue (Tmax > 6 s)
+    # Residue shapes (gamma shape k; inf: box) the model fit of delayed tissue chooses among
+    # (deconvolution.fit_residue); (1.0,): the exponential only, whose MTT reads a narrower
+    # transit-time distribution short and so its flow high.
+    residue_shapes: tuple[float, ...] = RESIDUE_SHAPES
+    # The shape is chosen once for the study on the mean curves of in-plane patches of this many
+    # working pixels a side (plus the slice) within delayed tissue: one voxel is too noisy.
+    shape_patch_px: int = 4
 
 
 def ctp_series(paths: Sequence[Path | str | Dataset]) -> list[str] | None:
@@ -430,7 +437,20 @@ def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_
     model_cbf = None
     if parameters.delayed_flow is not DelayedFlow.SVD:
         slow = perfusion.tmax > parameters.tmax_threshold_s
-        model = fit_exponential_residue(curves[:, slow], arterial, dt)
+        shape_k = 1.0
+        if len(parameters.residue_shapes) > 1:
+            slow_voxels = np.zeros(brain.shape, dtype=bool)
+            slow_voxels[brain] = slow
+            # Patches of the concentration before the denoising, which mixes neighbours' delays
+            # into each curve: the mix looked dispersed (gamma k 2) on our exponential phantom at 10 HU.
+            pooled = patch_means(tissue.concentration[:, slow_voxels], np.argwhere(slow_voxels), parameters.shape_patch_px)
+            if pooled.shape[0] != curves.shape[0] or np.ptp(steps) > 1e-3 * np.median(steps):
+                pooled = resample_uniform(times, pooled)[1]
+            if pooled.shape[1]:
+                shape_k = choose_residue_shape(pooled, arterial, dt, shapes=parameters.residue_shapes)
+        elif parameters.residue_shapes:
+            shape_k = parameters.residue_shapes[0]
+        model = fit_residue(curves[:, slow], arterial, dt, shapes=(shape_k,), mtts=MODEL_MTT_S)
         if parameters.delayed_flow is DelayedFlow.MODEL:
             flow = K_H / RHO * 6000.0 * model.flow_scaled
         else:
@@ -452,6 +472,20 @@ def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_
     for volume in maps.values():
         volume[brain & ~tissue_only] = 0.0
     return PerfusionMaps(maps, tissue_only, model_cbf)
+
+
+def patch_means(curves: np.ndarray, coordinates: np.ndarray, patch_px: int, min_voxels: int = 8) -> np.ndarray:
+    """Mean curves ``(n_time, n_patches)`` of the voxels ``curves`` ``(n_time, n)`` at
+    ``coordinates`` ``(n, 3)`` (z, y, x) grouped by slice and ``patch_px`` square in-plane patches;
+    patches of fewer than ``min_voxels`` voxels left out."""
+    if not curves.shape[1]:
+        return np.zeros((curves.shape[0], 0))
+    keys = np.column_stack([coordinates[:, 0], coordinates[:, 1] // patch_px, coordinates[:, 2] // patch_px])
+    _, label, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    label = label.ravel()
+    sums = np.stack([np.bincount(label, weights=row, minlength=counts.size) for row in curves])
+    full = counts >= min_voxels
+    return sums[:, full] / counts[full]
 
 
 def anatomy_stage(prepared: PreparedSeries, perfusion: PerfusionMaps, parameters: CtpParameters) -> PerfusionMaps:
