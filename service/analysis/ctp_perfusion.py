@@ -388,9 +388,16 @@ def arterial_stage(prepared: PreparedSeries, tissue: BrainTissue) -> ArterialInp
         reasons = [r for r in (truncation, FLAG_TRUNCATED if FLAG_TRUNCATED in aif.qc_flags else None) if r]
         raise InputError(f"cannot analyse: {'; '.join(reasons)} (the scan ended before the contrast washed out; "
                          "CBF, CBV and Tmax would be wrong)")
-    vof = select_vof(concentration, times, tissue.vessel_search, aif=aif)
-    scale = partial_volume_scale(aif.curve, vof.curve, times)
-    return ArterialInput(np.asarray(aif.curve), scale, tuple(aif.qc_flags))
+    flags = list(aif.qc_flags)
+    try:
+        vof = select_vof(concentration, times, tissue.vessel_search, aif=aif)
+        scale = partial_volume_scale(aif.curve, vof.curve, times)
+    except InputError as error:
+        # Core and penumbra are relative to the contralateral tissue, which the scale cancels out
+        # of; absolute CBF and CBV read high. Refusing the study would lose the relative maps too.
+        scale = 1.0
+        flags.append(f"{error}: AIF not scaled for partial volume, absolute CBF and CBV read high")
+    return ArterialInput(np.asarray(aif.curve), scale, tuple(flags))
 
 
 def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_input: ArterialInput,

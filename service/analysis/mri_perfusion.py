@@ -127,7 +127,7 @@ def dsc_maps(series: Sequence[Source], parameters: MriPerfusionParameters) -> Ds
         flags += [f for f in vof.qc_flags if f not in flags]
     except InputError as error:
         scale = 1.0
-        flags.append(f"no venous output found ({error}): AIF not scaled for partial volume")
+        flags.append(f"{error}: AIF not scaled for partial volume")
     lap("aif")
 
     smooth = denoise(concentration, geometry.spacing, brain, sigma_mm=parameters.denoise_sigma_mm)

@@ -9,7 +9,8 @@ import pytest
 
 from service.analysis.ctp_perfusion import CtpParameters, analyse_ctp, analyse_ctp_series
 from service.errors import InputError
-from service.phantom.patient import PhantomOptions, ct_perfusion, make_patient
+from service.phantom.families import FAMILIES
+from service.phantom.patient import PhantomOptions, ct_geometry, ct_perfusion, make_patient, truth_on_grid
 
 SMALL = dict(ct_matrix=128, ct_slices=8, ct_frames=30)
 
@@ -151,6 +152,22 @@ def test_truncated_bolus_fails_with_the_reason() -> None:
     frames, series = _series(noise_hu=5.0, truncated_bolus=True)
     with pytest.raises(InputError, match="truncated bolus.*washed out"):
         analyse_ctp_series(frames, series.times, series.geometry)
+
+
+def test_a_study_without_a_clean_venous_curve_is_analysed_and_flagged_not_refused() -> None:
+    """icbm-varied patient 20009 at 5 HU: its venous candidates disagree in shape. Core and
+    penumbra are relative to the other hemisphere, which the missing partial-volume scale cancels
+    out of, so the radiologist still gets them, with the reason flagged."""
+    patient = make_patient(20009, PhantomOptions(noise_hu=5.0, variation=FAMILIES["icbm-varied"].variation))
+    geometry = ct_geometry(patient)
+    truth = truth_on_grid(patient, geometry)
+    series = ct_perfusion(patient, truth)
+    frames = np.rint(np.stack(list(series.frames))).astype(np.float32)
+    result = analyse_ctp_series(frames, series.times, geometry)
+    assert any(flag.startswith("no venous output found") for flag in result.qc_flags)
+    assert result.aif_scale == 1.0
+    assert _dice(result.core, truth.masks["core"]) >= 0.7
+    assert _dice(result.hypoperfused, truth.masks["core"] | truth.masks["penumbra"]) >= 0.9
 
 
 def test_full_size_series_is_analysed_on_0_9_mm_pixels_and_answered_on_its_own_grid(noisy: tuple) -> None:
