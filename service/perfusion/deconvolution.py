@@ -514,10 +514,9 @@ compartment), larger ``k`` narrower transit times, ``inf`` the box (plug flow, e
 time equal to the MTT)."""
 SHAPE_MARGIN = 0.01
 """How much less summed residual (relative) another residue shape must leave on a study's patches
-than the exponential to be chosen. On the tuning families (icbm 102, geometric-graded 142 at 5
-and 10 HU) the best other shape left 0.04-0.5 % less on exponential-residue tissue; on patches of
-16 noisy copies (benchmarks/residue_shape.py's curves, noise 60 % of the peak per copy) a box
-left 4-32 % less, a gamma of k 2 0.9-1.9 % less."""
+than the exponential to be chosen: above what noise gives other shapes on exponential-residue
+tissue of the tuning families, below what a box or gamma residue gives them
+(benchmarks/residue_shape.py; the README has the figures)."""
 MODEL_SHAPE_MTT_S = tuple(np.geomspace(1.0, 30.0, 24))
 """The MTTs (s) of the residue family fit: half the exponential grid's density (5 %/step is below
 the noise of one voxel's MTT), so that five shapes cost 2.5 times one."""
