@@ -411,7 +411,8 @@ def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_
     curves, arterial = smooth[:, brain], (arterial_input.curve * arterial_input.scale).astype(np.float64)
     del smooth
     steps = np.diff(times)
-    if np.ptp(steps) <= 1e-3 * np.median(steps):  # already uniform: no resampling, no float64 copy
+    uniform = np.ptp(steps) <= 1e-3 * np.median(steps)
+    if uniform:  # no resampling, no float64 copy
         dt = float(np.median(steps))
     else:
         grid, resampled = resample_uniform(times, np.concatenate([arterial[:, None], curves], axis=1))
@@ -451,7 +452,7 @@ def deconvolution_stage(prepared: PreparedSeries, tissue: BrainTissue, arterial_
             # Patches of the concentration before the denoising, which mixes neighbours' delays
             # into each curve: the mix looked dispersed (gamma k 2) on our exponential phantom at 10 HU.
             pooled = patch_means(tissue.concentration[:, slow_voxels], np.argwhere(slow_voxels), parameters.shape_patch_px)
-            if pooled.shape[0] != curves.shape[0] or np.ptp(steps) > 1e-3 * np.median(steps):
+            if not uniform:  # onto the grid the curves were resampled to
                 pooled = resample_uniform(times, pooled)[1]
             if pooled.shape[1]:
                 shape_k = choose_residue_shape(pooled, arterial, dt, shapes=parameters.residue_shapes)
